@@ -1,0 +1,3 @@
+from polyhead.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""The one ``polyhead`` command. Subcommands are registered by the parts that own them.
+
+``server``, ``trainer`` and ``clients`` each expose ``register_<name>(subparsers)`` functions, found
+through the ``polyhead.commands`` entry-point group; the contract layer never imports them directly.
+A subcommand whose part is not installed (``polyhead train`` in a serving image without torch) still
+appears in ``--help`` and explains which extra to install.
+
+Conventions every subcommand follows (helpers below): ``--json`` prints one machine-readable summary as
+the last line of stdout, everything else goes to stderr; ``--log-level`` controls logging; the handler
+returns the process exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+from polyhead import __version__
+
+ENTRY_POINT_GROUP = "polyhead.commands"
+
+# Used when the package runs from a source tree without installed metadata.
+_FALLBACK = {
+    "train": "trainer.commands:register_train",
+    "serve": "server.commands:register_serve",
+    "simulate": "clients.commands:register_simulate",
+    "bench": "clients.commands:register_bench",
+    "adapt": "trainer.commands:register_adapt",
+    "demo": "trainer.commands:register_demo",
+}
+_EXTRA_HINT = {
+    "train": "train", "adapt": "train", "demo": "train", "serve": "serve", "simulate": "client",
+    "bench": "client",
+}
+_ORDER = ["demo", "train", "serve", "simulate", "adapt", "bench"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _jsonable(value.item())
+    return value
+
+
+def emit_summary(summary: dict[str, Any], *, as_json: bool, human: str | None = None) -> None:
+    """Print the command's result: a human line on stderr, and with ``--json`` the summary as the last
+    stdout line (non-finite floats become null so the line is strict JSON)."""
+    if human:
+        print(human, file=sys.stderr)
+    if as_json:
+        sys.stdout.flush()
+        print(json.dumps(_jsonable(summary), sort_keys=False), flush=True)
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """``--json`` and ``--log-level``, shared by every subcommand."""
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one machine-readable JSON summary as the last line of stdout (all else goes to stderr)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging verbosity on stderr (default: %(default)s)",
+    )
+
+
+def _load_registrars() -> dict[str, Callable[[Any], None] | str]:
+    found: dict[str, Callable[[Any], None] | str] = {}
+    eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    for name in _ORDER + sorted(set(eps) - set(_ORDER)):
+        target = eps[name].value if name in eps else _FALLBACK.get(name)
+        if target is None:
+            continue
+        module_name, _, attr = target.partition(":")
+        try:
+            module = __import__(module_name, fromlist=[attr])
+            found[name] = getattr(module, attr)
+        except ImportError as exc:
+            extra = _EXTRA_HINT.get(name, name)
+            found[name] = f"unavailable in this install ({exc}); pip install 'polyhead[{extra}]'"
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polyhead",
+        description=(
+            "Train, serve and update shared-trunk multi-head RL policies. "
+            "Start with `polyhead demo`, or `polyhead <command> --help`."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"polyhead {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, registrar in _load_registrars().items():
+        if callable(registrar):
+            registrar(sub)
+        else:
+            p = sub.add_parser(name, help=f"[{registrar}]")
+            add_common_flags(p)
+            p.set_defaults(func=_unavailable(name, registrar))
+    return parser
+
+
+def _unavailable(name: str, why: str) -> Handler:
+    def handler(_: argparse.Namespace) -> int:
+        print(f"polyhead {name}: {why}", file=sys.stderr)
+        return 2
+
+    return handler
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    configure_logging(getattr(args, "log_level", "INFO"))
+    from polyhead.errors import PolyheadError
+
+    try:
+        return int(args.func(args))
+    except PolyheadError as exc:
+        logging.getLogger("polyhead").error("%s: %s", type(exc).__name__, exc)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
