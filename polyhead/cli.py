@@ -91,7 +91,7 @@ def _load_registrars() -> dict[str, Callable[[Any], None] | str]:
         try:
             module = __import__(module_name, fromlist=[attr])
             found[name] = getattr(module, attr)
-        except ImportError as exc:
+        except (ImportError, AttributeError) as exc:
             extra = _EXTRA_HINT.get(name, name)
             found[name] = f"unavailable in this install ({exc}); pip install 'polyhead[{extra}]'"
     return found
