@@ -367,7 +367,9 @@ class Bundle:
         path = Path(root)
         if not path.is_dir():
             raise BundleNotFound(f"bundle directory {path} does not exist")
-        manifest = Manifest.from_json(_read_json(path / MANIFEST, "bundle manifest"), where=str(path / MANIFEST))
+        manifest = Manifest.from_json(
+            _read_json(path / MANIFEST, "bundle manifest"), where=str(path / MANIFEST)
+        )
         bundle = cls(path, manifest)
         if not bundle.trunk_path.is_file():
             raise BundleNotFound(f"bundle {path}: trunk file {TRUNK_ONNX} is missing")
@@ -426,7 +428,9 @@ class Bundle:
         if version is None:
             version = self.active_version(task_id)
         if version not in versions:
-            raise UnknownVersion(f"task {task_id!r} has no version {version} in {self.root}; versions: {versions}")
+            raise UnknownVersion(
+                f"task {task_id!r} has no version {version} in {self.root}; versions: {versions}"
+            )
         path = self.task_dir(task_id) / str(version)
         meta = HeadMeta.from_json(_read_json(path / HEAD_JSON, "head metadata"), where=str(path / HEAD_JSON))
         return HeadRecord(task_id=task_id, version=version, path=path, meta=meta)
@@ -452,7 +456,9 @@ class Bundle:
     def set_active_version(self, task_id: str, version: int) -> None:
         if version not in self.versions(task_id):
             raise UnknownVersion(f"task {task_id!r} has no version {version} in {self.root}")
-        atomic_write_json(self.task_dir(task_id) / ACTIVE_JSON, {"version": version, "updated_at": time.time()})
+        atomic_write_json(
+            self.task_dir(task_id) / ACTIVE_JSON, {"version": version, "updated_at": time.time()}
+        )
 
     def write_head(
         self,
@@ -481,12 +487,16 @@ class Bundle:
         tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=tdir))
         try:
             _write_file(tmp / HEAD_ONNX, onnx_bytes)
-            _write_file(tmp / HEAD_JSON, (json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n").encode())
+            _write_file(
+                tmp / HEAD_JSON, (json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n").encode()
+            )
             os.chmod(tmp, 0o755)
             try:
                 os.rename(tmp, final)
             except OSError as exc:
-                raise VersionConflict(f"task {task_id!r} version {version} appeared while writing: {exc}") from exc
+                raise VersionConflict(
+                    f"task {task_id!r} version {version} appeared while writing: {exc}"
+                ) from exc
             _fsync_dir(tdir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -516,7 +526,9 @@ def write_bundle(
 
     target = Path(out)
     if target.exists() and not overwrite and any(target.iterdir()):
-        raise BundleError(f"{target} already exists and is not empty; choose another --out or pass --overwrite")
+        raise BundleError(
+            f"{target} already exists and is not empty; choose another --out or pass --overwrite"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -529,12 +541,14 @@ def write_bundle(
             dest.parent.mkdir(parents=True, exist_ok=True)
             _write_file(dest, data)
         staged = Bundle(tmp, manifest)
-        for meta, onnx_bytes in heads:
-            if meta.trunk_sha256 != trunk_sha:
-                meta = meta.with_(trunk_sha256=trunk_sha)
-            staged.write_head(meta, onnx_bytes, version=meta.version or None)
+        for head_meta, onnx_bytes in heads:
+            # Heads are exported before the trunk bytes' hash is known to the caller; bind them to it.
+            bound = head_meta.with_(trunk_sha256=trunk_sha)
+            staged.write_head(bound, onnx_bytes, version=bound.version or None)
         # The manifest goes last: a directory with a manifest is a complete bundle.
-        _write_file(tmp / MANIFEST, (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode())
+        _write_file(
+            tmp / MANIFEST, (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode()
+        )
         os.chmod(tmp, 0o755)
         old = None
         if target.exists():

@@ -35,7 +35,11 @@ _FALLBACK = {
     "demo": "trainer.commands:register_demo",
 }
 _EXTRA_HINT = {
-    "train": "train", "adapt": "train", "demo": "train", "serve": "serve", "simulate": "client",
+    "train": "train",
+    "adapt": "train",
+    "demo": "train",
+    "serve": "serve",
+    "simulate": "client",
     "bench": "client",
 }
 _ORDER = ["demo", "train", "serve", "simulate", "adapt", "bench"]

@@ -53,7 +53,7 @@ class WrapperDef:
 def _target_position(env: Any, target: float, weight: float, index: int) -> Any:
     import gymnasium as gym
 
-    class TargetPositionReward(gym.Wrapper):  # type: ignore[misc]
+    class TargetPositionReward(gym.Wrapper):
         """Adds ``-weight * min(1, |obs[index] - target| / scale)`` per step: hold the cart near a target.
 
         The scale is CartPole's track half-width (2.4) when present, else 1.
@@ -93,7 +93,7 @@ def _scale_reward(env: Any, scale: float) -> Any:
 def _minigrid_flat(env: Any, actions: int) -> Any:
     import gymnasium as gym
 
-    class FlatEgocentricView(gym.ObservationWrapper):  # type: ignore[misc]
+    class FlatEgocentricView(gym.ObservationWrapper):
         """MiniGrid's 7x7x3 egocentric view plus a one-hot direction as one flat float vector (/10)."""
 
         def __init__(self, inner: Any) -> None:
@@ -123,9 +123,7 @@ WRAPPERS: dict[str, WrapperDef] = {
         },
         "reward term for holding an observation element (the cart) near a target",
     ),
-    "reverse-action": WrapperDef(
-        _reverse_action, {}, "reversed actuator: Discrete a -> n-1-a, Box a -> -a"
-    ),
+    "reverse-action": WrapperDef(_reverse_action, {}, "reversed actuator: Discrete a -> n-1-a, Box a -> -a"),
     "scale-reward": WrapperDef(
         _scale_reward, {"scale": Param(float, required=True, help="reward multiplier")}, "multiply rewards"
     ),
@@ -160,9 +158,7 @@ def _check_params(task: TaskSpec, index: int, name: str, params: dict[str, Any])
         elif p.kind is int and isinstance(value, int) and not isinstance(value, bool):
             out[pname] = value
         else:
-            raise InvalidTaskSpec(
-                f"{where}: parameter {pname!r} must be {p.kind.__name__}, got {value!r}"
-            )
+            raise InvalidTaskSpec(f"{where}: parameter {pname!r} must be {p.kind.__name__}, got {value!r}")
     return out
 
 
@@ -204,7 +200,7 @@ def _continuous_cartpole_class() -> Any:
     import gymnasium as gym
     from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 
-    class ContinuousCartPoleEnv(CartPoleEnv):  # type: ignore[misc]
+    class ContinuousCartPoleEnv(CartPoleEnv):
         """CartPole with a continuous force: action a in [-1, 1] pushes with ``a * force_mag``.
 
         Same observations, termination and +1 reward as CartPole-v1; the physics are CartPole's
@@ -235,9 +231,7 @@ def _continuous_cartpole_class() -> Any:
                 theta_dot = theta_dot + self.tau * thetaacc
                 theta = theta + self.tau * theta_dot
             self.state = np.array((x, x_dot, theta, theta_dot), dtype=np.float64)
-            terminated = bool(
-                abs(x) > self.x_threshold or abs(theta) > self.theta_threshold_radians
-            )
+            terminated = bool(abs(x) > self.x_threshold or abs(theta) > self.theta_threshold_radians)
             return np.array(self.state, dtype=np.float32), 1.0, terminated, False, {}
 
     _CONTINUOUS_CLS = ContinuousCartPoleEnv
@@ -250,9 +244,7 @@ def _apply_attrs(task: TaskSpec, env: Any) -> None:
     for name, value in task.attrs.items():
         where = f"task {task.id!r}: field 'attrs.{name}'"
         if name.startswith("_") or not hasattr(unwrapped, name):
-            raise InvalidTaskSpec(
-                f"{where}: {type(unwrapped).__name__} has no attribute {name!r}"
-            )
+            raise InvalidTaskSpec(f"{where}: {type(unwrapped).__name__} has no attribute {name!r}")
         current = getattr(unwrapped, name)
         if callable(current):
             raise InvalidTaskSpec(f"{where}: {name!r} is a method, not a physics attribute")
@@ -271,7 +263,8 @@ def _apply_attrs(task: TaskSpec, env: Any) -> None:
             ok = False
         if not ok:
             raise InvalidTaskSpec(
-                f"{where}: expected {type(current).__name__} like the current value {current!r}, got {value!r}"
+                f"{where}: expected {type(current).__name__} like the current value {current!r}, "
+                f"got {value!r}"
             )
         setattr(unwrapped, name, type(current)(value) if not isinstance(current, np.number) else value)
     if task.attrs:

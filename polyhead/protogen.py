@@ -25,8 +25,9 @@ def generate(out_root: Path) -> list[Path]:
 
     Returns the generated files. Raises RuntimeError with protoc's exit status on failure.
     """
-    from grpc_tools import protoc  # dev-only dependency
     import importlib.resources
+
+    from grpc_tools import protoc  # dev-only dependency
 
     include = str(importlib.resources.files("grpc_tools") / "_proto")
     out_root.mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,7 @@ def space_to_gymnasium(space: SpaceSpec) -> Any:
         return gym.spaces.Discrete(space.n, start=space.start)
     low = np.asarray(space.low, dtype=np.float64).reshape(space.shape)
     high = np.asarray(space.high, dtype=np.float64).reshape(space.shape)
-    return gym.spaces.Box(low=low, high=high, shape=space.shape, dtype=np.dtype(space.dtype))  # type: ignore[arg-type]
+    return gym.spaces.Box(low=low, high=high, shape=space.shape, dtype=np.dtype(space.dtype))
 
 
 # --- conventions --------------------------------------------------------------------------------------

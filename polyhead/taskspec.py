@@ -39,7 +39,15 @@ Scalar = int | float | bool | str
 Role = Literal["train", "heldout"]
 
 _TASK_KEYS = {
-    "id", "env", "role", "target_return", "max_episode_steps", "kwargs", "attrs", "wrappers", "description",
+    "id",
+    "env",
+    "role",
+    "target_return",
+    "max_episode_steps",
+    "kwargs",
+    "attrs",
+    "wrappers",
+    "description",
 }
 
 
@@ -298,7 +306,9 @@ def load_suite(name_or_path: str | Path) -> Suite:
             f"unknown suite {text_name!r}: not a file and not a built-in suite "
             f"(built-in: {', '.join(builtin_suites())})"
         )
-    return parse_suite(resource.read_text(encoding="utf-8"), source=f"suite {text_name}", default_name=text_name)
+    return parse_suite(
+        resource.read_text(encoding="utf-8"), source=f"suite {text_name}", default_name=text_name
+    )
 
 
 def load_task_spec(ref: str | Path) -> TaskSpec:

@@ -69,9 +69,7 @@ def from_proto(tensor: types_pb2.Tensor, *, field: str = "tensor") -> npt.NDArra
         count *= d
         if count > MAX_ELEMENTS:
             raise InvalidArgument(f"{field}: shape {list(shape)} exceeds {MAX_ELEMENTS} elements")
-    sources = sum(
-        1 for present in (tensor.raw_data, len(tensor.float_data), len(tensor.int_data)) if present
-    )
+    sources = sum(1 for present in (tensor.raw_data, len(tensor.float_data), len(tensor.int_data)) if present)
     if sources > 1:
         raise InvalidArgument(f"{field}: set exactly one of raw_data, float_data, int_data (got {sources})")
     if tensor.raw_data:
@@ -87,9 +85,7 @@ def from_proto(tensor: types_pb2.Tensor, *, field: str = "tensor") -> npt.NDArra
     else:
         data = np.asarray(tensor.float_data, dtype=np.float32)
     if data.size != count:
-        raise InvalidArgument(
-            f"{field}: {data.size} values given; shape {list(shape)} needs {count}"
-        )
+        raise InvalidArgument(f"{field}: {data.size} values given; shape {list(shape)} needs {count}")
     return data.reshape(shape)
 
 

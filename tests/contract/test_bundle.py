@@ -1,0 +1,184 @@
+"""The bundle format: atomic writes, hash verification, version pointers, refusing incompatible heads.
+
+These tests use placeholder bytes for the ONNX files: the format layer stores and hashes them without
+parsing (ONNX validity is checked where a session is built: the server's registry and the exporter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from polyhead.bundle import (
+    Bundle,
+    HeadMeta,
+    Manifest,
+    Normalization,
+    sha256_bytes,
+    write_bundle,
+)
+from polyhead.errors import (
+    BundleError,
+    BundleIntegrityError,
+    BundleNotFound,
+    IncompatibleHead,
+    UnknownVersion,
+    UnsupportedBundleVersion,
+    VersionConflict,
+)
+from polyhead.spaces import BoxSpec, DiscreteSpec
+from polyhead.taskspec import TaskSpec
+
+OBS = BoxSpec(shape=(4,), low=(-1.0,) * 4, high=(1.0,) * 4)
+
+
+def manifest() -> Manifest:
+    return Manifest(
+        trunk_sha256="",
+        checkpoint_sha256="",
+        observation_size=4,
+        feature_size=8,
+        normalization=Normalization(mean=(0.0,) * 4, var=(1.0,) * 4),
+        suite="test",
+        tasks=("a", "b"),
+    )
+
+
+def head(task_id: str, trunk_sha: str = "") -> HeadMeta:
+    return HeadMeta(
+        task=TaskSpec(id=task_id, env="CartPole-v1"),
+        observation_space=OBS,
+        action_space=DiscreteSpec(2),
+        distribution="categorical",
+        trunk_sha256=trunk_sha,
+        feature_size=8,
+        observation_size=4,
+        eval_return=123.0,
+    )
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Bundle:
+    return write_bundle(
+        tmp_path / "b",
+        manifest=manifest(),
+        trunk_onnx=b"trunk-bytes",
+        checkpoint=b"ckpt",
+        heads=[(head("a"), b"head-a"), (head("b"), b"head-b")],
+    )
+
+
+def test_round_trip(bundle: Bundle) -> None:
+    reopened = Bundle.open(bundle.root)
+    assert reopened.manifest.trunk_sha256 == sha256_bytes(b"trunk-bytes")
+    assert reopened.manifest.checkpoint_sha256 == sha256_bytes(b"ckpt")
+    assert reopened.task_ids() == ["a", "b"]
+    record = reopened.head("a")
+    assert record.version == 1
+    assert record.meta.trunk_sha256 == reopened.manifest.trunk_sha256
+    assert record.read_onnx() == b"head-a"
+    assert record.meta.eval_return == 123.0
+    assert record.meta.task == head("a").task
+    reopened.verify_checkpoint()
+
+
+def test_versions_and_active_pointer(bundle: Bundle) -> None:
+    trunk = bundle.manifest.trunk_sha256
+    v2 = bundle.write_head(head("a", trunk), b"head-a-v2")
+    assert v2.version == 2 and bundle.active_version("a") == 2
+    v3 = bundle.write_head(head("a", trunk), b"head-a-v3", activate=False)
+    assert bundle.versions("a") == [1, 2, 3] and bundle.active_version("a") == 2
+    bundle.set_active_version("a", 1)
+    assert bundle.active_version("a") == 1
+    assert bundle.head("a", v3.version).read_onnx() == b"head-a-v3"
+    with pytest.raises(UnknownVersion):
+        bundle.set_active_version("a", 9)
+    with pytest.raises(VersionConflict):
+        bundle.write_head(head("a", trunk), b"x", version=2)
+
+
+def test_half_written_head_is_invisible(bundle: Bundle) -> None:
+    # What a writer killed mid-publish leaves behind: a hidden temp dir with a partial head.
+    partial = bundle.task_dir("a") / ".v2-abandoned"
+    partial.mkdir()
+    (partial / "head.onnx").write_bytes(b"half")
+    # A version directory without its metadata (not produced by write_head, but never trusted either).
+    (bundle.task_dir("a") / "7").mkdir()
+    assert bundle.versions("a") == [1]
+    assert bundle.active_version("a") == 1
+    # The next publish is unaffected by the debris.
+    assert bundle.write_head(head("a", bundle.manifest.trunk_sha256), b"v2").version == 2
+
+
+def test_half_written_bundle_is_not_a_bundle(tmp_path: Path) -> None:
+    # A bundle directory is complete only once the manifest (written last) is there.
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "trunk.onnx").write_bytes(b"t")
+    with pytest.raises(BundleNotFound, match="manifest"):
+        Bundle.open(staged)
+    with pytest.raises(BundleNotFound):
+        Bundle.open(tmp_path / "missing")
+
+
+def test_trunk_hash_mismatch_is_refused(bundle: Bundle) -> None:
+    (bundle.root / "trunk.onnx").write_bytes(b"tampered")
+    with pytest.raises(BundleIntegrityError, match="sha256"):
+        Bundle.open(bundle.root)
+
+
+def test_head_hash_mismatch_is_refused(bundle: Bundle) -> None:
+    (bundle.head("a").path / "head.onnx").write_bytes(b"tampered")
+    with pytest.raises(BundleIntegrityError):
+        bundle.head("a").read_onnx()
+
+
+def test_future_format_version_is_refused(bundle: Bundle) -> None:
+    path = bundle.root / "manifest.json"
+    data = json.loads(path.read_text())
+    data["format_version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(UnsupportedBundleVersion, match="upgrade"):
+        Bundle.open(bundle.root)
+
+
+def test_malformed_manifest_is_refused(bundle: Bundle) -> None:
+    path = bundle.root / "manifest.json"
+    path.write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Bundle.open(bundle.root)
+    path.write_text(json.dumps({"format": "polyhead-bundle", "format_version": 1}))
+    with pytest.raises(BundleError, match="malformed"):
+        Bundle.open(bundle.root)
+
+
+def test_head_for_other_trunk_is_refused(bundle: Bundle) -> None:
+    with pytest.raises(IncompatibleHead, match="trunk"):
+        bundle.write_head(head("a", "0" * 64), b"x")
+    wrong_features = head("a", bundle.manifest.trunk_sha256).with_(feature_size=16)
+    with pytest.raises(IncompatibleHead, match="features"):
+        bundle.write_head(wrong_features, b"x")
+    assert bundle.versions("a") == [1]
+
+
+def test_existing_output_needs_overwrite(bundle: Bundle) -> None:
+    with pytest.raises(BundleError, match="already exists"):
+        write_bundle(bundle.root, manifest=manifest(), trunk_onnx=b"t2", checkpoint=b"c", heads=[])
+    replaced = write_bundle(
+        bundle.root, manifest=manifest(), trunk_onnx=b"t2", checkpoint=b"c", heads=[], overwrite=True
+    )
+    assert replaced.manifest.trunk_sha256 == sha256_bytes(b"t2")
+    assert not [p for p in os.listdir(bundle.root.parent) if p.startswith(".")], "temp dirs left behind"
+
+
+def test_head_meta_json_round_trip() -> None:
+    meta = head("a", "f" * 64).with_(
+        action_space=BoxSpec(shape=(1,), low=(-1.0,), high=(1.0,)),
+        distribution="gaussian",
+        outputs=("mean", "log_std", "value"),
+    )
+    again = HeadMeta.from_json(json.loads(json.dumps(meta.to_json())))
+    assert again == meta

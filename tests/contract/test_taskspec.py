@@ -1,0 +1,158 @@
+"""Task specs and suites: every bad spec fails before any training, naming the task and the field."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from polyhead.envs import make_env, validate_task
+from polyhead.errors import InvalidTaskSpec
+from polyhead.taskspec import TaskSpec, builtin_suites, load_suite, load_task_spec, parse_suite
+
+
+def suite_text(task_body: str, extra: str = "") -> str:
+    return f'[[task]]\nid = "t1"\n{task_body}\n{extra}'
+
+
+def validate_all(text: str) -> None:
+    for task in parse_suite(text, source="test.toml").tasks:
+        validate_task(task)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        (suite_text('env = "NoSuchEnv-v9"'), ["'t1'", "'env'", "NoSuchEnv-v9"]),
+        (
+            suite_text('env = "CartPole-v1"\nattrs = { pole_colour = 1.0 }'),
+            ["'t1'", "attrs.pole_colour", "no attribute"],
+        ),
+        (suite_text('env = "CartPole-v1"\nattrs = { length = "long" }'), ["'t1'", "attrs.length", "float"]),
+        (suite_text('env = "CartPole-v1"\nattrs = { length = true }'), ["'t1'", "attrs.length"]),
+        (suite_text('env = "CartPole-v1"\nattrs = { step = 1 }'), ["'t1'", "attrs.step", "method"]),
+        (
+            suite_text('env = "CartPole-v1"') + '\n[[task]]\nid = "t1"\nenv = "CartPole-v1"\n',
+            ["'t1'", "duplicate", "'id'"],
+        ),
+        (suite_text('env = "CartPole-v1"\ntarget_return = "high"'), ["'t1'", "target_return"]),
+        (suite_text('env = "CartPole-v1"\nmax_episode_steps = -5'), ["'t1'", "max_episode_steps"]),
+        (suite_text('env = "CartPole-v1"\ncolour = "red"'), ["'t1'", "unknown field", "colour"]),
+        (suite_text('env = "CartPole-v1"\nrole = "test"'), ["'t1'", "'role'"]),
+        ('[[task]]\nid = "Bad Id"\nenv = "CartPole-v1"\n', ["'id'", "Bad Id"]),
+        ('[[task]]\nenv = "CartPole-v1"\n', ["'id'"]),
+        ('[[task]]\nid = "t1"\n', ["'t1'", "'env'"]),
+        (suite_text('env = "CartPole-v1"\nkwargs = { no_such_kwarg = 1 }'), ["'t1'", "'kwargs'"]),
+        (
+            suite_text('env = "CartPole-v1"', '[[task.wrappers]]\nname = "teleport"\n'),
+            ["'t1'", "wrappers[0]", "unknown wrapper", "target-position"],
+        ),
+        (
+            suite_text('env = "CartPole-v1"', '[[task.wrappers]]\nname = "target-position"\n'),
+            ["'t1'", "wrappers[0]", "missing parameter 'target'"],
+        ),
+        (
+            suite_text(
+                'env = "CartPole-v1"',
+                '[[task.wrappers]]\nname = "target-position"\nparams = { target = "left" }\n',
+            ),
+            ["'t1'", "'target'", "float"],
+        ),
+        (
+            suite_text(
+                'env = "CartPole-v1"',
+                '[[task.wrappers]]\nname = "reverse-action"\nparams = { strength = 2.0 }\n',
+            ),
+            ["'t1'", "unknown parameter", "strength"],
+        ),
+        ("[suite]\nname = 'x'\n", ["no tasks"]),
+        ("[[task]\nid=", ["not valid TOML"]),
+    ],
+)
+def test_bad_specs_fail_with_task_and_field(text: str, fragments: list[str]) -> None:
+    with pytest.raises(InvalidTaskSpec) as info:
+        validate_all(text)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_attrs_recompute_cartpole_derived_physics() -> None:
+    task = TaskSpec(id="t", env="CartPole-v1", attrs={"masspole": 0.5, "length": 1.0})
+    env = make_env(task)
+    try:
+        u = env.unwrapped
+        assert u.masspole == 0.5 and u.length == 1.0
+        # CartPoleEnv computes these once in __init__; stale values would silently keep default physics.
+        assert math.isclose(u.total_mass, 0.5 + u.masscart)
+        assert math.isclose(u.polemass_length, 0.5 * 1.0)
+    finally:
+        env.close()
+
+
+def test_builtin_suites_load_and_validate() -> None:
+    names = builtin_suites()
+    assert {"cartpole-family", "classic-mixed", "minigrid"} <= set(names)
+    family = load_suite("cartpole-family")
+    assert len(family.train_tasks) >= 4 and len(family.heldout_tasks) >= 2
+    for task in family.tasks:
+        obs, act = validate_task(task)
+        assert obs.shape == (4,) and act.n == 2  # type: ignore[union-attr]
+    mixed = load_suite("classic-mixed")
+    kinds = {type(validate_task(t)[1]).__name__ for t in mixed.tasks}
+    assert kinds == {"DiscreteSpec", "BoxSpec"}
+
+
+def test_reverse_action_wrapper_swaps_actuator() -> None:
+    plain = make_env(TaskSpec(id="a", env="CartPole-v1"))
+    reversed_ = make_env(
+        TaskSpec(
+            id="b", env="CartPole-v1", wrappers=(load_task_spec("cartpole-family:cartpole-reversed").wrappers)
+        )
+    )
+    try:
+        o1, _ = plain.reset(seed=3)
+        o2, _ = reversed_.reset(seed=3)
+        s1 = plain.step(1)[0]
+        s2 = reversed_.step(0)[0]
+        assert (o1 == o2).all() and (s1 == s2).all()
+    finally:
+        plain.close()
+        reversed_.close()
+
+
+def test_target_position_reward_penalises_distance() -> None:
+    task = load_task_spec("cartpole-family:cartpole-target-right")
+    env = make_env(task)
+    try:
+        env.reset(seed=0)
+        _, reward, *_, info = env.step(0)
+        assert reward < 1.0 and 0.0 < info["target_distance"] <= 1.0
+    finally:
+        env.close()
+
+
+def test_task_spec_file_and_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "new.toml"
+    path.write_text('[[task]]\nid = "my-task"\nenv = "CartPole-v1"\nattrs = { gravity = 5.0 }\n')
+    task = load_task_spec(path)
+    assert task.id == "my-task" and task.attrs == {"gravity": 5.0}
+    assert TaskSpec.from_json(task.to_json()) == task
+    assert TaskSpec.from_proto(task.to_proto()) == task
+    two = tmp_path / "two.toml"
+    two.write_text(path.read_text() + '[[task]]\nid = "other"\nenv = "CartPole-v1"\n')
+    with pytest.raises(InvalidTaskSpec, match="exactly one"):
+        load_task_spec(two)
+    with pytest.raises(InvalidTaskSpec, match="unknown suite"):
+        load_suite("no-such-suite")
+
+
+def test_continuous_cartpole_steps_with_bounded_force() -> None:
+    env = make_env(TaskSpec(id="c", env="polyhead/ContinuousCartPole-v0"))
+    try:
+        env.reset(seed=0)
+        obs, reward, _, truncated, _ = env.step([0.5])
+        assert obs.shape == (4,) and reward == 1.0 and not truncated
+    finally:
+        env.close()
