@@ -1,0 +1,155 @@
+"""A client for the control plane (``HeadAdmin``): load, activate, roll back, unload and list heads.
+
+The admin service usually listens on its own port and, when the server has a token configured, needs
+``authorization: Bearer <token>`` on every call: pass ``token=`` (or a ChannelConfig with one).
+Admin calls are retried like data-plane calls (UNAVAILABLE / RESOURCE_EXHAUSTED only): every one of them
+is idempotent or guarded by the server (a version loaded twice with the same bytes is accepted).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from clients.channel import ChannelConfig, as_config
+from clients.errors import from_rpc_error
+from clients.policy_client import DEFAULT_TIMEOUT_S
+from clients.retry import RetryPolicy, call_with_retry
+from polyhead.v1 import admin_pb2, admin_pb2_grpc
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    previous_version: int
+    active_version: int
+    swap_seconds: float
+
+
+class AdminClient:
+    """Blocking ``HeadAdmin`` client. Methods return the response messages (``admin_pb2``)."""
+
+    def __init__(
+        self,
+        target: str | ChannelConfig,
+        *,
+        token: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        **channel_options: Any,
+    ) -> None:
+        if token is not None:
+            channel_options["token"] = token
+        self.config = as_config(target, **channel_options)
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._rng = random.Random()
+        self._channel = self.config.sync_channel()
+        self._stub: Any = admin_pb2_grpc.HeadAdminStub(self._channel)  # type: ignore[no-untyped-call]
+        self._metadata = self.config.metadata()
+
+    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        return call_with_retry(
+            lambda left: method(request, timeout=left, metadata=self._metadata),
+            policy=self.retry,
+            timeout=self.timeout if timeout is None else timeout,
+            rng=self._rng,
+        )
+
+    def load_head(
+        self,
+        task_id: str,
+        *,
+        onnx: bytes | None = None,
+        head_json: str = "",
+        repository_path: str | None = None,
+        version: int = 0,
+        activate: bool = True,
+        timeout: float | None = None,
+    ) -> admin_pb2.LoadHeadResponse:
+        """Load a head from bytes (``onnx`` + ``head_json``) or from the server's bundle
+        (``repository_path`` = ``heads/<task>/<version>``); ``version`` 0 means the next free one."""
+        if (onnx is None) == (repository_path is None):
+            raise ValueError("give exactly one of onnx (with head_json) or repository_path")
+        req = admin_pb2.LoadHeadRequest(task_id=task_id, version=version, activate=activate)
+        if onnx is not None:
+            req.onnx = onnx
+            req.head_json = head_json
+        else:
+            req.repository_path = str(repository_path)
+        resp: admin_pb2.LoadHeadResponse = self._unary(self._stub.LoadHead, req, timeout)
+        return resp
+
+    def load_head_dir(
+        self, task_id: str, head_dir: str | Path, *, version: int = 0, activate: bool = True
+    ) -> admin_pb2.LoadHeadResponse:
+        """Upload a head directory from this machine (``head.onnx`` + ``head.json``)."""
+        head_dir = Path(head_dir)
+        return self.load_head(
+            task_id,
+            onnx=(head_dir / "head.onnx").read_bytes(),
+            head_json=(head_dir / "head.json").read_text(encoding="utf-8"),
+            version=version,
+            activate=activate,
+        )
+
+    def set_active_version(self, task_id: str, version: int, *, timeout: float | None = None) -> SwapResult:
+        resp = self._unary(
+            self._stub.SetActiveVersion,
+            admin_pb2.SetActiveVersionRequest(task_id=task_id, version=version),
+            timeout,
+        )
+        return SwapResult(resp.previous_version, resp.active_version, resp.swap_seconds)
+
+    def unload_head(
+        self, task_id: str, version: int = 0, *, all_versions: bool = False, timeout: float | None = None
+    ) -> list[int]:
+        resp = self._unary(
+            self._stub.UnloadHead,
+            admin_pb2.UnloadHeadRequest(task_id=task_id, version=version, all_versions=all_versions),
+            timeout,
+        )
+        return list(resp.unloaded_versions)
+
+    def list_heads(self, task_id: str = "", *, timeout: float | None = None) -> list[admin_pb2.HeadInfo]:
+        resp = self._unary(self._stub.ListHeads, admin_pb2.ListHeadsRequest(task_id=task_id), timeout)
+        return list(resp.heads)
+
+    def versions(self, task_id: str) -> tuple[list[int], int]:
+        """(loaded versions ascending, active version) of one task."""
+        heads = self.list_heads(task_id)
+        active = next((h.version for h in heads if h.active), 0)
+        return sorted(h.version for h in heads if h.task_id == task_id), active
+
+    def stream_experience(
+        self, task_ids: Sequence[str] = (), *, timeout: float | None = None
+    ) -> Iterator[admin_pb2.EpisodeSegment]:
+        """Episode segments as the server assembles them (from now on); iterate, and ``close()`` the
+        client (or let ``timeout`` pass) to stop. Errors are raised typed while iterating."""
+        call = self._stub.StreamExperience(
+            admin_pb2.StreamExperienceRequest(task_ids=list(task_ids)),
+            timeout=timeout,
+            metadata=self._metadata,
+        )
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
