@@ -1,0 +1,95 @@
+"""From a head's outputs to actions: deterministic or sampled raw actions, their log-probs, env actions.
+
+Conventions (shared with the trainer's torch policy):
+
+* categorical: deterministic = ``argmax(logits)``; sampled = ``Categorical(logits)`` (Gumbel-max);
+  log-prob = ``log_softmax(logits)[a]``;
+* gaussian: deterministic = ``mean``; sampled = ``mean + exp(log_std) * eps``; log-prob of the raw ``u``
+  (summed over dimensions), before :func:`polyhead.spaces.raw_to_env_action` clips and maps it.
+
+Sampling noise comes per request: a request with a seed draws from ``default_rng(seed)`` only, so the same
+seed, observations and head version give the same actions whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from polyhead.spaces import SpaceSpec, raw_to_env_action
+from server.runtime import HeadOutputs
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request's rows are chosen."""
+
+    rows: int
+    deterministic: bool
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Actions:
+    """Actions for a group of rows: raw (policy frame), env (post-processed), log-probs, values."""
+
+    raw: npt.NDArray[np.generic]
+    env: npt.NDArray[np.generic]
+    log_prob: npt.NDArray[np.float32]
+    value: npt.NDArray[np.float32]
+
+
+def _noise(
+    requests: Sequence[Sampling], shape_tail: tuple[int, ...], rng: np.random.Generator, kind: str
+) -> npt.NDArray[np.float64] | None:
+    """Per-row noise for the sampled rows (zeros for deterministic rows); None when nothing is sampled."""
+    if all(r.deterministic for r in requests):
+        return None
+    total = sum(r.rows for r in requests)
+    out = np.zeros((total, *shape_tail), dtype=np.float64)
+    start = 0
+    for r in requests:
+        if not r.deterministic:
+            gen = rng if r.seed is None else np.random.default_rng(r.seed)
+            size = (r.rows, *shape_tail)
+            out[start : start + r.rows] = (
+                gen.gumbel(size=size) if kind == "gumbel" else gen.standard_normal(size)
+            )
+        start += r.rows
+    return out
+
+
+def choose(
+    outputs: HeadOutputs, action_space: SpaceSpec, requests: Sequence[Sampling], rng: np.random.Generator
+) -> Actions:
+    """Actions for the rows of ``outputs``, which are the rows of ``requests`` concatenated in order."""
+    if outputs.logits is not None:
+        logits = outputs.logits.astype(np.float64)
+        noise = _noise(requests, logits.shape[1:], rng, "gumbel")
+        raw = np.argmax(logits if noise is None else logits + noise, axis=1)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        log_prob = np.take_along_axis(log_softmax, raw[:, None], axis=1)[:, 0]
+        raw_out: npt.NDArray[np.generic] = raw.astype(np.int64)
+    else:
+        assert outputs.mean is not None and outputs.log_std is not None
+        mean = outputs.mean.astype(np.float64)
+        log_std = np.broadcast_to(outputs.log_std.astype(np.float64), mean.shape)
+        noise = _noise(requests, mean.shape[1:], rng, "normal")
+        std = np.exp(log_std)
+        u = mean if noise is None else mean + std * noise
+        z = (u - mean) / std
+        log_prob = (-0.5 * z * z - log_std - _HALF_LOG_2PI).sum(axis=1)
+        raw_out = u.astype(np.float32)
+    return Actions(
+        raw=raw_out,
+        env=raw_to_env_action(raw_out, action_space),
+        log_prob=log_prob.astype(np.float32),
+        value=outputs.value.astype(np.float32, copy=False),
+    )

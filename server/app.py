@@ -1,0 +1,366 @@
+"""Assembly: the one place that builds the server's objects and wires them together.
+
+Public API (other parts rely on these names):
+
+* ``await start_server(settings) -> RunningServer``: open the bundle, build the trunk session, load every
+  task's active head, start the gRPC server(s), health, reflection, the metrics endpoint and the bundle
+  watch. ``RunningServer`` has ``.port``, ``.admin_port``, ``.metrics_port``, ``.registry`` and
+  ``await stop(grace)``.
+* ``BackgroundServer(settings)``: the same in a thread with its own event loop, as a context manager (for
+  tests, benchmarks, the demo); exposes ``.port``, ``.admin_port``, ``.metrics_port``, ``.target``
+  (``"127.0.0.1:PORT"``), ``.admin_target`` and ``.registry``.
+
+Health (``grpc.health.v1``): ``""`` (overall), ``"polyhead.v1.PolicyService"`` and one name per served task,
+``"polyhead.v1.PolicyService/<task>"``; all go NOT_SERVING when shutdown starts. Server reflection lists
+every service on each server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from polyhead import __version__
+from polyhead.bundle import Bundle
+from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
+from server.auth import BearerTokenInterceptor
+from server.batcher import Batcher
+from server.dataplane import DataPlane
+from server.experience import ExperienceHub
+from server.metrics import MetricsHTTPServer, ServerMetrics, serve_metrics
+from server.registry import HeadRegistry, TaskHeads
+from server.runtime import TrunkRuntime, session_options
+from server.servicers import DiagnosticsServicer, HeadAdminServicer, PolicyServicer, make_observer
+from server.settings import ServerSettings
+from server.watch import BundleWatcher
+
+log = logging.getLogger(__name__)
+
+POLICY_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+DIAGNOSTICS_SERVICE = policy_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["HeadAdmin"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def task_health_name(task_id: str) -> str:
+    """The health-check service name of one task."""
+    return f"{POLICY_SERVICE}/{task_id}"
+
+
+def _credentials(cert: Any, key: Any, client_ca: Any) -> grpc.ServerCredentials:
+    ca = client_ca.read_bytes() if client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, creds: grpc.ServerCredentials | None) -> int:
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"could not bind {address}")
+    return bound
+
+
+@dataclass
+class RunningServer:
+    """A started server. ``admin_port`` is None with ``admin_mode="off"`` (and equals ``port`` when
+    shared); ``metrics_port`` is None without a metrics server."""
+
+    settings: ServerSettings
+    port: int
+    admin_port: int | None
+    metrics_port: int | None
+    registry: HeadRegistry
+    batcher: Batcher
+    hub: ExperienceHub
+    metrics: ServerMetrics
+    health: health.aio.HealthServicer
+    watcher: BundleWatcher | None
+    _servers: list[grpc.aio.Server] = field(repr=False)
+    _metrics_http: MetricsHTTPServer | None = field(repr=False)
+    _stopped: bool = False
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace`` seconds
+        (default: the settings' grace period), then release everything. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.grace_period_s if grace is None else grace
+        log.info("shutting down: health NOT_SERVING, draining in-flight calls for up to %.1f s", grace)
+        await self.health.enter_graceful_shutdown()
+        if self.watcher is not None:
+            await asyncio.to_thread(self.watcher.stop)
+        self.hub.close()  # experience subscribers are endless calls: end them so the drain can finish
+        await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        self.batcher.close()
+        await self.batcher.drain()
+        await asyncio.to_thread(self.batcher.shutdown)
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.close)
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._servers[0].wait_for_termination()
+
+
+async def start_server(
+    settings: ServerSettings, *, metrics_registry: CollectorRegistry | None = None
+) -> RunningServer:
+    """Build and start everything ``settings`` describes; returns once the server accepts calls.
+
+    Raises BundleError (and subclasses) for an unreadable bundle, CorruptHead for a bad trunk, OSError
+    when a port cannot be bound.
+    """
+    loop = asyncio.get_running_loop()
+    bundle = await asyncio.to_thread(Bundle.open, settings.bundle)
+    manifest = bundle.manifest
+    opts = session_options(settings.intra_op_threads)
+    trunk = TrunkRuntime(
+        bundle.trunk_path.read_bytes(),
+        observation_size=manifest.observation_size,
+        feature_size=manifest.feature_size,
+        opts=opts,
+    )
+    trunk.warm_up(sorted({*settings.warmup_batch_sizes, settings.max_batch_size}))
+    metrics = ServerMetrics(metrics_registry if metrics_registry is not None else CollectorRegistry())
+    metrics.server_info.labels(version=__version__, trunk_sha256=manifest.trunk_sha256).set(1)
+    registry = HeadRegistry(
+        bundle, trunk, session_options=opts, warmup_batch_sizes=settings.warmup_batch_sizes, metrics=metrics
+    )
+    await asyncio.to_thread(registry.load_bundle_heads)
+    batcher = Batcher(
+        trunk,
+        metrics=metrics,
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_s=settings.max_queue_delay_s,
+        max_queue_size=settings.max_queue_size,
+        batching=settings.batching,
+    )
+    hub = ExperienceHub(
+        metrics,
+        ttl_s=settings.episode_ttl_s,
+        max_open_episodes=settings.max_open_episodes,
+        max_segment_steps=settings.max_segment_steps,
+        subscriber_queue_size=settings.subscriber_queue_size,
+    )
+    plane = DataPlane(registry, batcher, hub, max_batch_size=settings.max_batch_size)
+    observer = make_observer(metrics, registry)
+    health_servicer = health.aio.HealthServicer()
+
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it silently
+    ]
+    token_interceptors = [BearerTokenInterceptor(settings.admin_token)] if settings.admin_token else []
+    shared_admin = settings.admin_mode == "shared"
+    main = grpc.aio.server(options=options, interceptors=token_interceptors if shared_admin else [])
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer), main)
+    policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, main)
+    main_services = [POLICY_SERVICE, DIAGNOSTICS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
+    admin_servicer = HeadAdminServicer(registry, hub, observer)
+    if shared_admin:
+        admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, main)
+        main_services.append(ADMIN_SERVICE)
+    reflection.enable_server_reflection(main_services, main)
+    creds = (
+        _credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.tls_cert
+        else None
+    )
+    port = _bind(main, settings.host, settings.port, creds)
+    servers = [main]
+
+    admin_port: int | None = port if shared_admin else None
+    if settings.admin_mode == "separate":
+        admin = grpc.aio.server(options=options, interceptors=token_interceptors)
+        admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, admin)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
+        reflection.enable_server_reflection([ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], admin)
+        admin_creds = (
+            _credentials(settings.admin_tls_cert, settings.admin_tls_key, settings.admin_tls_client_ca)
+            if settings.admin_tls_cert
+            else None
+        )
+        admin_port = _bind(admin, settings.admin_host, settings.admin_port, admin_creds)
+        servers.append(admin)
+
+    # Health follows the registry: a task is SERVING while it has an active head.
+    served: set[str] = set()
+
+    async def sync_health(tasks: Mapping[str, TaskHeads]) -> None:
+        for task_id in sorted(set(tasks) - served):
+            await health_servicer.set(task_health_name(task_id), health_pb2.HealthCheckResponse.SERVING)
+        for task_id in sorted(served - set(tasks)):
+            await health_servicer.set(task_health_name(task_id), health_pb2.HealthCheckResponse.NOT_SERVING)
+        served.clear()
+        served.update(tasks)
+
+    def on_registry_change(tasks: Mapping[str, TaskHeads]) -> None:
+        loop.call_soon_threadsafe(lambda: loop.create_task(sync_health(registry.tasks)))
+
+    await sync_health(registry.tasks)
+    registry.add_listener(on_registry_change)
+    for name in ("", POLICY_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    for server in servers:
+        await server.start()
+    metrics_http = (
+        serve_metrics(metrics.registry, settings.metrics_host, settings.metrics_port)
+        if settings.metrics_port is not None
+        else None
+    )
+    watcher = None
+    if settings.watch_bundle:
+        watcher = BundleWatcher(registry, interval_s=settings.watch_interval_s)
+        watcher.start()
+    log.info(
+        "serving bundle %s (trunk %s…, tasks %s) on %s:%d; admin %s; metrics %s",
+        bundle.root,
+        manifest.trunk_sha256[:12],
+        ", ".join(sorted(registry.tasks)) or "none",
+        settings.host,
+        port,
+        f"{settings.admin_mode} port {admin_port}" if admin_port is not None else "off",
+        f"port {metrics_http.port}" if metrics_http is not None else "off",
+    )
+    return RunningServer(
+        settings=settings,
+        port=port,
+        admin_port=admin_port,
+        metrics_port=metrics_http.port if metrics_http is not None else None,
+        registry=registry,
+        batcher=batcher,
+        hub=hub,
+        metrics=metrics,
+        health=health_servicer,
+        watcher=watcher,
+        _servers=servers,
+        _metrics_http=metrics_http,
+    )
+
+
+class BackgroundServer:
+    """Runs :func:`start_server` in a daemon thread with its own event loop.
+
+    ``with BackgroundServer(settings) as srv: grpc.insecure_channel(srv.target)``. Leaving the block stops
+    the server with ``grace`` seconds for in-flight calls.
+    """
+
+    def __init__(self, settings: ServerSettings, *, grace: float = 1.0, start_timeout: float = 60.0) -> None:
+        self.settings = settings
+        self.grace = grace
+        self.start_timeout = start_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running: RunningServer | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> BackgroundServer:
+        self._thread = threading.Thread(target=self._main, name="polyhead-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(self.start_timeout):
+            raise TimeoutError(f"server did not start within {self.start_timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            self._running = loop.run_until_complete(start_server(self.settings))
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._running is None or self._loop is None or self._thread is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(
+            self._running.stop(self.grace if grace is None else grace), self._loop
+        )
+        try:
+            future.result(timeout=(self.grace if grace is None else grace) + 30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            self._running = None
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # --- what tests and benchmarks use -----------------------------------------------------------------
+    @property
+    def running(self) -> RunningServer:
+        if self._running is None:
+            raise RuntimeError("the server is not running")
+        return self._running
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the server is not running")
+        return self._loop
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def admin_port(self) -> int | None:
+        return self.running.admin_port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.running.metrics_port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def admin_target(self) -> str:
+        if self.admin_port is None:
+            raise RuntimeError("the server runs without HeadAdmin (admin_mode='off')")
+        return f"127.0.0.1:{self.admin_port}"
+
+    @property
+    def registry(self) -> HeadRegistry:
+        return self.running.registry

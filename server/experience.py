@@ -1,0 +1,323 @@
+"""Experience assembly: served actions joined with reported rewards into episodes, for metrics and the
+online updater.
+
+An action served with an episode id (``Act`` with ``episode_ids``, every ``ActStream`` step) is recorded as
+the episode's *pending* step: (observation, raw action, log-prob, head version). The next reward for that
+episode (``ReportExperience`` or ``ActStream`` feedback) completes it. Clients acting elsewhere may report
+full transitions instead. When an episode terminates or is truncated its last segment is published to the
+``StreamExperience`` subscribers and its return becomes a metric; a long episode is published in segments
+of ``max_segment_steps`` (each with the next observation, for bootstrapping).
+
+Memory is bounded: at most ``max_open_episodes`` episodes are assembled (the least recently used is
+evicted), an episode idle for ``ttl_s`` expires, and each subscriber has a bounded queue (a slow subscriber
+loses segments, counted, rather than growing the server). Dropped experience is counted in steps in
+``polyhead_experience_dropped_total{task,reason}``.
+
+Use from the event loop thread only (the servicers call it); nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from server.metrics import ServerMetrics
+
+_SWEEP_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive steps of one episode (the domain form of ``EpisodeSegment``)."""
+
+    task_id: str
+    episode_id: str
+    observations: npt.NDArray[np.float32]  # [T, obs...]
+    actions: npt.NDArray[np.generic]  # int64 [T] or float32 [T, act...]
+    log_probs: npt.NDArray[np.float32]  # [T]
+    rewards: npt.NDArray[np.float32]  # [T]
+    head_versions: tuple[int, ...]
+    terminated: bool
+    truncated: bool
+    start_step: int
+    episode_return: float  # NaN unless the segment ends the episode
+    episode_length: int  # 0 unless the segment ends the episode
+    next_observation: npt.NDArray[np.float32] | None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A full step reported by a client that chose the action elsewhere."""
+
+    observation: npt.NDArray[np.float32]
+    action: npt.NDArray[np.generic]
+    log_prob: float
+    head_version: int
+
+
+@dataclass
+class _Step:
+    obs: npt.NDArray[np.float32]
+    action: npt.NDArray[np.generic]
+    log_prob: float
+    version: int
+    reward: float = 0.0
+
+
+@dataclass
+class _Episode:
+    task_id: str
+    episode_id: str
+    last_seen: float
+    steps: list[_Step] = field(default_factory=list)  # completed steps of the current segment
+    pending: _Step | None = None
+    served: int = 0  # actions served in the whole episode (the next step index)
+    segment_start: int = 0
+    total_return: float = 0.0
+    length: int = 0
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    accepted: bool
+    completed: bool
+
+
+class Subscription:
+    """One ``StreamExperience`` call: an async iterator of segments for the chosen tasks."""
+
+    def __init__(self, hub: ExperienceHub, task_ids: frozenset[str], maxsize: int) -> None:
+        self._hub = hub
+        self.task_ids = task_ids
+        self.queue: asyncio.Queue[Segment | None] = asyncio.Queue(maxsize)
+
+    def wants(self, task_id: str) -> bool:
+        return not self.task_ids or task_id in self.task_ids
+
+    async def __aiter__(self) -> AsyncIterator[Segment]:
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._hub.unsubscribe(self)
+
+
+class ExperienceHub:
+    """Assembles episodes and fans segments out to subscribers."""
+
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        *,
+        ttl_s: float,
+        max_open_episodes: int,
+        max_segment_steps: int,
+        subscriber_queue_size: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._metrics = metrics
+        self.ttl_s = ttl_s
+        self.max_open_episodes = max_open_episodes
+        self.max_segment_steps = max_segment_steps
+        self.subscriber_queue_size = subscriber_queue_size
+        self._clock = clock
+        self._episodes: collections.OrderedDict[tuple[str, str], _Episode] = collections.OrderedDict()
+        self._subscribers: list[Subscription] = []
+        self._last_sweep = clock()
+
+    @property
+    def open_episodes(self) -> int:
+        return len(self._episodes)
+
+    # --- recording -------------------------------------------------------------------------------------
+    def record_action(
+        self,
+        task_id: str,
+        episode_id: str,
+        obs: npt.NDArray[np.float32],
+        action: npt.NDArray[np.generic],
+        log_prob: float,
+        version: int,
+    ) -> int:
+        """Record an action served for an episode; returns its step index within the episode.
+
+        A new action while the previous one still awaits its reward means the client skipped a report:
+        that step is dropped (reason ``missing_reward``) and the steps before it are published as a
+        truncated segment, so every published step has its true reward.
+        """
+        now = self._clock()
+        self._maybe_sweep(now)
+        ep = self._touch(task_id, episode_id, now)
+        if ep.pending is not None:
+            self._drop_pending(ep, next_obs=obs)
+        elif len(ep.steps) >= self.max_segment_steps:
+            self._flush(ep, next_obs=obs, terminated=False, truncated=False, final=False)
+        ep.pending = _Step(obs=obs, action=action, log_prob=float(log_prob), version=version)
+        step = ep.served
+        ep.served += 1
+        return step
+
+    def report(
+        self,
+        task_id: str,
+        episode_id: str,
+        *,
+        reward: float,
+        terminated: bool,
+        truncated: bool,
+        transition: Transition | None = None,
+    ) -> ReportOutcome:
+        """Join a reward with the episode's pending action (or append a full ``transition``)."""
+        now = self._clock()
+        self._maybe_sweep(now)
+        key = (task_id, episode_id)
+        if transition is not None:
+            ep = self._touch(task_id, episode_id, now)
+            if ep.pending is not None:
+                self._drop_pending(ep, next_obs=transition.observation)
+            if len(ep.steps) >= self.max_segment_steps:
+                self._flush(
+                    ep, next_obs=transition.observation, terminated=False, truncated=False, final=False
+                )
+            step = _Step(
+                transition.observation, transition.action, transition.log_prob, transition.head_version
+            )
+            ep.served += 1
+        else:
+            found = self._episodes.get(key)
+            if found is None or found.pending is None:
+                self._drop(task_id, "unknown_episode", 1)
+                return ReportOutcome(accepted=False, completed=False)
+            ep = found
+            ep.last_seen = now
+            self._episodes.move_to_end(key)
+            step = ep.pending
+            ep.pending = None
+        step.reward = float(reward)
+        ep.steps.append(step)
+        ep.total_return += step.reward
+        ep.length += 1
+        self._metrics.experience_steps.labels(task=task_id).inc()
+        if terminated or truncated:
+            self._flush(
+                ep, next_obs=None, terminated=terminated, truncated=truncated and not terminated, final=True
+            )
+            del self._episodes[key]
+            self._metrics.episode_return.labels(task=task_id).observe(ep.total_return)
+            self._metrics.episode_return_last.labels(task=task_id).set(ep.total_return)
+            self._metrics.episode_length.labels(task=task_id).observe(ep.length)
+            self._metrics.open_episodes.set(len(self._episodes))
+            return ReportOutcome(accepted=True, completed=True)
+        return ReportOutcome(accepted=True, completed=False)
+
+    # --- subscribers -----------------------------------------------------------------------------------
+    def subscribe(self, task_ids: Iterable[str] = ()) -> Subscription:
+        sub = Subscription(self, frozenset(task_ids), self.subscriber_queue_size)
+        self._subscribers.append(sub)
+        self._metrics.experience_subscribers.set(len(self._subscribers))
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subscribers:
+            self._subscribers.remove(sub)
+            self._metrics.experience_subscribers.set(len(self._subscribers))
+
+    def close(self) -> None:
+        """End every subscription (shutdown)."""
+        for sub in list(self._subscribers):
+            while True:
+                try:
+                    sub.queue.put_nowait(None)
+                    break
+                except asyncio.QueueFull:
+                    sub.queue.get_nowait()
+            self.unsubscribe(sub)
+
+    # --- internals -------------------------------------------------------------------------------------
+    def _touch(self, task_id: str, episode_id: str, now: float) -> _Episode:
+        key = (task_id, episode_id)
+        ep = self._episodes.get(key)
+        if ep is None:
+            ep = _Episode(task_id, episode_id, now)
+            self._episodes[key] = ep
+            while len(self._episodes) > self.max_open_episodes:
+                _, old = self._episodes.popitem(last=False)
+                self._drop(old.task_id, "evicted", len(old.steps) + (old.pending is not None))
+            self._metrics.open_episodes.set(len(self._episodes))
+        else:
+            ep.last_seen = now
+            self._episodes.move_to_end(key)
+        return ep
+
+    def _maybe_sweep(self, now: float) -> None:
+        if now - self._last_sweep < _SWEEP_EVERY_S:
+            return
+        self._last_sweep = now
+        limit = now - self.ttl_s
+        # The dict is in least-recently-used order: stop at the first fresh episode.
+        while self._episodes:
+            key, ep = next(iter(self._episodes.items()))
+            if ep.last_seen > limit:
+                break
+            del self._episodes[key]
+            self._drop(ep.task_id, "expired", len(ep.steps) + (ep.pending is not None))
+        self._metrics.open_episodes.set(len(self._episodes))
+
+    def _drop_pending(self, ep: _Episode, *, next_obs: npt.NDArray[np.float32]) -> None:
+        """The pending step never got its reward: drop it, publish what came before as truncated."""
+        self._drop(ep.task_id, "missing_reward", 1)
+        ep.pending = None
+        self._flush(ep, next_obs=next_obs, terminated=False, truncated=True, final=False)
+        ep.segment_start = ep.served
+
+    def _drop(self, task_id: str, reason: str, steps: int) -> None:
+        if steps:
+            self._metrics.experience_dropped.labels(task=task_id, reason=reason).inc(steps)
+
+    def _flush(
+        self,
+        ep: _Episode,
+        *,
+        next_obs: npt.NDArray[np.float32] | None,
+        terminated: bool,
+        truncated: bool,
+        final: bool,
+    ) -> None:
+        steps, ep.steps = ep.steps, []
+        start = ep.segment_start
+        ep.segment_start += len(steps)
+        if not steps or not self._subscribers:
+            return
+        segment = Segment(
+            task_id=ep.task_id,
+            episode_id=ep.episode_id,
+            observations=np.stack([s.obs for s in steps]).astype(np.float32, copy=False),
+            actions=np.stack([s.action for s in steps]),
+            log_probs=np.asarray([s.log_prob for s in steps], dtype=np.float32),
+            rewards=np.asarray([s.reward for s in steps], dtype=np.float32),
+            head_versions=tuple(s.version for s in steps),
+            terminated=terminated,
+            truncated=truncated,
+            start_step=start,
+            episode_return=ep.total_return if final else math.nan,
+            episode_length=ep.length if final else 0,
+            next_observation=next_obs,
+        )
+        for sub in self._subscribers:
+            if not sub.wants(ep.task_id):
+                continue
+            try:
+                sub.queue.put_nowait(segment)
+                self._metrics.experience_segments.labels(task=ep.task_id).inc()
+            except asyncio.QueueFull:
+                self._drop(ep.task_id, "subscriber_full", len(steps))

@@ -1,0 +1,233 @@
+"""The server's Prometheus metrics, built on an injected ``CollectorRegistry`` (never the global one).
+
+Names and labels are a contract with the dashboards and alerts in ``deploy/`` and are listed with their
+meaning in ``docs/metrics.md``. Every metric about a task carries the ``task`` label.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, start_http_server
+
+# 50 µs .. 2.5 s: a small policy's inference is tens of µs, a gRPC round trip hundreds.
+LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.0002,
+    0.0003,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+SWAP_BUCKETS = (0.000001, 0.00001, 0.0001, 0.001, 0.01, 0.1, 1.0)
+
+
+class ServerMetrics:
+    """Every metric the server exports, registered on ``registry`` at construction."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        # --- requests ---
+        self.requests = Counter(
+            "polyhead_requests",
+            "RPCs (and ActStream messages) by method, task and gRPC status code",
+            ["method", "task", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "polyhead_request_duration_seconds",
+            "End-to-end handling time of an RPC / stream message",
+            ["method", "task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "polyhead_queue_wait_seconds",
+            "Time a request waited in the batch queue before inference",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.trunk_seconds = Histogram(
+            "polyhead_trunk_seconds",
+            "Duration of one trunk pass",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.head_seconds = Histogram(
+            "polyhead_head_seconds",
+            "Duration of one head pass (one task's rows of a batch)",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "polyhead_batch_size",
+            "Observations per trunk pass",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "polyhead_batch_requests",
+            "Requests per trunk pass",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "polyhead_queue_depth",
+            "Requests waiting for inference",
+            registry=r,
+        )
+        self.expired = Counter(
+            "polyhead_expired_requests",
+            "Requests dropped before inference because their deadline passed",
+            ["task"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "polyhead_rejected_requests",
+            "Requests refused because the queue was full",
+            ["task"],
+            registry=r,
+        )
+        # --- heads ---
+        self.active_head_version = Gauge(
+            "polyhead_active_head_version",
+            "Head version serving the task",
+            ["task"],
+            registry=r,
+        )
+        self.loaded_heads = Gauge(
+            "polyhead_loaded_heads",
+            "Head versions loaded for the task",
+            ["task"],
+            registry=r,
+        )
+        self.head_loads = Counter(
+            "polyhead_head_loads",
+            "Head versions loaded, by source (bundle, upload, watch)",
+            ["task", "source"],
+            registry=r,
+        )
+        self.head_load_failures = Counter(
+            "polyhead_head_load_failures",
+            "Head loads refused, by reason (the error class)",
+            ["task", "reason"],
+            registry=r,
+        )
+        self.head_load_seconds = Histogram(
+            "polyhead_head_load_seconds",
+            "Validate + session build + warm-up time of a head load",
+            ["task"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=r,
+        )
+        self.head_swaps = Counter(
+            "polyhead_head_swaps",
+            "Changes of the active head version",
+            ["task"],
+            registry=r,
+        )
+        self.head_swap_seconds = Histogram(
+            "polyhead_head_swap_seconds",
+            "Time to switch the active version (lock + reference swap)",
+            ["task"],
+            buckets=SWAP_BUCKETS,
+            registry=r,
+        )
+        # --- experience ---
+        self.episode_return = Summary(
+            "polyhead_episode_return",
+            "Returns of completed episodes reported to the server",
+            ["task"],
+            registry=r,
+        )
+        self.episode_return_last = Gauge(
+            "polyhead_episode_return_last",
+            "Return of the latest completed episode",
+            ["task"],
+            registry=r,
+        )
+        self.episode_length = Summary(
+            "polyhead_episode_length",
+            "Steps of completed episodes reported to the server",
+            ["task"],
+            registry=r,
+        )
+        self.experience_steps = Counter(
+            "polyhead_experience_steps",
+            "Rewarded steps assembled into episodes",
+            ["task"],
+            registry=r,
+        )
+        self.experience_dropped = Counter(
+            "polyhead_experience_dropped",
+            "Experience not assembled or not delivered, by reason (unknown_episode, expired, evicted, "
+            "subscriber_full)",
+            ["task", "reason"],
+            registry=r,
+        )
+        self.experience_segments = Counter(
+            "polyhead_experience_segments",
+            "Episode segments published to StreamExperience subscribers",
+            ["task"],
+            registry=r,
+        )
+        self.open_episodes = Gauge(
+            "polyhead_open_episodes",
+            "Episodes being assembled",
+            registry=r,
+        )
+        self.experience_subscribers = Gauge(
+            "polyhead_experience_subscribers",
+            "Open StreamExperience calls",
+            registry=r,
+        )
+        # --- identity ---
+        self.server_info = Gauge(
+            "polyhead_server_info",
+            "Always 1; labels name the polyhead version and the serving trunk",
+            ["version", "trunk_sha256"],
+            registry=r,
+        )
+
+
+@dataclass
+class MetricsHTTPServer:
+    """The /metrics HTTP endpoint, running in its own daemon thread."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsHTTPServer:
+    """Start the /metrics endpoint for ``registry`` on ``host:port`` (0: a free port)."""
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsHTTPServer(server=server, thread=thread)

@@ -1,0 +1,394 @@
+"""The head registry: versioned heads per task, loaded, validated and warmed up before they serve.
+
+Concurrency contract (the vLLM LoRA-manager / Ray Serve multiplex pattern):
+
+* Readers never lock. The whole state is one immutable ``Mapping[str, TaskHeads]`` behind one reference;
+  a request resolves its :class:`LoadedHead` once and keeps that object, so an in-flight request finishes
+  on the head it started with even if the task is swapped or the version unloaded meanwhile.
+* Writers (load, activate, unload) build the new head outside the lock (parse, validate, session, warm-up:
+  the slow part), then take the one writer lock, re-check against the current state and publish a new
+  mapping with one reference assignment. A failed load changes nothing.
+
+Rules: the first version loaded for a task becomes active whatever ``activate`` says (a loaded task always
+has a serving version); the active version cannot be unloaded alone (``ActiveVersionInUse``); a version
+number loaded with other bytes is a ``VersionConflict``; the same bytes again is a no-op.
+No grpc here: the servicers translate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+
+import onnxruntime as ort
+
+from polyhead.bundle import (
+    HEAD_JSON,
+    HEAD_ONNX,
+    HEADS_DIR,
+    Bundle,
+    HeadMeta,
+    check_head_compatible,
+    sha256_bytes,
+)
+from polyhead.errors import (
+    ActiveVersionInUse,
+    BundleNotFound,
+    CorruptHead,
+    IncompatibleHead,
+    InvalidArgument,
+    PolyheadError,
+    UnknownTask,
+    UnknownVersion,
+    VersionConflict,
+)
+from server.metrics import ServerMetrics
+from server.runtime import HeadRuntime, TrunkRuntime
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("bundle", "upload", "watch")
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedHead:
+    """One head version ready to serve. Immutable; compared by identity."""
+
+    task_id: str
+    version: int
+    meta: HeadMeta
+    runtime: HeadRuntime
+    head_sha256: str
+    loaded_at: float
+    source: str
+
+    @property
+    def eval_return(self) -> float:
+        return math.nan if self.meta.eval_return is None else float(self.meta.eval_return)
+
+
+@dataclass(frozen=True)
+class TaskHeads:
+    """The loaded versions of one task and the one that serves."""
+
+    task_id: str
+    versions: Mapping[int, LoadedHead]
+    active: int
+
+    @property
+    def active_head(self) -> LoadedHead:
+        return self.versions[self.active]
+
+    def head(self, version: int = 0) -> LoadedHead:
+        """The active head (version 0) or a specific loaded version; raises UnknownVersion."""
+        if version == 0:
+            return self.versions[self.active]
+        found = self.versions.get(version)
+        if found is None:
+            raise UnknownVersion(
+                f"task {self.task_id!r} has no loaded version {version}; loaded: {sorted(self.versions)}"
+            )
+        return found
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    head: LoadedHead
+    active_version: int
+    load_seconds: float
+    already_loaded: bool
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    previous_version: int
+    active_version: int
+    swap_seconds: float
+
+
+Listener = Callable[[Mapping[str, TaskHeads]], None]
+
+
+class HeadRegistry:
+    """Versioned heads per task on one trunk. Thread-safe: call writers from any thread."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        trunk: TrunkRuntime,
+        *,
+        session_options: ort.SessionOptions,
+        warmup_batch_sizes: tuple[int, ...],
+        metrics: ServerMetrics,
+    ) -> None:
+        self.bundle = bundle
+        self.trunk = trunk
+        self.manifest = bundle.manifest
+        self._opts = session_options
+        self._warmup = warmup_batch_sizes
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._tasks: Mapping[str, TaskHeads] = MappingProxyType({})
+        self._listeners: list[Listener] = []
+
+    # --- readers (lock-free) ---------------------------------------------------------------------------
+    @property
+    def tasks(self) -> Mapping[str, TaskHeads]:
+        """The current state: an immutable snapshot."""
+        return self._tasks
+
+    def resolve(self, task_id: str, version: int = 0) -> LoadedHead:
+        """The head that serves ``task_id`` (or a given loaded version); raises UnknownTask/UnknownVersion."""
+        entry = self._tasks.get(task_id)
+        if entry is None:
+            raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+        return entry.head(version)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(snapshot)`` after every change (from the writer's thread)."""
+        self._listeners.append(listener)
+
+    # --- loading ---------------------------------------------------------------------------------------
+    def load_bundle_heads(self) -> list[LoadResult]:
+        """Load the active version of every task in the bundle (startup). A head that fails is logged
+        and counted, and the others still load."""
+        results = []
+        for task_id in self.bundle.task_ids():
+            try:
+                version = self.bundle.active_version(task_id)
+                results.append(self.load_from_bundle(task_id, version, activate=True, source="bundle"))
+            except PolyheadError as exc:
+                log.error("task %s: head not loaded: %s: %s", task_id, type(exc).__name__, exc)
+        return results
+
+    def load_from_bundle(
+        self, task_id: str, version: int, *, activate: bool, source: str = "bundle"
+    ) -> LoadResult:
+        """Load ``heads/<task_id>/<version>`` of the serving bundle."""
+        t0 = time.perf_counter()
+        try:
+            if version <= 0:
+                raise InvalidArgument(f"a bundle head version is a positive integer, got {version}")
+            record = self.bundle.head(task_id, version)
+            onnx_bytes = record.read_onnx(verify=True)
+            return self._load(task_id, onnx_bytes, record.meta, version, activate, source, t0)
+        except PolyheadError as exc:
+            self._metrics.head_load_failures.labels(task=task_id, reason=type(exc).__name__).inc()
+            raise
+
+    def load_from_path(
+        self, task_id: str, repository_path: str, *, version: int, activate: bool
+    ) -> LoadResult:
+        """Load a head directory named relative to the bundle root (``heads/<task>/<version>``)."""
+        try:
+            root = self.bundle.root.resolve()
+            path = (root / repository_path).resolve()
+            if not path.is_relative_to(root / HEADS_DIR):
+                raise InvalidArgument(
+                    f"repository_path {repository_path!r} is outside the bundle's {HEADS_DIR}/ directory"
+                )
+            if not (path / HEAD_ONNX).is_file() or not (path / HEAD_JSON).is_file():
+                raise BundleNotFound(f"no head at {repository_path!r} in bundle {self.bundle.root}")
+            rel = path.relative_to(root / HEADS_DIR).parts
+            if len(rel) != 2 or not rel[1].isdigit():
+                raise InvalidArgument(
+                    f"repository_path {repository_path!r} must name {HEADS_DIR}/<task>/<version>"
+                )
+            if rel[0] != task_id:
+                raise InvalidArgument(
+                    f"repository_path {repository_path!r} is not a head of task {task_id!r}"
+                )
+            if version not in (0, int(rel[1])):
+                raise InvalidArgument(f"version {version} differs from the path's version {rel[1]}")
+        except PolyheadError as exc:
+            self._metrics.head_load_failures.labels(task=task_id, reason=type(exc).__name__).inc()
+            raise
+        return self.load_from_bundle(task_id, int(rel[1]), activate=activate, source="bundle")
+
+    def load_from_bytes(
+        self, task_id: str, onnx_bytes: bytes, head_json: str, *, version: int = 0, activate: bool = True
+    ) -> LoadResult:
+        """Load uploaded ``head.onnx`` bytes described by ``head_json``; version 0 takes the next number
+        after the highest loaded or on disk."""
+        t0 = time.perf_counter()
+        try:
+            if not onnx_bytes:
+                raise InvalidArgument("LoadHead needs head ONNX bytes or a repository_path")
+            if not head_json:
+                raise InvalidArgument(
+                    "LoadHead with ONNX bytes needs head_json (the head.json of the bundle)"
+                )
+            if version < 0:
+                raise InvalidArgument(f"version must be 0 (next) or positive, got {version}")
+            meta = HeadMeta.from_json_text(head_json, where=f"head_json of task {task_id!r}")
+            return self._load(task_id, onnx_bytes, meta, version, activate, "upload", t0)
+        except PolyheadError as exc:
+            self._metrics.head_load_failures.labels(task=task_id, reason=type(exc).__name__).inc()
+            raise
+
+    def _next_version(self, task_id: str) -> int:
+        loaded = max(self._tasks[task_id].versions, default=0) if task_id in self._tasks else 0
+        on_disk = max(self.bundle.versions(task_id), default=0)
+        return max(loaded, on_disk) + 1
+
+    def _check_meta(self, task_id: str, meta: HeadMeta, sha: str) -> None:
+        if meta.task.id != task_id:
+            raise InvalidArgument(f"head metadata describes task {meta.task.id!r}, not {task_id!r}")
+        if meta.head_sha256 and meta.head_sha256 != sha:
+            raise CorruptHead(
+                f"head bytes of task {task_id!r} have sha256 {sha[:12]}…; head.json records "
+                f"{meta.head_sha256[:12]}…"
+            )
+        check_head_compatible(meta, self.manifest)
+        entry = self._tasks.get(task_id)
+        if entry is not None:
+            served = entry.active_head.meta
+            if (served.action_space, served.distribution) != (meta.action_space, meta.distribution):
+                raise IncompatibleHead(
+                    f"head for task {task_id!r} acts in {meta.action_space} ({meta.distribution}); the "
+                    f"task is served in {served.action_space} ({served.distribution})"
+                )
+            if served.observation_space != meta.observation_space:
+                raise IncompatibleHead(
+                    f"head for task {task_id!r} observes {meta.observation_space}; the task is served "
+                    f"with {served.observation_space}"
+                )
+
+    def _load(
+        self,
+        task_id: str,
+        onnx_bytes: bytes,
+        meta: HeadMeta,
+        version: int,
+        activate: bool,
+        source: str,
+        t0: float,
+    ) -> LoadResult:
+        sha = sha256_bytes(onnx_bytes)
+        self._check_meta(task_id, meta, sha)
+        existing = self._tasks.get(task_id)
+        if version and existing is not None and version in existing.versions:
+            same = existing.versions[version]
+            if same.head_sha256 != sha:
+                raise VersionConflict(
+                    f"task {task_id!r} version {version} is loaded with other bytes (sha256 "
+                    f"{same.head_sha256[:12]}…); load it as a new version"
+                )
+            active = self.set_active(task_id, version).active_version if activate else existing.active
+            return LoadResult(same, active, time.perf_counter() - t0, already_loaded=True)
+        runtime = HeadRuntime(onnx_bytes, meta, feature_size=self.manifest.feature_size, opts=self._opts)
+        runtime.warm_up(self._warmup, self.manifest.observation_size)
+        with self._lock:
+            # Re-check: another writer may have loaded this version or changed the task meanwhile.
+            self._check_meta(task_id, meta, sha)
+            number = version or self._next_version(task_id)
+            entry = self._tasks.get(task_id)
+            if entry is not None and number in entry.versions:
+                raise VersionConflict(f"task {task_id!r} version {number} was loaded concurrently")
+            head = LoadedHead(
+                task_id=task_id,
+                version=number,
+                meta=replace(meta, version=number, head_sha256=sha),
+                runtime=runtime,
+                head_sha256=sha,
+                loaded_at=time.time(),
+                source=source,
+            )
+            t_swap = time.perf_counter()
+            versions = dict(entry.versions) if entry is not None else {}
+            versions[number] = head
+            active = number if (activate or entry is None) else entry.active
+            self._publish(task_id, TaskHeads(task_id, MappingProxyType(versions), active))
+            swap_seconds = time.perf_counter() - t_swap
+        seconds = time.perf_counter() - t0
+        self._metrics.head_loads.labels(task=task_id, source=source).inc()
+        self._metrics.head_load_seconds.labels(task=task_id).observe(seconds)
+        if entry is None or active != entry.active:
+            self._metrics.head_swaps.labels(task=task_id).inc()
+            self._metrics.head_swap_seconds.labels(task=task_id).observe(swap_seconds)
+        log.info(
+            "task %s: loaded version %d from %s in %.1f ms (active %d)",
+            task_id,
+            number,
+            source,
+            seconds * 1e3,
+            active,
+        )
+        self._notify()
+        return LoadResult(head, active, seconds, already_loaded=False)
+
+    # --- activation and unloading ----------------------------------------------------------------------
+    def set_active(self, task_id: str, version: int) -> SwapResult:
+        """Serve another loaded version: one reference swap. Raises UnknownTask/UnknownVersion."""
+        t0 = time.perf_counter()
+        with self._lock:
+            entry = self._tasks.get(task_id)
+            if entry is None:
+                raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+            if version not in entry.versions:
+                raise UnknownVersion(
+                    f"task {task_id!r} has no loaded version {version}; loaded: {sorted(entry.versions)}"
+                )
+            previous = entry.active
+            if version != previous:
+                self._publish(task_id, replace(entry, active=version))
+            seconds = time.perf_counter() - t0
+        if version != previous:
+            self._metrics.head_swaps.labels(task=task_id).inc()
+            self._metrics.head_swap_seconds.labels(task=task_id).observe(seconds)
+            self._notify()
+        return SwapResult(previous, version, seconds)
+
+    def unload(self, task_id: str, version: int = 0, *, all_versions: bool = False) -> list[int]:
+        """Unload a staged version, or every version of the task (it stops being served)."""
+        with self._lock:
+            entry = self._tasks.get(task_id)
+            if entry is None:
+                raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+            if all_versions:
+                removed = sorted(entry.versions)
+                self._publish(task_id, None)
+            else:
+                if version not in entry.versions:
+                    raise UnknownVersion(
+                        f"task {task_id!r} has no loaded version {version}; loaded: {sorted(entry.versions)}"
+                    )
+                if version == entry.active:
+                    raise ActiveVersionInUse(
+                        f"version {version} serves task {task_id!r}; activate another version first or "
+                        "unload all_versions"
+                    )
+                versions = {v: h for v, h in entry.versions.items() if v != version}
+                self._publish(task_id, replace(entry, versions=MappingProxyType(versions)))
+                removed = [version]
+        self._notify()
+        return removed
+
+    # --- internals ---------------------------------------------------------------------------------------
+    def _publish(self, task_id: str, entry: TaskHeads | None) -> None:
+        """Replace the state with one reference assignment (call with the lock held)."""
+        tasks = dict(self._tasks)
+        if entry is None:
+            tasks.pop(task_id, None)
+            with contextlib.suppress(KeyError):
+                self._metrics.active_head_version.remove(task_id)
+            self._metrics.loaded_heads.labels(task=task_id).set(0)
+        else:
+            tasks[task_id] = entry
+            self._metrics.active_head_version.labels(task=task_id).set(entry.active)
+            self._metrics.loaded_heads.labels(task=task_id).set(len(entry.versions))
+        self._tasks = MappingProxyType(tasks)
+
+    def _notify(self) -> None:
+        snapshot = self._tasks
+        for listener in self._listeners:
+            try:
+                listener(snapshot)
+            except Exception:  # a listener's bug must not fail the load that already succeeded
+                log.exception("registry listener failed")

@@ -1,0 +1,121 @@
+"""Server configuration: one frozen object, read once at the edge (environment + CLI flags).
+
+Every field can be set from the environment with the ``POLYHEAD_`` prefix (``POLYHEAD_PORT=6000``,
+``POLYHEAD_ADMIN_TOKEN=...``) or passed as a keyword (the ``polyhead serve`` flags do that; keywords win
+over the environment). Port 0 everywhere means "pick a free port"; the bound ports are reported by
+:class:`server.app.RunningServer` and ``polyhead serve --ready-file``.
+
+Admin placement (``admin_mode``):
+
+* ``"separate"`` (default): ``HeadAdmin`` on its own server at ``admin_host:admin_port``
+  (127.0.0.1:50052), so the control plane is not reachable from where simulators connect.
+* ``"shared"``: ``HeadAdmin`` on the data-plane port (one port to expose; protect it with a token).
+* ``"off"``: no ``HeadAdmin`` at all (the bundle watch still follows published versions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``polyhead serve`` can be told. Frozen: build a new one to change anything."""
+
+    model_config = SettingsConfigDict(env_prefix="POLYHEAD_", frozen=True, extra="forbid")
+
+    # --- what to serve -----------------------------------------------------------------------------------
+    bundle: Path = Field(description="bundle directory (manifest.json, trunk.onnx, heads/)")
+
+    # --- data plane (PolicyService, Diagnostics, health, reflection) -------------------------------------
+    host: str = Field("0.0.0.0", description="address the data plane binds")
+    port: int = Field(50051, ge=0, le=65535, description="data-plane port (0: pick a free one)")
+
+    # --- control plane (HeadAdmin) -----------------------------------------------------------------------
+    admin_mode: Literal["separate", "shared", "off"] = Field(
+        "separate", description="HeadAdmin on its own port, on the data-plane port, or not at all"
+    )
+    admin_host: str = Field("127.0.0.1", description="address the separate admin server binds")
+    admin_port: int = Field(50052, ge=0, le=65535, description="admin port (0: pick a free one)")
+    admin_token: str | None = Field(
+        None, description="when set, every HeadAdmin call needs `authorization: Bearer <token>` metadata"
+    )
+
+    # --- metrics -----------------------------------------------------------------------------------------
+    metrics_host: str = Field("0.0.0.0", description="address of the Prometheus /metrics HTTP server")
+    metrics_port: int | None = Field(
+        9100, ge=0, le=65535, description="Prometheus port (0: pick a free one; None: no metrics server)"
+    )
+
+    # --- batching and backpressure -----------------------------------------------------------------------
+    batching: bool = Field(True, description="gather concurrent requests of any task into one trunk pass")
+    max_batch_size: int = Field(256, ge=1, description="most observations per request and per trunk pass")
+    max_queue_delay_ms: float = Field(
+        2.0,
+        ge=0.0,
+        description="longest a request waits for others to join its batch; the wait happens only while "
+        "requests keep arriving, so a lone client never pays it",
+    )
+    max_queue_size: int = Field(
+        1024, ge=1, description="requests waiting for inference before new ones get RESOURCE_EXHAUSTED"
+    )
+    intra_op_threads: int = Field(
+        1, ge=0, description="onnxruntime threads per session (1: best for small models; 0: ORT default)"
+    )
+
+    # --- heads -------------------------------------------------------------------------------------------
+    watch_bundle: bool = Field(
+        True, description="poll the bundle for new head versions and active.json changes, load them"
+    )
+    watch_interval_s: float = Field(1.0, gt=0.0, description="seconds between bundle polls")
+    warmup_batch_sizes: tuple[int, ...] = Field(
+        (1, 8), description="batch sizes every session runs once before it serves"
+    )
+
+    # --- experience --------------------------------------------------------------------------------------
+    episode_ttl_s: float = Field(300.0, gt=0.0, description="an episode idle this long is dropped")
+    max_open_episodes: int = Field(10_000, ge=1, description="episodes assembled at once; oldest evicted")
+    max_segment_steps: int = Field(
+        512, ge=1, description="an episode longer than this is sent to subscribers in segments"
+    )
+    subscriber_queue_size: int = Field(
+        1024, ge=1, description="segments buffered per StreamExperience subscriber before dropping"
+    )
+
+    # --- transport ---------------------------------------------------------------------------------------
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest gRPC message accepted")
+    grace_period_s: float = Field(10.0, ge=0.0, description="SIGTERM: seconds in-flight calls may finish")
+    tls_cert: Path | None = Field(None, description="PEM certificate of the data plane (enables TLS)")
+    tls_key: Path | None = Field(None, description="PEM private key of the data plane")
+    tls_client_ca: Path | None = Field(None, description="PEM CA: require client certificates (mTLS)")
+    admin_tls_cert: Path | None = Field(None, description="PEM certificate of the admin server")
+    admin_tls_key: Path | None = Field(None, description="PEM private key of the admin server")
+    admin_tls_client_ca: Path | None = Field(None, description="PEM CA for admin client certificates")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerSettings:
+        for cert, key, what in (
+            (self.tls_cert, self.tls_key, "tls"),
+            (self.admin_tls_cert, self.admin_tls_key, "admin_tls"),
+        ):
+            if (cert is None) != (key is None):
+                raise ValueError(f"{what}_cert and {what}_key must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.admin_tls_client_ca is not None and self.admin_tls_cert is None:
+            raise ValueError("admin_tls_client_ca (mTLS) needs admin_tls_cert and admin_tls_key")
+        if self.admin_mode == "separate" and self.admin_port != 0 and self.admin_port == self.port:
+            raise ValueError(
+                f"admin_port {self.admin_port} equals port; use admin_mode='shared' to serve HeadAdmin "
+                "on the data-plane port"
+            )
+        if any(b < 1 for b in self.warmup_batch_sizes):
+            raise ValueError("warmup_batch_sizes must be positive")
+        return self
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_ms / 1000.0

@@ -1,0 +1,113 @@
+"""The bundle watch: replicas sharing one bundle follow what the online updater publishes there.
+
+Every ``interval_s`` it polls the bundle (a directory listing and one small JSON read per task) and, through
+the registry's ordinary load path (same validation, warm-up and metrics, source ``"watch"``):
+
+* stages every complete version directory that appeared since the last poll;
+* when ``heads/<task>/active.json`` names another version than at the last poll, loads it if needed and
+  activates it (so an admin's ``SetActiveVersion`` on one replica is not undone until the bundle's
+  pointer itself changes);
+* a task directory that appears is loaded like at startup.
+
+A version that fails to load is counted in ``polyhead_head_load_failures_total`` and not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from polyhead.errors import PolyheadError
+from server.registry import HeadRegistry
+
+log = logging.getLogger(__name__)
+
+
+class BundleWatcher:
+    """Polls ``registry.bundle`` in a daemon thread; :meth:`poll` is also callable directly (tests)."""
+
+    def __init__(self, registry: HeadRegistry, *, interval_s: float) -> None:
+        self.registry = registry
+        self.interval_s = interval_s
+        self._seen: dict[str, set[int]] = {}
+        self._pointer: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poll_lock = threading.Lock()
+        self.prime()
+
+    def prime(self) -> None:
+        """Record what is on disk now, so only later changes are acted on."""
+        bundle = self.registry.bundle
+        for task_id in bundle.task_ids():
+            versions = bundle.versions(task_id)
+            if versions:
+                self._seen[task_id] = set(versions)
+                self._pointer[task_id] = bundle.active_version(task_id)
+
+    def poll(self) -> int:
+        """One pass over the bundle; returns how many load/activate actions it took."""
+        with self._poll_lock:
+            return self._poll()
+
+    def _poll(self) -> int:
+        bundle = self.registry.bundle
+        actions = 0
+        for task_id in bundle.task_ids():
+            versions = bundle.versions(task_id)
+            if not versions:
+                continue
+            seen = self._seen.setdefault(task_id, set())
+            loaded = self.registry.tasks.get(task_id)
+            for version in sorted(set(versions) - seen):
+                seen.add(version)
+                if loaded is not None and version in loaded.versions:
+                    continue
+                try:
+                    self.registry.load_from_bundle(task_id, version, activate=False, source="watch")
+                    actions += 1
+                except PolyheadError as exc:
+                    log.warning(
+                        "watch: task %s version %d not loaded: %s: %s",
+                        task_id,
+                        version,
+                        type(exc).__name__,
+                        exc,
+                    )
+            pointer = bundle.active_version(task_id)
+            if self._pointer.get(task_id) == pointer:
+                continue
+            self._pointer[task_id] = pointer
+            entry = self.registry.tasks.get(task_id)
+            try:
+                if entry is None or pointer not in entry.versions:
+                    self.registry.load_from_bundle(task_id, pointer, activate=True, source="watch")
+                else:
+                    self.registry.set_active(task_id, pointer)
+                actions += 1
+                log.info("watch: task %s now serves version %d (bundle pointer)", task_id, pointer)
+            except PolyheadError as exc:
+                log.warning(
+                    "watch: task %s: could not activate version %d: %s: %s",
+                    task_id,
+                    pointer,
+                    type(exc).__name__,
+                    exc,
+                )
+        return actions
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="polyhead-bundle-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # a transient filesystem error must not end the watch
+                log.exception("watch: poll failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
