@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--service",
         default="",
-        help="health service name: empty for the whole server, or a task id (default: the whole server)",
+        help="health service name: empty for the whole server, or polyhead.v1.PolicyService/<task id> for "
+        "one task (default: the whole server)",
     )
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default: %(default)s)")
     parser.add_argument(
@@ -47,7 +48,9 @@ def check(target: str, service: str, timeout: float, ca: str | None, tls_name: s
 
     if ca:
         credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes())
-        channel = grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", tls_name)])
+        channel = grpc.secure_channel(
+            target, credentials, options=[("grpc.ssl_target_name_override", tls_name)]
+        )
     else:
         channel = grpc.insecure_channel(target)
     with channel:
