@@ -47,3 +47,20 @@ def settings_from_env(env: Mapping[str, str], **flags: object) -> ServerSettings
     """
     with _environ({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}):
         return ServerSettings(**flags)  # type: ignore[arg-type]
+
+
+def serve_settings(argv: list[str], env: Mapping[str, str]) -> ServerSettings:
+    """The settings ``polyhead <argv>`` (a ``serve`` command line) resolves under ``env``.
+
+    Parses ``argv`` with the real ``polyhead`` parser and resolves it with the real ``serve`` command's
+    flags-over-environment rule, so an unknown flag or a refused combination fails here as it would there.
+    """
+    from polyhead.cli import build_parser
+    from server.commands import settings_from_args
+
+    args = build_parser().parse_args(argv)
+    assert args.command == "serve", argv
+    with _environ({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}):
+        settings = settings_from_args(args)
+    assert isinstance(settings, ServerSettings)
+    return settings

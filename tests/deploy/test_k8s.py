@@ -13,8 +13,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from server.settings import ServerSettings
+
 from .deployfiles import DEPLOY, load_yaml, load_yaml_documents
-from .settings_env import settings_from_env, unknown_settings
+from .settings_env import serve_settings, settings_from_env, unknown_settings
 
 K8S = DEPLOY / "k8s"
 # Native gRPC probes are GA since 1.27 and the preStop `sleep` action since 1.30 (beta, on by default):
@@ -165,8 +167,13 @@ def test_every_polyhead_variable_is_a_server_setting() -> None:
     assert all(name.startswith("POLYHEAD_") for name in resource("ConfigMap", "polyhead-server")["data"])
 
 
+def pod_settings() -> ServerSettings:
+    """What the server container runs with: its args resolved by `polyhead serve` under its environment."""
+    return serve_settings(server_container()["args"], server_env())
+
+
 def test_ports_and_probes_match_the_settings() -> None:
-    settings = settings_from_env(server_env())
+    settings = pod_settings()
     ports = container_ports()
     assert ports == {
         "grpc": settings.port,
@@ -184,7 +191,7 @@ def test_ports_and_probes_match_the_settings() -> None:
 
 
 def test_server_listens_where_the_cluster_can_reach_it() -> None:
-    settings = settings_from_env(server_env())
+    settings = pod_settings()
     assert settings.host not in LOOPBACK, "the kubelet's probes and the Service need a non-loopback bind"
     assert settings.metrics_host not in LOOPBACK
     if settings.admin_mode != "off" and settings.admin_host not in LOOPBACK:
@@ -196,7 +203,7 @@ def test_server_listens_where_the_cluster_can_reach_it() -> None:
 
 
 def test_bundle_comes_from_the_shared_volume() -> None:
-    settings = settings_from_env(server_env())
+    settings = pod_settings()
     container = server_container()
     args = container["args"]
     assert args[0] == "serve"
@@ -210,19 +217,14 @@ def test_bundle_comes_from_the_shared_volume() -> None:
     assert "ReadWriteMany" in pvc["spec"]["accessModes"], "replicas on several nodes share one bundle"
 
 
-def test_serve_arguments_parse_with_the_real_command() -> None:
-    from polyhead.cli import build_parser
-
-    parser = build_parser()
-    args = parser.parse_args(server_container()["args"])
-    assert args.command == "serve"
-    if not hasattr(args, "bundle"):
-        pytest.skip("`polyhead serve` is not available in this install yet")
-    assert str(args.bundle) == "/bundles/polyhead"
+def test_configmap_alone_is_a_complete_configuration() -> None:
+    # The ConfigMap names the bundle too, so `polyhead serve` with flags and the environment agree.
+    from_env = settings_from_env(server_env(), bundle=resource("ConfigMap")["data"]["POLYHEAD_BUNDLE"])
+    assert from_env == pod_settings()
 
 
 def test_graceful_shutdown_fits_the_termination_grace_period() -> None:
-    settings = settings_from_env(server_env())
+    settings = pod_settings()
     pod = resource("Deployment")["spec"]["template"]["spec"]
     pre_stop = server_container()["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop + settings.grace_period_s < pod["terminationGracePeriodSeconds"]

@@ -1,0 +1,117 @@
+"""The Dockerfiles build what they claim: a serving image without torch, a trainer image with the pinned
+CPU torch, both non-root, multi-stage, from files that exist and are not ignored."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from polyhead.cli import build_parser
+
+from .deployfiles import DEPLOY, REPO
+from .settings_env import serve_settings
+
+DOCKER = DEPLOY / "docker"
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = dockerfile.read_text(encoding="utf-8")
+    joined = re.sub(r"\\\n", " ", "\n".join(s for s in text.splitlines() if not s.lstrip().startswith("#")))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), " ".join(rest.split())))
+    return out
+
+
+def args_of(dockerfile: Path, word: str) -> list[str]:
+    return [rest for w, rest in instructions(dockerfile) if w == word]
+
+
+def pyproject() -> dict[str, object]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def ignored(path: str, dockerignore: Path) -> bool:
+    """Whether the build context drops ``path`` under ``dockerignore`` (last matching rule wins)."""
+    verdict = False
+    for raw in dockerignore.read_text(encoding="utf-8").splitlines():
+        rule = raw.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negate = rule.startswith("!")
+        pattern = rule.lstrip("!").rstrip("/")
+        candidates = [path] + [str(Path(*Path(path).parts[:i])) for i in range(1, len(Path(path).parts))]
+        if pattern == "**" or any(fnmatch.fnmatch(c, pattern) for c in candidates):
+            verdict = not negate
+    return verdict
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.server", "Dockerfile.trainer"])
+def test_multi_stage_non_root_and_copies_exist(name: str) -> None:
+    dockerfile = DOCKER / name
+    assert len(args_of(dockerfile, "FROM")) >= 2, "build in one stage, run from a clean one"
+    (user,) = args_of(dockerfile, "USER")
+    assert user.split(":")[0] not in ("root", "0")
+    dockerignore = dockerfile.with_name(name + ".dockerignore")
+    for copy in args_of(dockerfile, "COPY"):
+        if copy.startswith("--from="):
+            continue
+        sources = copy.split()[:-1]
+        for source in sources:
+            assert (REPO / source).exists(), f"{name} copies missing {source}"
+            assert not ignored(source.rstrip("/"), dockerignore), f"{name}: {source} is dockerignored"
+    assert ignored("tests", dockerignore) and ignored(".venv", dockerignore)
+
+
+def test_serving_image_has_no_torch() -> None:
+    dockerfile = DOCKER / "Dockerfile.server"
+    text = " ".join(rest for _, rest in instructions(dockerfile))
+    assert 'pip install ".[serve]"' in text
+    installs = re.findall(r"pip install ([^&]*)", text)
+    assert installs and not any("torch" in packages for packages in installs), installs
+    assert "find_spec('torch') is None" in text, "the build asserts torch did not come in transitively"
+    extras = pyproject()["project"]["optional-dependencies"]  # type: ignore[index]
+    assert not any(dep.startswith("torch") for dep in extras["serve"])  # type: ignore[index]
+    assert "COPY trainer/ trainer/" not in {f"COPY {c}" for c in args_of(dockerfile, "COPY")}
+
+
+def test_serving_image_ports_healthcheck_and_command() -> None:
+    dockerfile = DOCKER / "Dockerfile.server"
+    (cmd,) = args_of(dockerfile, "CMD")
+    (entrypoint,) = args_of(dockerfile, "ENTRYPOINT")
+    assert entrypoint == '["polyhead"]'
+    argv = [part.strip(' "') for part in cmd.strip("[]").split(",")]
+    settings = serve_settings(argv, {})
+    (expose,) = args_of(dockerfile, "EXPOSE")
+    assert {int(p) for p in expose.split()} == {settings.port, settings.admin_port, settings.metrics_port}
+    (healthcheck,) = args_of(dockerfile, "HEALTHCHECK")
+    assert 'CMD ["python", "/opt/polyhead/healthcheck.py"]' in healthcheck
+    assert "COPY deploy/docker/healthcheck.py /opt/polyhead/healthcheck.py" in {
+        f"COPY {c}" for c in args_of(dockerfile, "COPY")
+    }
+
+
+def test_trainer_image_pins_torch_from_the_cpu_index() -> None:
+    dockerfile = DOCKER / "Dockerfile.trainer"
+    build_args = dict(a.split("=", 1) for a in args_of(dockerfile, "ARG") if "=" in a)
+    train = pyproject()["project"]["optional-dependencies"]["train"]  # type: ignore[index]
+    (pin,) = (dep for dep in train if dep.startswith("torch"))  # type: ignore[attr-defined]
+    assert pin == f"torch=={build_args['TORCH_VERSION']}"
+    assert build_args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    text = " ".join(rest for _, rest in instructions(dockerfile))
+    assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in text
+    assert 'pip install ".[train,minigrid]"' in text
+
+
+def test_entrypoint_is_the_polyhead_command() -> None:
+    parser = build_parser()
+    assert parser.prog == "polyhead"
+    for name in ("Dockerfile.server", "Dockerfile.trainer"):
+        assert args_of(DOCKER / name, "ENTRYPOINT") == ['["polyhead"]']
