@@ -112,12 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"polyhead {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, registrar in _load_registrars().items():
+        why = registrar if isinstance(registrar, str) else ""
         if callable(registrar):
-            registrar(sub)
-        else:
-            p = sub.add_parser(name, help=f"[{registrar}]")
-            add_common_flags(p)
-            p.set_defaults(func=_unavailable(name, registrar))
+            try:
+                registrar(sub)
+                continue
+            except ImportError as exc:  # a registrar that imports its part's heavy dependencies (torch)
+                extra = _EXTRA_HINT.get(name, name)
+                why = f"unavailable in this install ({exc}); pip install 'polyhead[{extra}]'"
+        p = sub.add_parser(name, help=f"[{why}]")
+        add_common_flags(p)
+        p.set_defaults(func=_unavailable(name, why))
     return parser
 
 
