@@ -21,7 +21,7 @@ import io
 import logging
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,8 +94,9 @@ def _to_onnx(
     exporter: Exporter,
 ) -> bytes:
     module.eval()
-    # The dynamo exporter prints progress lines to stdout; a `--json` command owns stdout's last line.
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+    # The dynamo exporter prints progress lines to stdout (a `--json` command owns stdout's last line) and
+    # logs every optimiser pass and a missing-torchvision notice; keep what matters: errors.
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), _quiet_loggers():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1)
@@ -125,6 +126,19 @@ def _to_onnx(
             dynamo=False,
         )
         return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _quiet_loggers() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def export_trunk(policy: MultiTaskPolicy, *, exporter: Exporter = DEFAULT_EXPORTER) -> bytes:

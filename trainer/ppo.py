@@ -1,0 +1,363 @@
+"""The three phases of multi-task PPO: collect a rollout, compute advantages, update the policy.
+
+Read top to bottom like CleanRL's ppo.py (https://github.com/vwxyzjn/cleanrl/blob/master/cleanrl/ppo.py);
+what differs is that every array exists once per task:
+
+* the rollout steps each task's own environments, runs the trunk once per step on every task's
+  observations together and each task's head on its slice;
+* rewards are scaled per task by the running std of the task's discounted return (so CartPole's +1 and
+  Acrobot's -1 train together; gymnasium's NormalizeReward, per task);
+* advantages are normalised per task; the loss is the weighted sum of the tasks' PPO losses;
+* optional gradient surgery (PCGrad) acts on the trunk's parameters only, where tasks share weights.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from polyhead.taskspec import TaskSpec
+from trainer.config import PPOConfig
+from trainer.envs import TaskEnvs
+from trainer.gae import compute_gae
+from trainer.pcgrad import cosine_matrix, pcgrad
+from trainer.policy import MultiTaskPolicy
+from trainer.running_stats import RunningMeanStd
+
+
+@dataclass
+class TaskState:
+    """Everything per task that lives across rollouts."""
+
+    task: TaskSpec
+    envs: TaskEnvs
+    weight: float
+    return_rms: RunningMeanStd = field(default_factory=RunningMeanStd)
+    discounted_returns: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    recent_returns: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    episodes: int = 0
+
+    def __post_init__(self) -> None:
+        self.discounted_returns = np.zeros(len(self.envs))
+
+    @property
+    def recent_return(self) -> float:
+        return float(np.mean(self.recent_returns)) if self.recent_returns else float("nan")
+
+
+@dataclass
+class TaskRollout:
+    """One task's rollout ``[T, k]`` (k = envs stepped), then flattened into its batch after GAE."""
+
+    obs: torch.Tensor  # normalised observations, as the acting policy saw them [T, k, D]
+    actions: torch.Tensor  # raw actions [T, k] (index) or [T, k, a] (Gaussian, [-1, 1] frame)
+    logprobs: torch.Tensor
+    rewards: torch.Tensor  # scaled rewards, truncation bootstrap folded in
+    episode_ends: torch.Tensor
+    values: torch.Tensor
+    next_value: torch.Tensor  # [k]
+    advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    returns: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+
+# ============================================================================================================
+# Phase 1: collect a rollout
+# ============================================================================================================
+@torch.no_grad()
+def collect_rollout(
+    policy: MultiTaskPolicy,
+    states: list[TaskState],
+    active: list[npt.NDArray[np.int64]],
+    config: PPOConfig,
+) -> dict[str, TaskRollout]:
+    """Step ``active[k]`` envs of each task ``config.num_steps`` times with sampled actions.
+
+    Updates the observation normaliser with every observation seen and each task's return statistics;
+    appends finished episodes' undiscounted returns to ``TaskState.recent_returns``.
+    """
+    T, D = config.num_steps, policy.observation_size
+    sizes = [len(a) for a in active]
+    buf: dict[str, dict[str, torch.Tensor]] = {}
+    for state, k in zip(states, sizes, strict=True):
+        head = policy.head(state.task.id)
+        act_shape = () if head.distribution == "categorical" else (policy.action_spaces[state.task.id].size,)  # type: ignore[union-attr]
+        buf[state.task.id] = {
+            "obs": torch.zeros(T, k, D),
+            "actions": torch.zeros((T, k, *act_shape), dtype=torch.long if not act_shape else torch.float32),
+            "logprobs": torch.zeros(T, k),
+            "rewards": torch.zeros(T, k),
+            "episode_ends": torch.zeros(T, k),
+            "values": torch.zeros(T, k),
+        }
+
+    for step in range(T):
+        raw = np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
+        policy.trunk.normalizer.update(raw)
+        obs_norm = policy.normalize(torch.as_tensor(raw))
+        features = policy.features(obs_norm)
+        start = 0
+        for state, idx, k in zip(states, active, sizes, strict=True):
+            b = buf[state.task.id]
+            head = policy.head(state.task.id)
+            f, o = features[start : start + k], obs_norm[start : start + k]
+            start += k
+            dist = head.dist(f)
+            action = dist.sample()
+            b["obs"][step] = o
+            b["actions"][step] = action
+            b["logprobs"][step] = head.log_prob(dist, action)
+            b["values"][step] = head.value(f, o)
+
+            result = state.envs.step(idx, action.numpy())
+            ended = result.terminated | result.truncated
+            # Per-task return normalisation: divide rewards by the running std of the discounted return
+            # (gymnasium NormalizeReward; Engstrom et al. 2020 "reward scaling").
+            state.discounted_returns[idx] = state.discounted_returns[idx] * config.gamma + result.rewards
+            scale = 1.0
+            if config.norm_reward:
+                state.return_rms.update(state.discounted_returns[idx])
+                scale = state.return_rms.std
+            state.discounted_returns[idx[ended]] = 0.0
+            rewards = torch.as_tensor(result.rewards / scale, dtype=torch.float32)
+            # A time-limit truncation is not a failure: bootstrap γ V(s_final) (SB3's timeout handling).
+            cut = result.truncated & ~result.terminated
+            if cut.any():
+                final_norm = policy.normalize(torch.as_tensor(result.final_obs[cut]))
+                final_value = head.value(policy.features(final_norm), final_norm)
+                rewards[torch.as_tensor(cut)] += config.gamma * final_value
+            b["rewards"][step] = rewards
+            b["episode_ends"][step] = torch.as_tensor(ended, dtype=torch.float32)
+            state.recent_returns.extend(result.episode_returns)
+            state.episodes += len(result.episode_returns)
+
+    rollouts: dict[str, TaskRollout] = {}
+    raw = np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
+    obs_norm = policy.normalize(torch.as_tensor(raw))
+    features = policy.features(obs_norm)
+    start = 0
+    for state, k in zip(states, sizes, strict=True):
+        head = policy.head(state.task.id)
+        next_value = head.value(features[start : start + k], obs_norm[start : start + k])
+        start += k
+        rollouts[state.task.id] = TaskRollout(next_value=next_value, **buf[state.task.id])
+    return rollouts
+
+
+# ============================================================================================================
+# Phase 2: advantages (GAE) and per-task normalisation
+# ============================================================================================================
+def compute_advantages(rollouts: dict[str, TaskRollout], config: PPOConfig) -> None:
+    """Fill each rollout's ``advantages`` and ``returns`` and flatten every array to its batch ``[T*k]``."""
+    for r in rollouts.values():
+        advantages, returns = compute_gae(
+            r.rewards,
+            r.values,
+            r.episode_ends,
+            r.next_value,
+            gamma=config.gamma,
+            gae_lambda=config.gae_lambda,
+        )
+        D = r.obs.shape[-1]
+        r.obs = r.obs.reshape(-1, D)
+        r.actions = r.actions.reshape((-1, *r.actions.shape[2:]))
+        r.logprobs = r.logprobs.reshape(-1)
+        r.values = r.values.reshape(-1)
+        r.returns = returns.reshape(-1)
+        r.advantages = advantages.reshape(-1)
+        if config.norm_adv and r.advantages.numel() > 1:
+            # Per task, so a task with large advantages does not drown the others' policy gradient.
+            r.advantages = (r.advantages - r.advantages.mean()) / (r.advantages.std() + 1e-8)
+
+
+# ============================================================================================================
+# Phase 3: the PPO update
+# ============================================================================================================
+@dataclass
+class UpdateStats:
+    """Means over the update's minibatches, per task; ``grad_cosines`` when they were computed."""
+
+    per_task: dict[str, dict[str, float]]
+    grad_cosines: npt.NDArray[np.float64] | None
+    epochs: int
+
+
+def ppo_update(
+    policy: MultiTaskPolicy,
+    optimizer: torch.optim.Optimizer,
+    rollouts: dict[str, TaskRollout],
+    weights: dict[str, float],
+    config: PPOConfig,
+    *,
+    generator: torch.Generator,
+) -> UpdateStats:
+    """``config.update_epochs`` epochs of clipped-surrogate PPO over minibatches holding every task."""
+    task_ids = list(rollouts)
+    trunk_params = list(policy.trunk.parameters())
+    surgery = config.grad_surgery == "pcgrad"
+    want_cosines = surgery or config.log_grad_cosines
+    sums: dict[str, dict[str, float]] = {t: {} for t in task_ids}
+    count = 0
+    cos_sum = np.zeros((len(task_ids), len(task_ids)))
+    cos_count = 0
+    epochs_done = 0
+    for _epoch in range(config.update_epochs):
+        epochs_done += 1
+        chunks = {
+            t: torch.tensor_split(
+                torch.randperm(len(r.logprobs), generator=generator), config.num_minibatches
+            )
+            for t, r in rollouts.items()
+        }
+        epoch_kl: list[float] = []
+        for mb in range(config.num_minibatches):
+            mb_inds = {t: chunks[t][mb] for t in task_ids}
+            mb_obs = torch.cat([rollouts[t].obs[mb_inds[t]] for t in task_ids])
+            features = policy.features(mb_obs)
+            losses: list[torch.Tensor] = []
+            start = 0
+            for t in task_ids:
+                r, inds, head = rollouts[t], mb_inds[t], policy.head(t)
+                n = len(inds)
+                f, o = features[start : start + n], mb_obs[start : start + n]
+                start += n
+                dist = head.dist(f)
+                newlogprob = head.log_prob(dist, r.actions[inds])
+                entropy = head.entropy(dist)
+                newvalue = head.value(f, o)
+                logratio = newlogprob - r.logprobs[inds]
+                ratio = logratio.exp()
+                with torch.no_grad():
+                    # http://joschu.net/blog/kl-approx.html
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > config.clip_coef).float().mean()
+
+                mb_advantages = r.advantages[inds]
+                # Clipped surrogate objective
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - config.clip_coef, 1 + config.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss, optionally clipped around the rollout's values
+                mb_returns, mb_values = r.returns[inds], r.values[inds]
+                if config.clip_vloss:
+                    v_loss_unclipped = (newvalue - mb_returns) ** 2
+                    v_clipped = mb_values + torch.clamp(
+                        newvalue - mb_values, -config.clip_coef, config.clip_coef
+                    )
+                    v_loss_clipped = (v_clipped - mb_returns) ** 2
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - config.ent_coef * entropy_loss + v_loss * config.vf_coef
+                losses.append(weights[t] * loss)
+                epoch_kl.append(float(approx_kl))
+                for key, value in (
+                    ("policy_loss", pg_loss),
+                    ("value_loss", v_loss),
+                    ("entropy", entropy_loss),
+                    ("approx_kl", approx_kl),
+                    ("clipfrac", clipfrac),
+                ):
+                    sums[t][key] = sums[t].get(key, 0.0) + float(value.detach())
+            count += 1
+
+            optimizer.zero_grad()
+            total = torch.stack(losses).sum()
+            if want_cosines:
+                task_grads = torch.stack([_flat_grad(loss, trunk_params) for loss in losses])
+                cos_sum += cosine_matrix(task_grads).numpy()
+                cos_count += 1
+                total.backward()  # type: ignore[no-untyped-call]
+                if surgery:
+                    _assign_flat_grad(trunk_params, pcgrad(task_grads, generator))
+            else:
+                total.backward()  # type: ignore[no-untyped-call]
+            nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            optimizer.step()
+
+        if config.target_kl is not None and float(np.mean(epoch_kl)) > config.target_kl:
+            break
+
+    per_task = {t: {k: v / max(count, 1) for k, v in s.items()} for t, s in sums.items()}
+    for t, r in rollouts.items():
+        per_task[t]["explained_variance"] = _explained_variance(r.values, r.returns)
+    return UpdateStats(
+        per_task=per_task, grad_cosines=cos_sum / cos_count if cos_count else None, epochs=epochs_done
+    )
+
+
+def _flat_grad(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+def _assign_flat_grad(params: list[nn.Parameter], flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    var_y = float(returns.var()) if returns.numel() > 1 else 0.0
+    return float("nan") if var_y == 0 else 1.0 - float((returns - values).var()) / var_y
+
+
+def allocate_envs(states: list[TaskState], config: PPOConfig) -> list[npt.NDArray[np.int64]]:
+    """Which envs of each task step in the next rollout.
+
+    ``uniform``: all ``envs_per_task``. ``gap``: the same total, shared in proportion to each task's
+    normalised gap to its target return (plus a floor, so a solved task keeps practising), each task
+    between 1 and ``2 * envs_per_task`` envs. A task without episodes yet or without a target counts as
+    far from it.
+    """
+    n = config.envs_per_task
+    if config.task_sampling == "uniform":
+        return [np.arange(n) for _ in states]
+    gaps = []
+    for s in states:
+        target, recent = s.task.target_return, s.recent_return
+        if np.isnan(target) or np.isnan(recent):
+            gaps.append(1.0)
+        else:
+            gaps.append(max(0.0, target - recent) / max(abs(target), 1.0))
+    weights = np.asarray(gaps) + 0.1
+    budget = n * len(states)
+    counts = np.clip(np.round(weights / weights.sum() * budget), 1, 2 * n).astype(np.int64)
+    # Make the counts add up to the budget: adjust the tasks with the most (or fewest) envs first.
+    while counts.sum() != budget:
+        if counts.sum() > budget:
+            i = int(np.argmax(np.where(counts > 1, counts, -1)))
+            counts[i] -= 1
+        else:
+            i = int(np.argmin(np.where(counts < 2 * n, counts, np.iinfo(np.int64).max)))
+            counts[i] += 1
+    return [np.arange(int(c)) for c in counts]
+
+
+def summarize(
+    stats: UpdateStats, states: list[TaskState], active: list[npt.NDArray[np.int64]]
+) -> dict[str, Any]:
+    """Flat per-task metrics of one iteration (``TASK/NAME`` keys), for the CSV and TensorBoard."""
+    out: dict[str, Any] = {}
+    for s, a in zip(states, active, strict=True):
+        t = s.task.id
+        out[f"{t}/episode_return"] = s.recent_return
+        out[f"{t}/envs"] = len(a)
+        for key, value in stats.per_task[t].items():
+            out[f"{t}/{key}"] = value
+    return out

@@ -1,0 +1,312 @@
+"""The multi-task PPO training loop: validate the suite, train, evaluate, keep the best, export a bundle.
+
+``train`` is what ``polyhead train`` runs; ``train_independent`` is the baseline (one separate network
+per task on the same per-task budget).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polyhead.envs import validate_task
+from polyhead.errors import BundleError, InvalidTaskSpec
+from polyhead.spaces import SpaceSpec, observation_size
+from polyhead.taskspec import Suite, TaskSpec
+from trainer.config import PPOConfig
+from trainer.envs import TaskEnvs
+from trainer.evaluate import evaluate
+from trainer.export import DEFAULT_EXPORTER, Exporter, export_bundle, sample_observations
+from trainer.logs import RunLogger
+from trainer.policy import MultiTaskPolicy, PolicyConfig
+from trainer.ppo import TaskState, allocate_envs, collect_rollout, compute_advantages, ppo_update, summarize
+
+log = logging.getLogger("trainer")
+
+EVAL_SEED_OFFSET = 100_000
+FINAL_EVAL_SEED_OFFSET = 500_000
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced; :meth:`summary` is the ``--json`` line."""
+
+    bundle: Path
+    suite: str
+    steps: int
+    wall_seconds: float
+    parameters: int
+    served_parameters: int
+    eval_returns: dict[str, float]
+    eval_episodes: dict[str, list[float]]
+    best_step: int
+    solved: dict[str, bool]
+    grad_cosines: list[list[float]] | None = None
+    runs: dict[str, TrainResult] = field(default_factory=dict)
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.wall_seconds if self.wall_seconds > 0 else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "bundle": str(self.bundle),
+            "suite": self.suite,
+            "steps": self.steps,
+            "wall_seconds": round(self.wall_seconds, 2),
+            "parameters": self.parameters,
+            "tasks": {
+                t: {"eval_return": r, "solved": self.solved.get(t, False)}
+                for t, r in self.eval_returns.items()
+            },
+            "served_parameters": self.served_parameters,
+            "steps_per_second": round(self.steps_per_second, 1),
+            "best_step": self.best_step,
+        }
+        if self.grad_cosines is not None:
+            out["grad_cosines"] = self.grad_cosines
+        return out
+
+
+def validate_suite(suite: Suite) -> tuple[list[TaskSpec], dict[str, tuple[SpaceSpec, SpaceSpec]]]:
+    """Build, reset and step every task's env once (fails fast on a bad spec); return the training tasks
+    and every task's (observation, action) spaces."""
+    spaces = {t.id: validate_task(t) for t in suite.tasks}
+    tasks = list(suite.train_tasks)
+    if not tasks:
+        raise InvalidTaskSpec(f"suite {suite.name!r} has no task with role 'train'")
+    return tasks, spaces
+
+
+def _score(returns: Mapping[str, float], tasks: Sequence[TaskSpec]) -> tuple[int, float]:
+    """Rank checkpoints: tasks at or above target first, then the mean of returns scaled by |target|."""
+    solved = sum(1 for t in tasks if not math.isnan(t.target_return) and returns[t.id] >= t.target_return)
+    scaled = [
+        returns[t.id] / max(abs(t.target_return), 1.0) if not math.isnan(t.target_return) else 0.0
+        for t in tasks
+    ]
+    return solved, float(np.mean(scaled))
+
+
+def _all_solved(returns: Mapping[str, float], tasks: Sequence[TaskSpec]) -> bool:
+    with_targets = [t for t in tasks if not math.isnan(t.target_return)]
+    return bool(with_targets) and all(returns[t.id] >= t.target_return for t in with_targets)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise BundleError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+
+
+def train(
+    suite: Suite,
+    out: str | Path,
+    *,
+    config: PPOConfig | None = None,
+    policy_config: PolicyConfig | None = None,
+    run_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    exporter: Exporter = DEFAULT_EXPORTER,
+) -> TrainResult:
+    """Train one policy on the suite's training tasks and export the best checkpoint to ``out``.
+
+    Logs go to ``run_dir`` (default ``<out>.logs``) and into the bundle's ``logs/``. Raises
+    InvalidTaskSpec (bad suite) or BundleError (``out`` not empty) before any training.
+    """
+    config = config or PPOConfig()
+    policy_config = policy_config or PolicyConfig()
+    out_path = Path(out)
+    _check_out(out_path, overwrite)
+    started = time.perf_counter()
+    tasks, spaces = validate_suite(suite)
+    D = max(observation_size(obs) for obs, _ in spaces.values())
+    unknown_weights = sorted({t for t, _ in config.task_weights} - {t.id for t in tasks})
+    if unknown_weights:
+        raise InvalidTaskSpec(f"--task-weights names task(s) {unknown_weights} that are not training tasks")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.torch_threads)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    policy = MultiTaskPolicy(policy_config, D, {t.id: spaces[t.id][1] for t in tasks})
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=1e-5)
+    env_count = config.envs_per_task * (2 if config.task_sampling == "gap" else 1)
+    states = [
+        TaskState(
+            task=t,
+            envs=TaskEnvs(t, env_count, D, seed=config.seed * 10_000 + 1_000 * k),
+            weight=config.weight(t.id),
+        )
+        for k, t in enumerate(tasks)
+    ]
+    weights = {s.task.id: s.weight for s in states}
+    steps_per_iteration = config.envs_per_task * len(tasks) * config.num_steps
+    num_iterations = max(1, math.ceil(config.total_steps / steps_per_iteration))
+    run_path = Path(run_dir) if run_dir is not None else out_path.with_name(out_path.name + ".logs")
+
+    global_step = 0
+    next_eval = config.eval_interval
+    best: tuple[tuple[int, float], int, dict[str, Any]] | None = None
+    last_cosines = None
+    solved_streak = 0
+    try:
+        with RunLogger(
+            run_path, [t.id for t in tasks], num_iterations * steps_per_iteration, progress=progress
+        ) as logger:
+            for iteration in range(1, num_iterations + 1):
+                iter_start = time.perf_counter()
+                if config.anneal_lr:
+                    frac = 1.0 - (iteration - 1.0) / num_iterations
+                    optimizer.param_groups[0]["lr"] = frac * config.learning_rate
+                active = allocate_envs(states, config)
+                policy.train()
+                rollouts = collect_rollout(policy, states, active, config)
+                global_step += sum(len(a) for a in active) * config.num_steps
+                compute_advantages(rollouts, config)
+                stats = ppo_update(policy, optimizer, rollouts, weights, config, generator=generator)
+                elapsed = time.perf_counter() - started
+                scalars = {
+                    "iteration": iteration,
+                    "wall_seconds": round(elapsed, 3),
+                    "steps_per_second": steps_per_iteration / max(time.perf_counter() - iter_start, 1e-9),
+                    "learning_rate": optimizer.param_groups[0]["lr"],
+                    "update_epochs": stats.epochs,
+                    **summarize(stats, states, active),
+                }
+                logger.iteration(global_step, scalars, {s.task.id: s.recent_return for s in states})
+                if stats.grad_cosines is not None:
+                    last_cosines = stats.grad_cosines
+                    logger.grad_cosines(global_step, stats.grad_cosines)
+
+                last = iteration == num_iterations
+                if global_step >= next_eval or last:
+                    next_eval = (global_step // config.eval_interval + 1) * config.eval_interval
+                    episodes = evaluate(
+                        policy, tasks, episodes=config.eval_episodes, seed=config.seed + EVAL_SEED_OFFSET
+                    )
+                    logger.evaluation(global_step, time.perf_counter() - started, episodes)
+                    means = {t: float(np.mean(v)) for t, v in episodes.items()}
+                    score = _score(means, tasks)
+                    if best is None or score > best[0]:
+                        best = (score, global_step, copy.deepcopy(policy.state_dict()))
+                    solved_streak = solved_streak + 1 if _all_solved(means, tasks) else 0
+                    if config.solved_evals and solved_streak >= config.solved_evals:
+                        log.info(
+                            "every training task reached its target in %d evaluations in a row (%s steps)",
+                            solved_streak,
+                            f"{global_step:,}",
+                        )
+                        break
+
+            assert best is not None
+            _, best_step, best_state = best
+            policy.load_state_dict(best_state)
+            final = evaluate(
+                policy, tasks, episodes=config.final_eval_episodes, seed=config.seed + FINAL_EVAL_SEED_OFFSET
+            )
+            logger.evaluation(global_step, time.perf_counter() - started, final)
+            eval_returns = {t: float(np.mean(v)) for t, v in final.items()}
+            log_files = logger.files()
+        wall = time.perf_counter() - started
+        training = {
+            "algorithm": "multi-task PPO",
+            "steps": global_step,
+            "best_step": best_step,
+            "steps_per_task": global_step // len(tasks),
+            "seed": config.seed,
+            "wall_seconds": round(wall, 2),
+            "ppo": config.to_json(),
+            "policy": policy_config.to_json(),
+            "eval_episodes": config.final_eval_episodes,
+        }
+        observations = sample_observations(tasks, D, steps_per_task=32, seed=config.seed)
+        bundle = export_bundle(
+            policy,
+            out_path,
+            suite_name=suite.name,
+            tasks=tasks,
+            training=training,
+            eval_returns=eval_returns,
+            overwrite=overwrite,
+            observations=observations,
+            extra_files={f"logs/{name}": data for name, data in log_files.items()},
+            exporter=exporter,
+        )
+    finally:
+        for s in states:
+            s.envs.close()
+        torch.set_num_threads(threads)
+    wall = time.perf_counter() - started
+    return TrainResult(
+        bundle=bundle.root,
+        suite=suite.name,
+        steps=global_step,
+        wall_seconds=wall,
+        parameters=policy.parameter_count(),
+        served_parameters=policy.parameter_count(include_critic=policy_config.critic == "shared"),
+        eval_returns=eval_returns,
+        eval_episodes=final,
+        best_step=best_step,
+        solved={
+            t.id: eval_returns[t.id] >= t.target_return for t in tasks if not math.isnan(t.target_return)
+        },
+        grad_cosines=None if last_cosines is None else np.round(last_cosines, 4).tolist(),
+    )
+
+
+def train_independent(
+    suite: Suite,
+    out: str | Path,
+    *,
+    config: PPOConfig | None = None,
+    policy_config: PolicyConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    exporter: Exporter = DEFAULT_EXPORTER,
+) -> TrainResult:
+    """The baseline: one separate policy per training task, each on ``total_steps / n_tasks`` steps,
+    exported as one bundle per task under ``out/<task>/``. The result aggregates them."""
+    config = config or PPOConfig()
+    out_path = Path(out)
+    _check_out(out_path, overwrite)
+    started = time.perf_counter()
+    tasks, _ = validate_suite(suite)
+    per_task = replace(config, total_steps=max(1, config.total_steps // len(tasks)), task_weights=())
+    runs: dict[str, TrainResult] = {}
+    for task in tasks:
+        single = Suite(name=f"{suite.name}/{task.id}", tasks=(task,), source=suite.source)
+        runs[task.id] = train(
+            single,
+            out_path / task.id,
+            config=per_task,
+            policy_config=policy_config,
+            run_dir=out_path / f"{task.id}.logs",
+            overwrite=overwrite,
+            progress=progress,
+            exporter=exporter,
+        )
+    eval_returns = {t: r.eval_returns[t] for t, r in runs.items()}
+    return TrainResult(
+        bundle=out_path,
+        suite=suite.name,
+        steps=sum(r.steps for r in runs.values()),
+        wall_seconds=time.perf_counter() - started,
+        parameters=sum(r.parameters for r in runs.values()),
+        served_parameters=sum(r.served_parameters for r in runs.values()),
+        eval_returns=eval_returns,
+        eval_episodes={t: r.eval_episodes[t] for t, r in runs.items()},
+        best_step=0,
+        solved={t: r.solved.get(t, False) for t, r in runs.items()},
+        runs=runs,
+    )
