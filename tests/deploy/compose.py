@@ -29,8 +29,7 @@ def compose() -> dict[str, Any]:
 
 
 def service(name: str) -> dict[str, Any]:
-    services: dict[str, Any] = compose()["services"]
-    return services[name]
+    return dict(compose()["services"][name])
 
 
 def environment(name: str) -> dict[str, str]:

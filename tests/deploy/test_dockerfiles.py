@@ -7,6 +7,7 @@ import fnmatch
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ def args_of(dockerfile: Path, word: str) -> list[str]:
     return [rest for w, rest in instructions(dockerfile) if w == word]
 
 
-def pyproject() -> dict[str, object]:
+def pyproject() -> dict[str, Any]:
     return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 
 
@@ -77,8 +78,8 @@ def test_serving_image_has_no_torch() -> None:
     installs = re.findall(r"pip install ([^&]*)", text)
     assert installs and not any("torch" in packages for packages in installs), installs
     assert "find_spec('torch') is None" in text, "the build asserts torch did not come in transitively"
-    extras = pyproject()["project"]["optional-dependencies"]  # type: ignore[index]
-    assert not any(dep.startswith("torch") for dep in extras["serve"])  # type: ignore[index]
+    extras = pyproject()["project"]["optional-dependencies"]
+    assert not any(dep.startswith("torch") for dep in extras["serve"])
     assert "COPY trainer/ trainer/" not in {f"COPY {c}" for c in args_of(dockerfile, "COPY")}
 
 
@@ -101,8 +102,8 @@ def test_serving_image_ports_healthcheck_and_command() -> None:
 def test_trainer_image_pins_torch_from_the_cpu_index() -> None:
     dockerfile = DOCKER / "Dockerfile.trainer"
     build_args = dict(a.split("=", 1) for a in args_of(dockerfile, "ARG") if "=" in a)
-    train = pyproject()["project"]["optional-dependencies"]["train"]  # type: ignore[index]
-    (pin,) = (dep for dep in train if dep.startswith("torch"))  # type: ignore[attr-defined]
+    train = pyproject()["project"]["optional-dependencies"]["train"]
+    (pin,) = (dep for dep in train if dep.startswith("torch"))
     assert pin == f"torch=={build_args['TORCH_VERSION']}"
     assert build_args["TORCH_INDEX_URL"].endswith("/whl/cpu")
     text = " ".join(rest for _, rest in instructions(dockerfile))

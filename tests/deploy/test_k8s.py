@@ -50,7 +50,7 @@ def resource(kind: str, name: str | None = None) -> dict[str, Any]:
 def server_container() -> dict[str, Any]:
     containers = resource("Deployment")["spec"]["template"]["spec"]["containers"]
     (container,) = (c for c in containers if c["name"] == "server")
-    return container
+    return dict(container)
 
 
 def container_ports() -> dict[str, int]:
