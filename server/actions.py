@@ -33,6 +33,7 @@ class Sampling:
     rows: int
     deterministic: bool
     seed: int | None
+    log_prob: bool = True  # False: the caller does not need log-probs (they are returned as NaN)
 
 
 @dataclass(frozen=True)
@@ -69,24 +70,33 @@ def choose(
     outputs: HeadOutputs, action_space: SpaceSpec, requests: Sequence[Sampling], rng: np.random.Generator
 ) -> Actions:
     """Actions for the rows of ``outputs``, which are the rows of ``requests`` concatenated in order."""
+    need_log_prob = any(r.log_prob for r in requests)
     if outputs.logits is not None:
-        logits = outputs.logits.astype(np.float64)
-        noise = _noise(requests, logits.shape[1:], rng, "gumbel")
-        raw = np.argmax(logits if noise is None else logits + noise, axis=1)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        log_prob = np.take_along_axis(log_softmax, raw[:, None], axis=1)[:, 0]
+        noise = _noise(requests, outputs.logits.shape[1:], rng, "gumbel")
+        raw = np.argmax(outputs.logits if noise is None else outputs.logits + noise, axis=1)
+        if need_log_prob:
+            logits = outputs.logits.astype(np.float64)
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            log_prob = np.take_along_axis(log_softmax, raw[:, None], axis=1)[:, 0]
         raw_out: npt.NDArray[np.generic] = raw.astype(np.int64)
     else:
-        assert outputs.mean is not None and outputs.log_std is not None
-        mean = outputs.mean.astype(np.float64)
-        log_std = np.broadcast_to(outputs.log_std.astype(np.float64), mean.shape)
-        noise = _noise(requests, mean.shape[1:], rng, "normal")
-        std = np.exp(log_std)
-        u = mean if noise is None else mean + std * noise
-        z = (u - mean) / std
-        log_prob = (-0.5 * z * z - log_std - _HALF_LOG_2PI).sum(axis=1)
+        assert outputs.mean is not None
+        assert outputs.log_std is not None
+        noise = _noise(requests, outputs.mean.shape[1:], rng, "normal")
+        if noise is None:
+            u = outputs.mean.astype(np.float64)
+        else:
+            mean = outputs.mean.astype(np.float64)
+            u = mean + np.exp(np.broadcast_to(outputs.log_std, mean.shape)) * noise
+        if need_log_prob:
+            mean = outputs.mean.astype(np.float64)
+            log_std = np.broadcast_to(outputs.log_std.astype(np.float64), mean.shape)
+            z = (u - mean) / np.exp(log_std)
+            log_prob = (-0.5 * z * z - log_std - _HALF_LOG_2PI).sum(axis=1)
         raw_out = u.astype(np.float32)
+    if not need_log_prob:
+        log_prob = np.full(raw_out.shape[0], np.nan)
     return Actions(
         raw=raw_out,
         env=raw_to_env_action(raw_out, action_space),

@@ -152,6 +152,7 @@ async def start_server(
         max_queue_delay_s=settings.max_queue_delay_s,
         max_queue_size=settings.max_queue_size,
         batching=settings.batching,
+        inline_max_rows=settings.inline_max_rows,
     )
     hub = ExperienceHub(
         metrics,

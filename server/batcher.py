@@ -1,14 +1,17 @@
 """Dynamic cross-task batching: concurrent requests of any task mix share one trunk pass.
 
 A request is queued with the :class:`LoadedHead` it resolved on arrival (so it finishes on that head
-whatever swaps happen meanwhile). One worker coroutine takes queued requests (up to ``max_batch_size``
+whatever swaps happen meanwhile). One coroutine at a time (the first caller that finds the batcher idle,
+then a worker task) takes queued requests (up to ``max_batch_size``
 observations), drops those whose deadline passed, and runs them in a one-thread executor, off the event
 loop: one trunk pass over all rows, then one pass per head (task, version) over that head's rows, then
 action selection per head group. While a pass runs the loop keeps accepting calls; they form the next
 batch, which is where batching comes from under load.
 
 Adaptive wait: before a pass the worker yields to the event loop, and keeps yielding only while new
-requests keep arriving (bounded by ``max_queue_delay``), so a lone client never pays the window.
+requests keep arriving (bounded by ``max_queue_delay``), so a lone client never pays the window (it pays
+one event-loop turn). A lone small request runs on the loop thread (the hand-off to the inference thread
+costs more than a few rows of inference); under load, passes run in the inference thread.
 
 Backpressure: at most ``max_queue_size`` requests wait; the next gets :class:`Overloaded`.
 No grpc here: the servicers translate.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,16 +72,20 @@ class Batcher:
         max_queue_delay_s: float,
         max_queue_size: int,
         batching: bool = True,
+        inline_max_rows: int = 16,
     ) -> None:
         self.trunk = trunk
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.batching = batching
+        self.inline_max_rows = inline_max_rows
+        self._last_pass_end = 0.0
         self._metrics = metrics
         self._queue: collections.deque[_Work] = collections.deque()
         self._queued_rows = 0
-        self._worker: asyncio.Task[None] | None = None
+        self._active = False  # a pass is running or about to (leader or worker task)
+        self._inflight: asyncio.Future[list[Actions]] | None = None
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -123,38 +131,95 @@ class Batcher:
         work = _Work(head, obs, sampling, deadline, time.perf_counter(), loop.create_future())
         self._queue.append(work)
         self._queued_rows += sampling.rows
-        if self._worker is None:
+        if not self._active:
+            # Nobody is running passes: this caller leads. It runs passes until its own request is
+            # answered, then hands requests that arrived meanwhile to a worker task. It yields to the loop
+            # once: if nothing else arrived (a lone client) its pass runs at once on the loop thread, with
+            # no thread hand-off; if others did, requests are streaming in: it keeps gathering while they
+            # arrive and runs the pass in the inference thread, so the loop keeps accepting meanwhile.
+            self._active = True
+            await asyncio.sleep(0)
+            busy = len(self._queue) > 1
             self._idle.clear()
-            self._worker = loop.create_task(self._run())
+            try:
+                while not work.future.done():
+                    await self._pass(loop, busy=busy)
+                    busy = True
+            finally:
+                if self._queue:
+                    loop.create_task(self._work_off(loop))
+                else:
+                    self._active = False
+                    self._idle.set()
         return await work.future
 
-    # --- the worker ------------------------------------------------------------------------------------
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    # --- passes ----------------------------------------------------------------------------------------
+    async def _work_off(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run passes until the queue is empty (requests that arrived during the leader's passes)."""
         try:
             while self._queue:
-                if self.batching:
-                    await self._gather(loop)
-                batch = self._take()
-                self._metrics.queue_depth.set(len(self._queue))
-                if not batch:
-                    continue
-                try:
-                    results = await loop.run_in_executor(self._executor, self._infer, batch)
-                except Exception as exc:  # a bug in a pass fails its requests, not the worker
-                    for work in batch:
-                        if not work.future.done():
-                            work.future.set_exception(exc)
-                    continue
-                for work, result in zip(batch, results, strict=True):
-                    if not work.future.done():  # the caller may have been cancelled meanwhile
-                        work.future.set_result(result)
+                await self._pass(loop, busy=True)
+            if self._inflight is not None and not self._inflight.done():
+                await asyncio.shield(self._inflight)
         finally:
-            self._worker = None
+            self._active = False
             self._idle.set()
 
-    async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _pass(self, loop: asyncio.AbstractEventLoop, *, busy: bool) -> None:
+        """Take one batch and run it.
+
+        ``busy`` (requests are streaming in): first yield to the loop while requests keep arriving, and
+        run the pass in the inference thread so the loop keeps accepting calls meanwhile. Otherwise a
+        small batch runs on the loop thread: for a few rows the thread hand-off costs more than the
+        inference. Executor results are delivered by a callback, so a cancelled leader cannot strand the
+        other requests of its batch.
+        """
+        if self._inflight is not None and not self._inflight.done():
+            await asyncio.shield(self._inflight)  # one pass at a time: the input buffer is shared
+        if busy and self.batching:
+            await self._gather()
+        batch = self._take()
+        self._metrics.queue_depth.set(len(self._queue))
+        if not batch:
+            return
+        if not busy and sum(w.sampling.rows for w in batch) <= self.inline_max_rows:
+            try:
+                results = self._infer(batch)
+            except Exception as exc:  # a bug in a pass fails its requests, not the batcher
+                self._fail(batch, exc)
+                return
+            self._deliver(batch, results)
+            return
+        future = loop.run_in_executor(self._executor, self._infer, batch)
+        future.add_done_callback(functools.partial(self._deliver_future, batch))
+        self._inflight = future
+        await asyncio.shield(future)
+
+    def _deliver_future(self, batch: Sequence[_Work], future: asyncio.Future[list[Actions]]) -> None:
+        self._last_pass_end = time.perf_counter()
+        if future.cancelled():
+            self._fail(batch, ShuttingDown("the inference pass was cancelled"))
+        elif (exc := future.exception()) is not None:
+            self._fail(batch, exc)
+        else:
+            self._deliver(batch, future.result())
+
+    def _deliver(self, batch: Sequence[_Work], results: Sequence[Actions]) -> None:
+        self._last_pass_end = time.perf_counter()
+        for work, result in zip(batch, results, strict=True):
+            if not work.future.done():  # the caller may have been cancelled meanwhile
+                work.future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: Sequence[_Work], exc: BaseException) -> None:
+        for work in batch:
+            if not work.future.done():
+                work.future.set_exception(exc)
+
+    async def _gather(self) -> None:
         """Yield to the loop while requests keep arriving, up to the queue delay or a full batch."""
+        if not self._queue:
+            return
         limit = self._queue[0].enqueued + self.max_queue_delay_s
         idle = 0
         while self._queued_rows < self.max_batch_size and idle < _IDLE_TURNS and time.perf_counter() < limit:

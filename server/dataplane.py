@@ -60,6 +60,7 @@ class DataPlane:
         seed: int | None = None,
         version: int = 0,
         episode_ids: Sequence[str] = (),
+        want_log_prob: bool = True,
         deadline: float | None = None,
     ) -> ActOutcome:
         """Actions for one observation or a batch. Raises UnknownTask, UnknownVersion, InvalidObservation,
@@ -72,7 +73,8 @@ class DataPlane:
             raise InvalidArgument(
                 f"{len(episode_ids)} episode_ids for {rows} observations; give one per observation"
             )
-        actions = await self.batcher.act(head, flat, Sampling(rows, deterministic, seed), deadline=deadline)
+        sampling = Sampling(rows, deterministic, seed, log_prob=want_log_prob or bool(episode_ids))
+        actions = await self.batcher.act(head, flat, sampling, deadline=deadline)
         if episode_ids:
             shape = _obs_shape(space)
             for i, episode_id in enumerate(episode_ids):

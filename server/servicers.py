@@ -41,14 +41,25 @@ class _Observer:
     def __init__(self, metrics: ServerMetrics, registry: HeadRegistry) -> None:
         self.metrics = metrics
         self.registry = registry
+        # Label lookups cost more than the increments: keep the children (bounded: served tasks x codes).
+        self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
 
     def task_label(self, task_id: str) -> str:
         return task_id if task_id in self.registry.tasks or not task_id else UNKNOWN_TASK_LABEL
 
     def record(self, method: str, task_id: str, code: grpc.StatusCode, started: float) -> None:
-        task = self.task_label(task_id)
-        self.metrics.requests.labels(method=method, task=task, code=code_label(code)).inc()
-        self.metrics.request_duration.labels(method=method, task=task).observe(time.perf_counter() - started)
+        key = (method, task_id, code)
+        children = self._children.get(key)
+        if children is None:
+            task = self.task_label(task_id)
+            children = (
+                self.metrics.requests.labels(method=method, task=task, code=code_label(code)),
+                self.metrics.request_duration.labels(method=method, task=task),
+            )
+            if task != UNKNOWN_TASK_LABEL:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
 
 def _translate(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
@@ -112,6 +123,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             seed=request.seed if request.HasField("seed") else None,
             version=request.version,
             episode_ids=request.episode_ids,
+            want_log_prob=request.return_log_prob,
             deadline=_deadline(context),
         )
         a = out.actions

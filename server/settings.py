@@ -62,6 +62,12 @@ class ServerSettings(BaseSettings):
     max_queue_size: int = Field(
         1024, ge=1, description="requests waiting for inference before new ones get RESOURCE_EXHAUSTED"
     )
+    inline_max_rows: int = Field(
+        16,
+        ge=0,
+        description="a pass of at most this many observations runs on the event loop thread; larger ones "
+        "in the inference thread (for a few rows the thread hand-off costs more than the inference)",
+    )
     intra_op_threads: int = Field(
         1, ge=0, description="onnxruntime threads per session (1: best for small models; 0: ORT default)"
     )

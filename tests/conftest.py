@@ -1,0 +1,101 @@
+"""Shared fixtures for every test package (owned by the server issue; reuse them freely).
+
+* ``tiny_bundle`` (session): a small, untrained but complete bundle of the ``classic-mixed`` suite, built
+  with ``trainer.export.build_random_bundle``: tasks ``cartpole`` (Discrete(2), obs [4]), ``acrobot``
+  (Discrete(3), obs [6]) and ``cartpole-continuous`` (Box [1] in [-1, 1], obs [4]); trunk input size 6.
+  Read-only: tests that write into a bundle use ``bundle_copy``.
+* ``bundle_copy`` (function): a private copy of ``tiny_bundle`` a test may publish heads into.
+* ``server_settings`` (function): a factory ``server_settings(bundle=None, **overrides) -> ServerSettings``
+  with every port 0 (free ports), 127.0.0.1, a fast bundle watch (0.2 s) and a 1 s grace period.
+* ``server`` (function): a real :class:`server.app.BackgroundServer` on ``tiny_bundle`` (data plane,
+  separate admin port, metrics port), stopped when the test ends. ``server.target`` / ``.admin_target``
+  are ``"127.0.0.1:PORT"`` strings for ``grpc.insecure_channel``.
+* ``policy_stub`` / ``admin_stub`` / ``diagnostics_stub`` (function): raw gRPC stubs connected to ``server``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from polyhead.v1 import admin_pb2_grpc, policy_pb2_grpc
+
+TINY_SUITE = "classic-mixed"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random bundle (see the module docstring); built once per test session."""
+    from trainer.export import build_random_bundle
+    from trainer.policy import PolicyConfig
+
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    config = PolicyConfig(trunk_hidden=(32,), feature_size=16, critic_hidden=(16,))
+    build_random_bundle(out, suite=TINY_SUITE, seed=0, config=config)
+    return out
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    """A writable copy of ``tiny_bundle``."""
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    return out
+
+
+@pytest.fixture
+def server_settings(tiny_bundle: Path) -> Callable[..., Any]:
+    """Factory of ServerSettings on free ports; keyword overrides win."""
+    from server.settings import ServerSettings
+
+    def make(bundle: Path | None = None, **overrides: Any) -> ServerSettings:
+        values: dict[str, Any] = {
+            "bundle": bundle or tiny_bundle,
+            "host": "127.0.0.1",
+            "port": 0,
+            "admin_port": 0,
+            "metrics_host": "127.0.0.1",
+            "metrics_port": 0,
+            "watch_interval_s": 0.2,
+            "grace_period_s": 1.0,
+        }
+        values.update(overrides)
+        return ServerSettings(**values)
+
+    return make
+
+
+@pytest.fixture
+def server(server_settings: Callable[..., Any]) -> Iterator[Any]:
+    """A real server on ``tiny_bundle`` (ports 0), stopped after the test."""
+    from server.app import BackgroundServer
+
+    with BackgroundServer(server_settings()) as srv:
+        yield srv
+
+
+@pytest.fixture
+def channel(server: Any) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target) as ch:
+        yield ch
+
+
+@pytest.fixture
+def policy_stub(channel: grpc.Channel) -> policy_pb2_grpc.PolicyServiceStub:
+    return policy_pb2_grpc.PolicyServiceStub(channel)
+
+
+@pytest.fixture
+def diagnostics_stub(channel: grpc.Channel) -> policy_pb2_grpc.DiagnosticsStub:
+    return policy_pb2_grpc.DiagnosticsStub(channel)
+
+
+@pytest.fixture
+def admin_stub(server: Any) -> Iterator[admin_pb2_grpc.HeadAdminStub]:
+    with grpc.insecure_channel(server.admin_target) as ch:
+        yield admin_pb2_grpc.HeadAdminStub(ch)
