@@ -38,9 +38,10 @@ from .promql import Query, alert_queries, dashboard_queries
 
 pytestmark = pytest.mark.service
 
-TASKS = ["cartpole-long-pole", "cartpole-weak-push", "cartpole-low-gravity"]
-SWAPPED_TASK = TASKS[0]
-STREAM_TASK = TASKS[1]
+# The shared tiny bundle (tests/conftest.py): Discrete and Box actions, and Acrobot's negative returns.
+TASKS = ["cartpole", "acrobot", "cartpole-continuous"]
+SWAPPED_TASK = "cartpole"
+STREAM_TASK = "cartpole-continuous"
 ADMIN_TOKEN = "deploy-test-token"
 SCRAPE_INTERVAL_S = 1.0
 LOAD_SECONDS = 7.0
@@ -59,18 +60,10 @@ class LoadReport:
 
 
 @pytest.fixture(scope="module")
-def live_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.export import build_random_bundle
-
-    out = tmp_path_factory.mktemp("deploy-live") / "bundle"
-    build_random_bundle(out, suite="cartpole-family", task_ids=TASKS, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def live_server(live_bundle: Path) -> Iterator[BackgroundServer]:
+def live_server(tiny_bundle: Path) -> Iterator[BackgroundServer]:
+    """A real server on the shared tiny bundle (tests/conftest.py), for the whole module."""
     settings = ServerSettings(
-        bundle=live_bundle,
+        bundle=tiny_bundle,
         host="127.0.0.1",
         port=0,
         admin_host="127.0.0.1",
@@ -160,7 +153,7 @@ def _wait_for_scrapes(prometheus: PrometheusServer, n: int = 2) -> None:
 
 @pytest.fixture(scope="module")
 def scraped_load(
-    live_server: BackgroundServer, live_bundle: Path, prometheus: PrometheusServer
+    live_server: BackgroundServer, tiny_bundle: Path, prometheus: PrometheusServer
 ) -> LoadReport:
     """Run the load while Prometheus scrapes, then wait until the last of it has been scraped."""
     _wait_for_scrapes(prometheus, 1)
@@ -181,16 +174,16 @@ def scraped_load(
     ]
     for thread in simulators:
         thread.start()
-    head_dir = live_bundle / "heads" / SWAPPED_TASK / "1"
+    head_dir = tiny_bundle / "heads" / SWAPPED_TASK / "1"
     with (
         PolicyClient(live_server.target) as client,
         AdminClient(live_server.admin_target, token=ADMIN_TOKEN) as admin,
     ):
 
         def invalid_request() -> None:
-            # Five numbers for a four-number observation: INVALID_ARGUMENT, counted under code!="OK".
+            # Five numbers for a six-number observation: INVALID_ARGUMENT, counted under code!="OK".
             with pytest.raises(PolicyClientError):
-                client.act(TASKS[2], np.zeros(5, dtype=np.float32))
+                client.act("acrobot", np.zeros(5, dtype=np.float32))
             report.invalid_requests += 1
 
         def refused_load() -> None:
@@ -203,7 +196,7 @@ def scraped_load(
             report.refused_loads += 1
 
         def unknown_episode_report() -> None:
-            client.report_experience([experience_report(TASKS[2], "never-acted", 1.0, terminated=True)])
+            client.report_experience([experience_report("acrobot", "never-acted", 1.0, terminated=True)])
 
         # Each event twice, a few scrapes apart, so its counter's rate is not just a first sample.
         for _ in range(2):
@@ -300,6 +293,12 @@ def test_series_tell_what_happened(prometheus: PrometheusServer, scraped_load: L
     for task in TASKS:
         assert value(f'polyhead_episode_return_count{{task="{task}"}}') >= scraped_load.episodes[task]
     assert value('sum(polyhead_requests_total{method="ActStream", code="OK"})') > 0
+    # Acrobot's returns are negative; the dashboard's mean-return panel (delta, not rate) keeps the sign.
+    (mean_return,) = (
+        q for q in dashboard_queries() if "polyhead_episode_return_sum" in q.expr and "delta" in q.expr
+    )
+    by_task = {r["metric"]["task"]: float(r["value"][1]) for r in prometheus.query(mean_return.expr)}
+    assert by_task["acrobot"] < 0 < by_task["cartpole"], by_task
     assert value("count(polyhead_server_info)") == 1
 
 
