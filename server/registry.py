@@ -380,6 +380,8 @@ class HeadRegistry:
                 self._metrics.active_head_version.remove(task_id)
             self._metrics.loaded_heads.labels(task=task_id).set(0)
         else:
+            if task_id not in tasks:
+                self._metrics.init_task(task_id)
             tasks[task_id] = entry
             self._metrics.active_head_version.labels(task=task_id).set(entry.active)
             self._metrics.loaded_heads.labels(task=task_id).set(len(entry.versions))

@@ -1,0 +1,138 @@
+"""Every client mistake gets its documented status code (never INTERNAL), and the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from server_helpers import act, observations
+
+from polyhead.errors import DeadlineExpired, Overloaded
+from polyhead.tensors import to_proto
+from polyhead.v1 import policy_pb2, types_pb2
+from server.actions import Sampling
+from server.app import BackgroundServer
+
+BAD_OBSERVATIONS: dict[str, Any] = {
+    "wrong shape": np.zeros(5, np.float32),
+    "wrong batch shape": np.zeros((3, 5), np.float32),
+    "nan": np.array([0.0, np.nan, 0.0, 0.0], np.float32),
+    "inf": np.array([[0.0, 0.0, np.inf, 0.0]], np.float32),
+    "empty batch": np.zeros((0, 4), np.float32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OBSERVATIONS))
+def test_bad_observations_are_invalid_argument(policy_stub: Any, case: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        act(policy_stub, "cartpole", BAD_OBSERVATIONS[case])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    if "shape" in case:
+        assert "[4]" in (err.value.details() or "")  # names the expected shape
+    assert act(policy_stub, "cartpole", observations("cartpole")).head_version == 1
+
+
+def test_malformed_tensors_are_invalid_argument(policy_stub: Any) -> None:
+    cases = [
+        types_pb2.Tensor(dtype=types_pb2.DTYPE_FLOAT32, shape=[4], raw_data=b"\x00" * 15),  # short data
+        types_pb2.Tensor(dtype=99, shape=[4], raw_data=b"\x00" * 16),  # unknown dtype  # type: ignore[arg-type]
+        types_pb2.Tensor(shape=[4], float_data=[1.0, 2.0]),  # too few values
+        types_pb2.Tensor(shape=[-1, 4], float_data=[1.0] * 4),  # negative dimension
+        types_pb2.Tensor(shape=[1 << 20, 1 << 20]),  # absurd shape without data
+        types_pb2.Tensor(),  # no observation at all
+    ]
+    for tensor in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            policy_stub.Act(policy_pb2.ActRequest(task_id="cartpole", observations=tensor))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, tensor
+    assert act(policy_stub, "cartpole", observations("cartpole")).head_version == 1
+
+
+def test_unknown_task_is_not_found(policy_stub: Any) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        act(policy_stub, "no-such-task", observations("cartpole"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "cartpole" in (err.value.details() or "")  # lists the served tasks
+
+
+def test_batch_over_the_limit_is_invalid_argument(server_settings: Callable[..., Any]) -> None:
+    with BackgroundServer(server_settings(max_batch_size=8, watch_bundle=False)) as srv, \
+            grpc.insecure_channel(srv.target) as ch:
+        from polyhead.v1 import policy_pb2_grpc
+
+        stub = policy_pb2_grpc.PolicyServiceStub(ch)
+        assert len(from_actions(act(stub, "cartpole", observations("cartpole", 8)))) == 8
+        with pytest.raises(grpc.RpcError) as err:
+            act(stub, "cartpole", observations("cartpole", 9))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "8" in (err.value.details() or "")
+
+
+def from_actions(response: policy_pb2.ActResponse) -> Any:
+    from polyhead.tensors import from_proto
+
+    return from_proto(response.actions)
+
+
+def test_mismatched_episode_ids_are_invalid_argument(policy_stub: Any) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        act(policy_stub, "cartpole", observations("cartpole", 3), episode_ids=["a", "b"])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_act_stream_errors(policy_stub: Any) -> None:
+    def one(request: policy_pb2.StepRequest) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as err:
+            list(policy_stub.ActStream(iter([request])))
+        return err.value.code()
+
+    obs = to_proto(observations("cartpole"))
+    assert one(policy_pb2.StepRequest(task_id="nope", episode_id="e", observation=obs)) == grpc.StatusCode.NOT_FOUND
+    assert one(policy_pb2.StepRequest(task_id="cartpole", observation=obs)) == grpc.StatusCode.INVALID_ARGUMENT
+    batch = to_proto(observations("cartpole", 2))
+    assert one(policy_pb2.StepRequest(task_id="cartpole", episode_id="e", observation=batch)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert one(policy_pb2.StepRequest(task_id="cartpole", episode_id="e")) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- the batcher's own refusals (real trunk, real heads, no gRPC) ----------------------------------------
+def test_queue_full_is_overloaded_with_the_limit(server_settings: Callable[..., Any]) -> None:
+    with BackgroundServer(server_settings(max_queue_size=2, inline_max_rows=0, watch_bundle=False)) as srv:
+        batcher = srv.running.batcher
+        head = srv.registry.resolve("cartpole")
+        obs = observations("cartpole", 64)
+
+        async def burst() -> list[BaseException | None]:
+            calls = [batcher.act(head, obs, Sampling(64, True, None)) for _ in range(6)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            return [r if isinstance(r, BaseException) else None for r in results]
+
+        outcomes = asyncio.run_coroutine_threadsafe(burst(), srv.loop).result(timeout=30)
+        refused = [o for o in outcomes if isinstance(o, Overloaded)]
+        assert refused, outcomes
+        assert "2 requests" in str(refused[0])
+        assert sum(o is None for o in outcomes) >= 2
+
+
+def test_expired_requests_are_dropped_before_inference(server: Any) -> None:
+    import time
+
+    batcher = server.running.batcher
+    head = server.registry.resolve("cartpole")
+    before = batcher.stats
+
+    async def late() -> BaseException | None:
+        try:
+            await batcher.act(head, observations("cartpole", 1), Sampling(1, True, None), deadline=time.monotonic() - 1)
+        except DeadlineExpired as exc:
+            return exc
+        return None
+
+    assert isinstance(asyncio.run_coroutine_threadsafe(late(), server.loop).result(timeout=30), DeadlineExpired)
+    assert batcher.stats.requests == before.requests  # never reached a pass
+
