@@ -25,6 +25,7 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -362,7 +363,7 @@ def policy_from_checkpoint(data: bytes, *, where: str = "checkpoint") -> MultiTa
     return policy
 
 
-def load_policy(bundle: Bundle | str) -> MultiTaskPolicy:
+def load_policy(bundle: Bundle | str | Path) -> MultiTaskPolicy:
     """The torch policy of a bundle (trunk + every head trained with it), from its verified checkpoint."""
     opened = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     opened.verify_checkpoint()
