@@ -10,6 +10,7 @@ since a plain TCP balancer pins a long-lived HTTP/2 connection to one replica.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         if not self.target.strip():
             raise ValueError("target must be HOST:PORT (or several, comma-separated)")
+        _ = self.grpc_target  # a malformed replica list fails here, not at the first call
         if bool(self.client_cert) != bool(self.client_key):
             raise ValueError("mutual TLS needs both client_cert and client_key")
         if self.client_cert and not self.root_certs:
@@ -61,14 +63,24 @@ class ChannelConfig:
 
     @property
     def grpc_target(self) -> str:
-        """The target as gRPC understands it; a bare comma-separated list becomes an ``ipv4:`` URI."""
+        """The target as gRPC understands it; a bare comma-separated list of ``IP:PORT`` becomes an
+        ``ipv4:``/``ipv6:`` URI (gRPC has no multi-name DNS target: use ``dns:///name:port`` for a name
+        that resolves to every replica, e.g. a Kubernetes headless Service)."""
         target = self.target.strip()
-        if "," in target and ":" in target.split(",", 1)[0] and "://" not in target:
-            scheme, sep, _rest = target.partition(":")
-            if scheme in ("ipv4", "ipv6") and sep:
-                return target
-            return "ipv4:" + ",".join(part.strip() for part in target.split(","))
-        return target
+        if "," not in target or target.startswith(("ipv4:", "ipv6:")) or "://" in target:
+            return target
+        parts = [part.strip() for part in target.split(",") if part.strip()]
+        hosts = [part.rpartition(":")[0].strip("[]") for part in parts]
+        try:
+            families = {ipaddress.ip_address(host).version for host in hosts}
+        except ValueError:
+            raise ValueError(
+                f"comma-separated targets must be IP:PORT (got {target!r}); for a DNS name that resolves "
+                "to several replicas use dns:///NAME:PORT with lb_policy='round_robin'"
+            ) from None
+        if len(families) != 1:
+            raise ValueError(f"comma-separated targets mix IPv4 and IPv6 addresses: {target!r}")
+        return ("ipv4:" if families == {4} else "ipv6:") + ",".join(parts)
 
     @property
     def is_multi_target(self) -> bool:

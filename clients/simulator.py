@@ -269,7 +269,7 @@ async def _unary_run(
                     cfg.task_id,
                     obs,
                     deterministic=cfg.deterministic,
-                    seed=None if cfg.deterministic else cfg.seed * 1_000_003 + request_no,
+                    seed=None if cfg.deterministic else (cfg.seed * 1_000_003 + request_no) % (1 << 63),
                     return_log_prob=cfg.report_rewards,
                     timeout=cfg.request_timeout_s,
                 )
@@ -341,7 +341,9 @@ async def _stream_worker(client: AsyncPolicyClient, run: _Run, env: Any, prefix:
                 session = await client.session(
                     cfg.task_id,
                     deterministic=cfg.deterministic,
-                    seed=None if cfg.deterministic else cfg.seed * 1_000_003 + worker * 1009 + reopened,
+                    seed=None
+                    if cfg.deterministic
+                    else (cfg.seed * 1_000_003 + worker * 1009 + reopened) % (1 << 63),
                     episode_prefix=f"{prefix}-w{worker}-{reopened}",
                 )
                 reopened += 1
