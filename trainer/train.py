@@ -64,10 +64,9 @@ class TrainResult:
             "steps": self.steps,
             "wall_seconds": round(self.wall_seconds, 2),
             "parameters": self.parameters,
-            "tasks": {
-                t: {"eval_return": r, "solved": self.solved.get(t, False)}
-                for t, r in self.eval_returns.items()
-            },
+            "tasks": {t: {"eval_return": r} for t, r in self.eval_returns.items()},
+            # Beyond the fixed keys above:
+            "solved": sorted(t for t, ok in self.solved.items() if ok),
             "served_parameters": self.served_parameters,
             "steps_per_second": round(self.steps_per_second, 1),
             "best_step": self.best_step,
@@ -142,14 +141,11 @@ def train(
     policy = MultiTaskPolicy(policy_config, D, {t.id: spaces[t.id][1] for t in tasks})
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=1e-5)
     env_count = config.envs_per_task * (2 if config.task_sampling == "gap" else 1)
-    states = [
-        TaskState(
-            task=t,
-            envs=TaskEnvs(t, env_count, D, seed=config.seed * 10_000 + 1_000 * k),
-            weight=config.weight(t.id),
-        )
-        for k, t in enumerate(tasks)
-    ]
+    states: list[TaskState] = []
+    for k, t in enumerate(tasks):
+        # Each env of task k gets its own seed: seed * 10_000 + 1_000 k + i.
+        envs = TaskEnvs(t, env_count, D, seed=config.seed * 10_000 + 1_000 * k)
+        states.append(TaskState(task=t, envs=envs, weight=config.weight(t.id)))
     weights = {s.task.id: s.weight for s in states}
     steps_per_iteration = config.envs_per_task * len(tasks) * config.num_steps
     num_iterations = max(1, math.ceil(config.total_steps / steps_per_iteration))
