@@ -31,7 +31,7 @@ _FALLBACK = {
     "serve": "server.commands:register_serve",
     "simulate": "clients.commands:register_simulate",
     "bench": "clients.commands:register_bench",
-    "adapt": "trainer.commands:register_adapt",
+    "adapt": "trainer.adapt_commands:register_adapt",
     "demo": "trainer.commands:register_demo",
 }
 _EXTRA_HINT = {

@@ -1,0 +1,643 @@
+"""The online updater: a new task gets its own head on the frozen trunk, and nothing else changes.
+
+``adapt(AdaptConfig) -> AdaptResult`` is what ``polyhead adapt`` runs (and what ``polyhead demo`` can call
+in-process). One run, in order:
+
+1. **Load and freeze.** Open the bundle (trunk sha256 verified), rebuild the torch policy from the trunk
+   checkpoint, freeze the trunk (no gradient, normaliser only read) and fingerprint it: the sha256 of
+   ``trunk.onnx``, a hash of every trunk tensor (parameters and normaliser statistics), the other heads'
+   tensors and every bundle file of the trunk and of other tasks (:mod:`trainer.updater.frozen`).
+2. **Floor.** Evaluate every old head zero-shot on the new task (:mod:`trainer.updater.floor`); the best
+   one is both the "nearest" starting point and the bar a new head must beat.
+3. **Train the head.**
+
+   * ``local``: gymnasium envs built from the task spec. ``--init both`` trains a fresh head and one
+     started from the nearest old head side by side, each on half the budget; the better is kept.
+   * ``remote``: the head is registered with the running server (version 1), clients act on it with
+     sampled actions, and the updater learns from ``HeadAdmin.StreamExperience``: values recomputed with
+     its own critic, PPO on the log-probs recorded from the acting version, steps from versions older
+     than ``max_version_lag`` (or rolled back) dropped. A new version is published every
+     ``publish_every`` updates and judged on live returns by the guarded rollout
+     (:mod:`trainer.updater.guard`); a regression rolls it back (server and bundle pointer) and rewinds
+     the learner.
+
+4. **Publish only what beats the floor.** Every version is exported, parity-checked, written atomically
+   and loaded into the server (:mod:`trainer.updater.publisher`). When no trained head beats the best old
+   head on the same evaluation episodes, the task is served by a copy of that old head, and the result
+   says so.
+5. **Prove nothing else moved.** The fingerprint is taken again and must be identical (else
+   :class:`~trainer.updater.frozen.TrunkChanged`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from polyhead.bundle import Bundle
+from polyhead.envs import validate_task
+from polyhead.errors import IncompatibleHead, InvalidTaskSpec
+from polyhead.spaces import SpaceSpec, observation_size
+from polyhead.taskspec import TaskSpec
+from trainer.envs import TaskEnvs
+from trainer.evaluate import evaluate
+from trainer.export import sample_observations
+from trainer.policy import MultiTaskPolicy, TaskHead, load_policy
+from trainer.ppo import TaskState
+from trainer.running_stats import RunningMeanStd
+from trainer.updater.config import ADAPT_PPO, AdaptConfig, Init, Source
+from trainer.updater.control import NoExperience, ServerControl
+from trainer.updater.floor import Floor, zero_shot_floor
+from trainer.updater.frozen import Fingerprint, freeze_trunk
+from trainer.updater.guard import Decision, GuardedRollout, LiveReturns
+from trainer.updater.head_ppo import HeadLearner, SegmentData, collect_head_rollout, rollout_from_segments
+from trainer.updater.metrics import UpdaterMetrics
+from trainer.updater.publisher import HeadPublisher, Published
+
+log = logging.getLogger("trainer.adapt")
+
+FLOOR_SEED_OFFSET = 700_000  # the floor and every compared head: identical initial states
+CURVE_SEED_OFFSET = 800_000  # periodic evaluations along a learning curve
+ENV_SEED_OFFSET = 900_000
+
+__all__ = ["ADAPT_PPO", "AdaptConfig", "AdaptResult", "Init", "Source", "adapt"]
+
+
+@dataclass
+class CandidateResult:
+    """One head trained locally from one starting point."""
+
+    name: str  # "scratch" or "nearest:<old task>"
+    steps: int
+    final_return: float  # on the floor's episodes
+    curve: list[tuple[int, float]]  # (new-task samples, deterministic eval return)
+    state: dict[str, torch.Tensor] = field(repr=False)
+
+
+@dataclass
+class AdaptResult:
+    """What an adaptation run did; :meth:`summary` is the ``--json`` line."""
+
+    task: str
+    source: Source
+    steps: int
+    wall_seconds: float
+    versions_published: int
+    final_eval_return: float
+    zero_shot: Floor
+    rolled_back: bool
+    rollbacks: int
+    trunk_sha256_before: str
+    trunk_sha256_after: str
+    trunk_state_sha256_before: str
+    trunk_state_sha256_after: str
+    active_version: int
+    served_by: str  # "trained:<start>" or "copy:<old task>"
+    candidates: list[CandidateResult] = field(default_factory=list)
+    versions: list[dict[str, Any]] = field(default_factory=list)
+    dropped_steps: dict[str, int] = field(default_factory=dict)
+    updates: int = 0
+    metrics_port: int | None = None
+
+    @property
+    def beat_floor(self) -> bool:
+        return self.served_by.startswith("trained")
+
+    def summary(self) -> dict[str, Any]:
+        best = self.zero_shot.best_head
+        return {
+            "task": self.task,
+            "source": self.source,
+            "steps": self.steps,
+            "wall_seconds": round(self.wall_seconds, 2),
+            "versions_published": self.versions_published,
+            "final_eval_return": self.final_eval_return,
+            "zero_shot_best": {"head": best, "return": self.zero_shot.best_return if best else None},
+            "rolled_back": self.rolled_back,
+            "trunk_sha256_before": self.trunk_sha256_before,
+            "trunk_sha256_after": self.trunk_sha256_after,
+            "trunk_state_sha256_before": self.trunk_state_sha256_before,
+            "trunk_state_sha256_after": self.trunk_state_sha256_after,
+            "rollbacks": self.rollbacks,
+            "active_version": self.active_version,
+            "served_by": self.served_by,
+            "beat_zero_shot": self.beat_floor,
+            "zero_shot": self.zero_shot.returns,
+            "candidates": {
+                c.name: {"final_return": c.final_return, "steps": c.steps} for c in self.candidates
+            },
+            "versions": self.versions,
+            "updates": self.updates,
+            "dropped_steps": self.dropped_steps,
+        }
+
+
+# ============================================================================================================
+# Shared pieces
+# ============================================================================================================
+@dataclass
+class _Run:
+    """The state every phase of one run reads."""
+
+    config: AdaptConfig
+    bundle: Bundle
+    policy: MultiTaskPolicy
+    task: TaskSpec
+    observation_space: SpaceSpec
+    action_space: SpaceSpec
+    old_tasks: list[str]
+    metrics: UpdaterMetrics
+    progress: Callable[[int, str], None]
+
+    @property
+    def ppo(self) -> Any:
+        return self.config.ppo
+
+    def head(self) -> TaskHead:
+        return self.policy.head(self.task.id)
+
+    def evaluate_head(self) -> float:
+        """The new task's head on the floor's episodes (same seeds as every old head's zero-shot)."""
+        returns = evaluate(
+            self.policy,
+            [self.task],
+            episodes=self.config.zero_shot_episodes,
+            seed=self.ppo.seed + FLOOR_SEED_OFFSET,
+        )
+        return float(np.mean(returns[self.task.id]))
+
+    def fresh_state(self, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        fresh = TaskHead(self.action_space, self.policy.observation_size, self.policy.config)
+        return fresh.state_dict()
+
+    def old_state(self, old_task: str) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.policy.head(old_task).state_dict().items()}
+
+
+def _prepare(config: AdaptConfig, metrics: UpdaterMetrics, progress: Callable[[int, str], None]) -> _Run:
+    bundle = Bundle.open(config.bundle)
+    task = config.task
+    obs_space, act_space = validate_task(task)
+    policy = load_policy(bundle)
+    old_tasks = list(policy.task_ids)
+    if task.id in old_tasks:
+        raise InvalidTaskSpec(
+            f"task {task.id!r} is one of the tasks the trunk was trained with ({', '.join(old_tasks)}); "
+            "adapt adds a new task: give its spec another id"
+        )
+    if observation_size(obs_space) > policy.observation_size:
+        raise IncompatibleHead(
+            f"task {task.id!r} observations have {observation_size(obs_space)} values; the trunk takes at "
+            f"most {policy.observation_size}"
+        )
+    freeze_trunk(policy)
+    policy.add_head(task.id, act_space)
+    metrics.init_task(task.id)
+    return _Run(config, bundle, policy, task, obs_space, act_space, old_tasks, metrics, progress)
+
+
+def _training_summary(
+    run: _Run, *, start: str, steps: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "algorithm": "head-only PPO on a frozen trunk (polyhead adapt)",
+        "source": run.config.source,
+        "start": start,
+        "steps": steps,
+        "seed": run.ppo.seed,
+        **(extra or {}),
+    }
+
+
+# ============================================================================================================
+# Local: train candidates on envs built from the task spec
+# ============================================================================================================
+def train_candidate(
+    run: _Run, name: str, init_state: dict[str, torch.Tensor], budget: int, *, seed: int
+) -> CandidateResult:
+    """Head-only PPO from ``init_state`` for ``budget`` new-task samples; keeps the best evaluated state.
+
+    Evaluates every ``eval_interval`` samples (deterministic, ``eval_episodes``) for the learning curve;
+    stops early after ``solved_evals`` evaluations in a row at the task's target return. The kept state is
+    then scored on the floor's episodes.
+    """
+    ppo = run.ppo
+    policy, task = run.policy, run.task
+    head = run.head()
+    head.load_state_dict(init_state)
+    learner = HeadLearner(policy, task.id, ppo, seed=seed)
+    envs = TaskEnvs(task, ppo.envs_per_task, policy.observation_size, seed=seed * 10_000 + ENV_SEED_OFFSET)
+    state = TaskState(task=task, envs=envs, weight=1.0, return_rms=RunningMeanStd())
+    per_iteration = ppo.envs_per_task * ppo.num_steps
+    iterations = max(1, math.ceil(budget / per_iteration))
+
+    def curve_eval() -> float:
+        returns = evaluate(policy, [task], episodes=ppo.eval_episodes, seed=ppo.seed + CURVE_SEED_OFFSET)
+        return float(np.mean(returns[task.id]))
+
+    steps = 0
+    first = curve_eval()
+    curve = [(0, first)]
+    best = (first, {k: v.clone() for k, v in head.state_dict().items()})
+    next_eval, streak = ppo.eval_interval, 0
+    try:
+        for iteration in range(iterations):
+            learner.set_lr_fraction(1.0 - iteration / iterations)
+            rollout = collect_head_rollout(policy, state, ppo)
+            steps += per_iteration
+            learner.update(rollout)
+            run.metrics.samples.labels(task=task.id).inc(per_iteration)
+            run.metrics.updates.labels(task=task.id).inc()
+            run.progress(per_iteration, f"{name}: return {state.recent_return:.1f}")
+            if steps >= next_eval or iteration == iterations - 1:
+                next_eval = (steps // ppo.eval_interval + 1) * ppo.eval_interval
+                value = curve_eval()
+                curve.append((steps, value))
+                log.info("%s %s @ %s samples: eval return %.1f", task.id, name, f"{steps:,}", value)
+                if value > best[0]:
+                    best = (value, {k: v.clone() for k, v in head.state_dict().items()})
+                solved = not math.isnan(task.target_return) and value >= task.target_return
+                streak = streak + 1 if solved else 0
+                if ppo.solved_evals and streak >= ppo.solved_evals:
+                    log.info("%s %s reached the target in %d evaluations in a row", task.id, name, streak)
+                    break
+    finally:
+        envs.close()
+    head.load_state_dict(best[1])
+    final = run.evaluate_head()
+    return CandidateResult(name=name, steps=steps, final_return=final, curve=curve, state=best[1])
+
+
+def _adapt_local(run: _Run, floor: Floor, publisher: HeadPublisher) -> tuple[int, list[CandidateResult], str]:
+    config, ppo = run.config, run.ppo
+    starts: list[tuple[str, dict[str, torch.Tensor]]] = []
+    nearest = floor.best_head
+    if config.init in ("scratch", "both") or nearest is None:
+        starts.append(("scratch", run.fresh_state(ppo.seed)))
+    if config.init in ("nearest", "both") and nearest is not None:
+        starts.append((f"nearest:{nearest}", run.old_state(nearest)))
+    budget = max(1, ppo.total_steps // len(starts))
+    candidates = [
+        train_candidate(run, name, state, budget, seed=ppo.seed + 17 * i)
+        for i, (name, state) in enumerate(starts)
+    ]
+    steps = sum(c.steps for c in candidates)
+    best = max(candidates, key=lambda c: c.final_return)
+    for c in candidates:
+        log.info(
+            "candidate %s: %s samples, return %.1f on the floor's episodes",
+            c.name,
+            f"{c.steps:,}",
+            c.final_return,
+        )
+    if nearest is None or best.final_return > floor.best_return:
+        run.head().load_state_dict(best.state)
+        served_by = f"trained:{best.name}"
+        publisher.publish(
+            eval_return=best.final_return,
+            training=_training_summary(run, start=best.name, steps=best.steps, extra={"curve": best.curve}),
+            parent=nearest if best.name.startswith("nearest") else None,
+            note=f"trained from {best.name}",
+        )
+    else:
+        log.warning(
+            "no trained head beat the best old head %s (%.1f vs %.1f): serving %s a copy of it",
+            nearest,
+            best.final_return,
+            floor.best_return,
+            run.task.id,
+        )
+        run.head().load_state_dict(run.old_state(nearest))
+        served_by = f"copy:{nearest}"
+        publisher.publish(
+            eval_return=floor.best_return,
+            training=_training_summary(run, start=served_by, steps=0),
+            parent=nearest,
+            note=f"copy of {nearest}: no trained head beat it",
+        )
+    return steps, candidates, served_by
+
+
+# ============================================================================================================
+# Remote: learn from the server's experience feed, publish versions, guard them
+# ============================================================================================================
+@dataclass
+class _RemoteState:
+    lineage: list[int] = field(default_factory=list)  # published versions that were not rolled back
+    rolled_back: set[int] = field(default_factory=set)
+    active: int = 0
+    rollbacks: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: {"stale": 0, "unknown_version": 0})
+
+    def allowed(self, lag: int) -> dict[int, bool]:
+        recent = set(self.lineage[-(lag + 1) :])
+        return {v: v in recent for v in (*self.lineage, *self.rolled_back)}
+
+
+def _remote_start(run: _Run, floor: Floor) -> tuple[str, dict[str, torch.Tensor]]:
+    """The starting head of a remote run: only one head can act, so ``both`` picks by zero-shot return.
+
+    ``both`` starts from the nearest old head when it beats a fresh head on the floor's episodes (in-family
+    tasks), else from scratch (a head copied from an old one can be worse than random: a reversed actuator).
+    """
+    nearest = floor.best_head
+    fresh = run.fresh_state(run.ppo.seed)
+    if nearest is None or run.config.init == "scratch":
+        return "scratch", fresh
+    if run.config.init == "nearest":
+        return f"nearest:{nearest}", run.old_state(nearest)
+    run.head().load_state_dict(fresh)
+    fresh_return = run.evaluate_head()
+    log.info(
+        "init both: fresh head %.1f vs nearest old head %s %.1f", fresh_return, nearest, floor.best_return
+    )
+    if floor.best_return > fresh_return:
+        return f"nearest:{nearest}", run.old_state(nearest)
+    return "scratch", fresh
+
+
+def _adapt_remote(
+    run: _Run, floor: Floor, publisher: HeadPublisher, control: ServerControl
+) -> tuple[int, int, _RemoteState, str]:
+    config, ppo, task = run.config, run.ppo, run.task
+    start, state = _remote_start(run, floor)
+    run.head().load_state_dict(state)
+    learner = HeadLearner(run.policy, task.id, ppo, seed=ppo.seed)
+    live = LiveReturns()
+    rs = _RemoteState()
+    return_rms = RunningMeanStd()
+    feed = control.experience(task.id)
+    batch_steps = ppo.envs_per_task * ppo.num_steps
+    steps = 0
+    guard: GuardedRollout | None = None
+    updates_since_publish = 0
+
+    def publish(note: str) -> Published:
+        value = run.evaluate_head()
+        published = publisher.publish(
+            eval_return=value,
+            training=_training_summary(run, start=start, steps=steps, extra={"updates": learner.updates}),
+            parent=start.partition(":")[2] or None,
+            note=note,
+        )
+        rs.lineage.append(published.version)
+        rs.active = published.version
+        return published
+
+    def judge(decision: Decision) -> None:
+        nonlocal guard
+        if decision.verdict == "pending":
+            return
+        assert guard is not None
+        if decision.verdict == "regressed":
+            log.warning("rollback of %s: %s", task.id, decision.describe())
+            publisher.activate(decision.previous_version)
+            publisher.restore(decision.previous_version)
+            rs.lineage.remove(decision.new_version)
+            rs.rolled_back.add(decision.new_version)
+            rs.active = decision.previous_version
+            rs.rollbacks += 1
+            run.metrics.rollbacks.labels(task=task.id).inc()
+            learner.optimizer.state.clear()  # Adam's moments belong to the discarded parameters
+        else:
+            log.info("%s %s: kept", task.id, decision.describe())
+        guard = None
+
+    try:
+        publish(f"initial head ({start})")
+        last_data = time.monotonic()
+        pending: list[SegmentData] = []
+        while steps < ppo.total_steps:
+            segments = feed.drain(timeout_s=1.0)
+            if segments:
+                last_data = time.monotonic()
+            elif time.monotonic() - last_data > config.idle_timeout_s:
+                raise NoExperience(
+                    f"no experience for task {task.id!r} in {config.idle_timeout_s:.0f} s: are clients "
+                    f"acting on it with sampled actions and reporting rewards (polyhead simulate --task "
+                    f"{task.id})?"
+                )
+            for seg in segments:
+                live.observe(seg)
+            pending.extend(segments)
+            if guard is not None:
+                judge(guard.decide())
+            if sum(len(s) for s in pending) < batch_steps:
+                continue
+            batch = rollout_from_segments(
+                run.policy,
+                task.id,
+                pending,
+                allowed_versions=rs.allowed(config.max_version_lag),
+                return_rms=return_rms,
+                config=ppo,
+            )
+            pending = []
+            for reason, n in batch.dropped.items():
+                rs.dropped[reason] += n
+                run.metrics.dropped.labels(task=task.id, reason=reason).inc(n)
+            if batch.steps < 2:
+                continue
+            learner.set_lr_fraction(1.0 - steps / ppo.total_steps)
+            learner.update(batch.rollout, advantages_ready=True)
+            steps += batch.steps
+            updates_since_publish += 1
+            run.metrics.samples.labels(task=task.id).inc(batch.steps)
+            run.metrics.updates.labels(task=task.id).inc()
+            recent = live.mean(rs.active, last=20)
+            run.progress(batch.steps, f"v{rs.active} live return {recent:.1f}")
+            if updates_since_publish >= config.publish_every and guard is None:
+                previous = rs.active
+                reference = live.mean(previous, last=20)
+                published = publish(f"after {learner.updates} updates")
+                if math.isnan(reference):
+                    reference = publisher.published[previous].eval_return
+                guard = GuardedRollout(
+                    live,
+                    published.version,
+                    previous,
+                    reference,
+                    config.rollback_margin,
+                    config.guard_episodes,
+                )
+                updates_since_publish = 0
+        # The last version still gets its verdict (clients keep acting; we only watch).
+        deadline = time.monotonic() + config.guard_timeout_s
+        while guard is not None and time.monotonic() < deadline:
+            for seg in feed.drain(timeout_s=1.0):
+                live.observe(seg)
+            judge(guard.decide())
+        if guard is not None:
+            log.warning(
+                "no verdict for %s version %d within %.0f s: it stays active",
+                task.id,
+                guard.new_version,
+                config.guard_timeout_s,
+            )
+    finally:
+        feed.close()
+        rs.dropped["lost_in_feed"] = feed.lost
+
+    active = publisher.published[rs.active]
+    served_by = f"trained:{start}"
+    nearest = floor.best_head
+    if nearest is not None and active.eval_return <= floor.best_return:
+        copy = next((p for p in publisher.published.values() if p.note.startswith("copy of")), None)
+        if (
+            copy is None
+            and start == f"nearest:{nearest}"
+            and rs.lineage
+            and rs.lineage[0] in publisher.published
+        ):
+            # Version 1 was an untouched copy of the nearest old head.
+            copy = publisher.published[rs.lineage[0]] if learner.updates == 0 else None
+        log.warning(
+            "the served version %d (%.1f) does not beat the best old head %s (%.1f): serving a copy of it",
+            rs.active,
+            active.eval_return,
+            nearest,
+            floor.best_return,
+        )
+        run.head().load_state_dict(run.old_state(nearest))
+        published = publisher.publish(
+            eval_return=floor.best_return,
+            training=_training_summary(run, start=f"copy:{nearest}", steps=0),
+            parent=nearest,
+            note=f"copy of {nearest}: no trained version beat it",
+        )
+        rs.active = published.version
+        served_by = f"copy:{nearest}"
+    return steps, learner.updates, rs, served_by
+
+
+# ============================================================================================================
+# The entry point
+# ============================================================================================================
+def adapt(
+    config: AdaptConfig,
+    *,
+    metrics: UpdaterMetrics | None = None,
+    progress: Callable[[int, str], None] | None = None,
+) -> AdaptResult:
+    """Adapt ``config.task`` on ``config.bundle``'s frozen trunk; see the module docstring.
+
+    ``metrics`` (default: a fresh registry) receives the updater metrics; ``progress(samples, text)`` is
+    called after every update. Raises InvalidTaskSpec, BundleError, IncompatibleHead, ServerUnreachable /
+    Unauthenticated (remote), ExportParityError, and TrunkChanged if anything but the new head changed.
+    """
+    started = time.perf_counter()
+    metrics = metrics or UpdaterMetrics()
+    metrics_port = metrics.serve(config.metrics_port) if config.metrics_port is not None else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.ppo.torch_threads)
+    torch.manual_seed(config.ppo.seed)
+    np.random.seed(config.ppo.seed)
+    control: ServerControl | None = None
+    try:
+        run = _prepare(config, metrics, progress or _no_progress)
+        task = run.task
+        control_target = config.resolved_admin_target
+        if control_target is not None:
+            control = ServerControl(control_target, token=config.admin_token)
+            control.check()
+        before = Fingerprint.take(run.bundle, run.policy, task.id)
+        floor = zero_shot_floor(
+            run.policy,
+            task,
+            run.action_space,
+            old_tasks=run.old_tasks,
+            episodes=config.zero_shot_episodes,
+            seed=config.ppo.seed + FLOOR_SEED_OFFSET,
+        )
+        for head, value in floor.ranking():
+            log.info("zero-shot on %s: %-28s %8.1f", task.id, head, value)
+        if floor.incompatible:
+            log.info(
+                "old heads with another action space (not applicable): %s", ", ".join(floor.incompatible)
+            )
+        publisher = HeadPublisher(
+            bundle=run.bundle,
+            policy=run.policy,
+            task=task,
+            observation_space=run.observation_space,
+            parity_observations=sample_observations(
+                [task], run.policy.observation_size, steps_per_task=64, seed=config.ppo.seed
+            ),
+            metrics=metrics,
+            control=control,
+            exporter=config.exporter,
+        )
+        candidates: list[CandidateResult] = []
+        rs = _RemoteState()
+        updates = 0
+        if config.source == "local":
+            steps, candidates, served_by = _adapt_local(run, floor, publisher)
+            updates = sum(
+                math.ceil(c.steps / (config.ppo.envs_per_task * config.ppo.num_steps)) for c in candidates
+            )
+            rs.active = max(publisher.published)
+        else:
+            assert control is not None
+            steps, updates, rs, served_by = _adapt_remote(run, floor, publisher, control)
+        after = Fingerprint.take(run.bundle, run.policy, task.id)
+        before.assert_same(after)
+        active = publisher.published[rs.active]
+        return AdaptResult(
+            task=task.id,
+            source=config.source,
+            steps=steps,
+            wall_seconds=time.perf_counter() - started,
+            versions_published=len(publisher.published),
+            final_eval_return=active.eval_return,
+            zero_shot=floor,
+            rolled_back=rs.rollbacks > 0,
+            rollbacks=rs.rollbacks,
+            trunk_sha256_before=before.trunk_onnx_sha256,
+            trunk_sha256_after=after.trunk_onnx_sha256,
+            trunk_state_sha256_before=before.trunk_state_sha256,
+            trunk_state_sha256_after=after.trunk_state_sha256,
+            active_version=rs.active,
+            served_by=served_by,
+            candidates=candidates,
+            versions=[
+                {
+                    "version": p.version,
+                    "eval_return": p.eval_return,
+                    "note": p.note,
+                    "rolled_back": p.version in rs.rolled_back,
+                }
+                for p in publisher.published.values()
+            ],
+            dropped_steps=rs.dropped,
+            updates=updates,
+            metrics_port=metrics_port,
+        )
+    finally:
+        if control is not None:
+            control.close()
+        torch.set_num_threads(threads)
+        if config.metrics_port is not None:
+            metrics.close()
+
+
+def _no_progress(samples: int, text: str) -> None:
+    del samples, text
+
+
+def default_config(**changes: Any) -> AdaptConfig:
+    """An AdaptConfig from keyword arguments, with ``ppo`` given as a dict of PPOConfig changes."""
+    ppo_changes = changes.pop("ppo", {})
+    return AdaptConfig(ppo=replace(ADAPT_PPO, **ppo_changes), **changes)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run `polyhead adapt --help`")

@@ -1,0 +1,108 @@
+"""The online updater's settings: one frozen, documented dataclass (its field help is ``polyhead adapt
+--help``), plus the PPO settings it shares with ``polyhead train``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from polyhead.taskspec import TaskSpec
+from trainer.config import PPOConfig
+from trainer.export import DEFAULT_EXPORTER, Exporter
+
+Source = Literal["local", "remote"]
+Init = Literal["scratch", "nearest", "both"]
+
+#: PPO defaults for one head on a frozen trunk: the trainer's rl-zoo CartPole settings with a budget
+#: sized for one new task, evaluated often enough to draw a learning curve.
+ADAPT_PPO = replace(
+    PPOConfig(),
+    total_steps=100_000,
+    eval_interval=10_000,
+    eval_episodes=5,
+    final_eval_episodes=10,
+    solved_evals=3,
+)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Everything one ``polyhead adapt`` run needs (see docs/updater.md)."""
+
+    bundle: Path
+    task: TaskSpec
+    source: Source = field(
+        default="local",
+        metadata={"help": "'local': step gymnasium envs built from the task spec; 'remote': learn from the "
+                  "server's experience feed while clients act on the served head"},
+    )  # fmt: skip
+    init: Init = field(
+        default="both",
+        metadata={"help": "start the head from 'scratch', from the 'nearest' old head (best zero-shot "
+                  "return on the new task), or train 'both' side by side (local) / pick by zero-shot "
+                  "return (remote)"},
+    )  # fmt: skip
+    ppo: PPOConfig = ADAPT_PPO
+    server: str | None = field(
+        default=None, metadata={"help": "data-plane HOST:PORT of a running server (checks what it serves)"}
+    )
+    admin_target: str | None = field(
+        default=None,
+        metadata={"help": "HeadAdmin HOST:PORT (default: --server's host, port 50052, polyhead serve's "
+                  "default admin port)"},
+    )  # fmt: skip
+    admin_token: str | None = field(default=None, metadata={"help": "bearer token for HeadAdmin calls"})
+    publish_every: int = field(
+        default=4, metadata={"help": "remote: publish a new head version every this many PPO updates"}
+    )
+    rollback_margin: float = field(
+        default=0.2,
+        metadata={"help": "roll a new version back when its live mean return falls below the previous "
+                  "version's by more than this fraction of |previous mean| (floor 1)"},
+    )  # fmt: skip
+    guard_episodes: int = field(
+        default=8, metadata={"help": "live episodes of a new version before it is judged"}
+    )
+    guard_timeout_s: float = field(
+        default=120.0, metadata={"help": "longest wait for the last version's verdict at the end of a run"}
+    )
+    max_version_lag: int = field(
+        default=2,
+        metadata={"help": "remote: train on steps acted by the newest published version and this many "
+                  "before it; older (or rolled back) versions' steps are dropped"},
+    )  # fmt: skip
+    zero_shot_episodes: int = field(
+        default=10,
+        metadata={"help": "deterministic episodes for the floor and for every compared or published head "
+                  "(the same seeds for all, so returns compare)"},
+    )  # fmt: skip
+    idle_timeout_s: float = field(
+        default=120.0, metadata={"help": "remote: give up when no experience arrives for this long"}
+    )
+    metrics_port: int | None = field(
+        default=None, metadata={"help": "serve the updater's Prometheus /metrics on this port (0: any)"}
+    )
+    exporter: Exporter = DEFAULT_EXPORTER
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.source not in ("local", "remote"):
+            raise ValueError(f"source must be 'local' or 'remote', got {self.source!r}")
+        if self.init not in ("scratch", "nearest", "both"):
+            raise ValueError(f"init must be 'scratch', 'nearest' or 'both', got {self.init!r}")
+        if self.publish_every < 1 or self.guard_episodes < 1 or self.zero_shot_episodes < 1:
+            raise ValueError("publish_every, guard_episodes and zero_shot_episodes must be at least 1")
+        if self.rollback_margin < 0 or self.max_version_lag < 0:
+            raise ValueError("rollback_margin and max_version_lag must be non-negative")
+        if self.source == "remote" and self.resolved_admin_target is None:
+            raise ValueError("--source remote needs --server or --admin-target")
+
+    @property
+    def resolved_admin_target(self) -> str | None:
+        if self.admin_target:
+            return self.admin_target
+        if self.server:
+            host = self.server.rpartition(":")[0] or "127.0.0.1"
+            return f"{host}:50052"
+        return None

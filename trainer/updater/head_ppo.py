@@ -1,0 +1,272 @@
+"""PPO on one task's head over the frozen trunk: collect (locally), build a batch (remote), update.
+
+The same phases as :mod:`trainer.ppo` (whose ``TaskRollout``, ``compute_advantages`` and ``ppo_update``
+are reused), with three differences that make it *head-only*:
+
+* the optimiser holds the new head's parameters only (policy layer(s), log-std, value function), and the
+  trunk has ``requires_grad`` off, so ``ppo_update`` cannot move it;
+* the rollout never calls ``ObsNormalizer.update``: observations are normalised with the statistics
+  frozen into ``trunk.onnx`` (a server applies exactly those);
+* remote experience arrives as episode segments acted by *published versions* of the head; the batch keeps
+  each step's recorded log-prob of its acting version, so PPO's ratio ``π_θ(a|s) / π_version(a|s)`` is the
+  importance weight that makes slightly stale data usable (and the clip bounds what stale data can do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from polyhead.spaces import pad_observations
+from trainer.config import PPOConfig
+from trainer.gae import compute_gae
+from trainer.policy import MultiTaskPolicy
+from trainer.ppo import TaskRollout, TaskState, UpdateStats, compute_advantages, ppo_update
+from trainer.running_stats import RunningMeanStd
+
+
+# ============================================================================================================
+# Phase 1 (local): collect a rollout of the new task with the frozen trunk
+# ============================================================================================================
+@torch.no_grad()
+def collect_head_rollout(policy: MultiTaskPolicy, state: TaskState, config: PPOConfig) -> TaskRollout:
+    """Step every env of ``state`` ``config.num_steps`` times with actions sampled from the task's head.
+
+    Like :func:`trainer.ppo.collect_rollout` for one task, except that the observation normaliser is
+    only read. Rewards are scaled by the running std of the discounted return (``state.return_rms``).
+    """
+    task_id = state.task.id
+    head = policy.head(task_id)
+    T, k, D = config.num_steps, len(state.envs), policy.observation_size
+    idx = np.arange(k)
+    gaussian = head.distribution == "gaussian"
+    act_shape: tuple[int, ...] = (policy.action_spaces[task_id].size,) if gaussian else ()  # type: ignore[union-attr]
+    obs_buf = torch.zeros(T, k, D)
+    actions = torch.zeros((T, k, *act_shape), dtype=torch.float32 if gaussian else torch.long)
+    logprobs, rewards_buf = torch.zeros(T, k), torch.zeros(T, k)
+    ends, values = torch.zeros(T, k), torch.zeros(T, k)
+    for step in range(T):
+        obs_norm = policy.normalize(torch.as_tensor(state.envs.obs))
+        features = policy.features(obs_norm)
+        dist = head.dist(features)
+        action = dist.sample()
+        obs_buf[step] = obs_norm
+        actions[step] = action
+        logprobs[step] = head.log_prob(dist, action)
+        values[step] = head.value(features, obs_norm)
+        result = state.envs.step(idx, action.numpy())
+        ended = result.terminated | result.truncated
+        state.discounted_returns = state.discounted_returns * config.gamma + result.rewards
+        scale = 1.0
+        if config.norm_reward:
+            state.return_rms.update(state.discounted_returns)
+            scale = state.return_rms.std
+        state.discounted_returns[ended] = 0.0
+        rewards = torch.as_tensor(result.rewards / scale, dtype=torch.float32)
+        # A time-limit truncation is not a failure: bootstrap γ V(s_final) (SB3's timeout handling).
+        cut = result.truncated & ~result.terminated
+        if cut.any():
+            final_norm = policy.normalize(torch.as_tensor(result.final_obs[cut]))
+            rewards[torch.as_tensor(cut)] += config.gamma * head.value(
+                policy.features(final_norm), final_norm
+            )
+        rewards_buf[step] = rewards
+        ends[step] = torch.as_tensor(ended, dtype=torch.float32)
+        state.recent_returns.extend(result.episode_returns)
+        state.episodes += len(result.episode_returns)
+    obs_norm = policy.normalize(torch.as_tensor(state.envs.obs))
+    next_value = head.value(policy.features(obs_norm), obs_norm)
+    return TaskRollout(
+        obs=obs_buf,
+        actions=actions,
+        logprobs=logprobs,
+        rewards=rewards_buf,
+        episode_ends=ends,
+        values=values,
+        next_value=next_value,
+    )
+
+
+# ============================================================================================================
+# Phase 1 (remote): turn episode segments acted by published versions into a batch
+# ============================================================================================================
+@dataclass(frozen=True)
+class SegmentData:
+    """One episode segment from the server's experience feed, decoded (see admin.proto EpisodeSegment)."""
+
+    episode_id: str
+    observations: npt.NDArray[np.float32]  # [T, d] as the client sent them (not padded)
+    actions: npt.NDArray[Any]  # int64 [T] or float32 [T, a]
+    log_probs: npt.NDArray[np.float32]  # [T] under the acting version
+    rewards: npt.NDArray[np.float32]  # [T]
+    head_versions: tuple[int, ...]
+    terminated: bool
+    truncated: bool
+    episode_return: float  # NaN unless the segment ends the episode
+    next_observation: npt.NDArray[np.float32] | None
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    @property
+    def ends_episode(self) -> bool:
+        return self.terminated or (self.truncated and not np.isnan(self.episode_return))
+
+
+@dataclass
+class RemoteBatch:
+    """A batch assembled from segments: the rollout (flattened, advantages filled) and its accounting."""
+
+    rollout: TaskRollout
+    steps: int
+    dropped: dict[str, int]
+
+
+@torch.no_grad()
+def rollout_from_segments(
+    policy: MultiTaskPolicy,
+    task_id: str,
+    segments: Sequence[SegmentData],
+    *,
+    allowed_versions: Mapping[int, bool],
+    return_rms: RunningMeanStd,
+    config: PPOConfig,
+) -> RemoteBatch:
+    """Build a flattened :class:`TaskRollout` from segments, recomputing values with our own critic.
+
+    A step is trained on when its acting version is in ``allowed_versions`` with value True; other steps
+    are dropped (``stale`` when the version is known but too old or rolled back, ``unknown_version``
+    otherwise) and cut the segment into runs. Each run gets its own GAE: it bootstraps from the value of
+    the observation after it (the next step's, or the segment's ``next_observation``) unless the episode
+    terminated there; a final truncation with no next observation bootstraps from the last observation.
+    Rewards are scaled by the running std of the discounted return, as in local training.
+    """
+    head = policy.head(task_id)
+    D = policy.observation_size
+    parts: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("obs", "actions", "logprobs", "values", "adv", "ret")
+    }
+    dropped = {"stale": 0, "unknown_version": 0}
+    for seg in segments:
+        versions = np.asarray(seg.head_versions, dtype=np.int64)
+        keep = np.asarray([allowed_versions.get(int(v), False) for v in versions])
+        for v, k in zip(versions, keep, strict=True):
+            if not k:
+                dropped["stale" if int(v) in allowed_versions else "unknown_version"] += 1
+        if not keep.any():
+            continue
+        obs = pad_observations(np.asarray(seg.observations, np.float32).reshape(len(seg), -1), D)
+        obs_norm = policy.normalize(torch.as_tensor(obs))
+        features = policy.features(obs_norm)
+        values = head.value(features, obs_norm)
+        # Discounted-return scaling, walking the segment in order (gymnasium NormalizeReward).
+        raw_rewards = np.asarray(seg.rewards, np.float64)
+        disc = 0.0
+        discounted = np.zeros(len(seg))
+        for t, r in enumerate(raw_rewards):
+            disc = disc * config.gamma + r
+            discounted[t] = disc
+        scale = 1.0
+        if config.norm_reward:
+            return_rms.update(discounted)
+            scale = return_rms.std
+        rewards = torch.as_tensor(raw_rewards / scale, dtype=torch.float32)
+        if seg.next_observation is not None and seg.next_observation.size:
+            nxt = pad_observations(np.asarray(seg.next_observation, np.float32).reshape(1, -1), D)
+            nxt_norm = policy.normalize(torch.as_tensor(nxt))
+            after_last = head.value(policy.features(nxt_norm), nxt_norm)[0]
+        else:
+            after_last = values[-1]
+        # Runs of kept steps: [start, stop).
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
+        for start, stop in zip(edges[::2], edges[1::2], strict=True):
+            T = stop - start
+            ends = torch.zeros(T, 1)
+            run_rewards = rewards[start:stop].clone().reshape(T, 1)
+            if stop == len(seg):
+                if seg.terminated:
+                    ends[-1] = 1.0
+                    next_value = torch.zeros(1)
+                else:
+                    next_value = after_last.reshape(1)
+            else:
+                next_value = values[stop].reshape(1)
+            advantages, returns = compute_gae(
+                run_rewards,
+                values[start:stop].reshape(T, 1),
+                ends,
+                next_value,
+                gamma=config.gamma,
+                gae_lambda=config.gae_lambda,
+            )
+            parts["obs"].append(obs_norm[start:stop])
+            parts["actions"].append(torch.as_tensor(np.asarray(seg.actions)[start:stop]))
+            parts["logprobs"].append(torch.as_tensor(np.asarray(seg.log_probs, np.float32)[start:stop]))
+            parts["values"].append(values[start:stop])
+            parts["adv"].append(advantages.reshape(-1))
+            parts["ret"].append(returns.reshape(-1))
+    if not parts["obs"]:
+        empty = torch.zeros(0)
+        rollout = TaskRollout(
+            obs=torch.zeros(0, D), actions=empty, logprobs=empty, rewards=empty,
+            episode_ends=empty, values=empty, next_value=empty,
+        )  # fmt: skip
+        return RemoteBatch(rollout, 0, dropped)
+    actions = torch.cat(parts["actions"])
+    actions = actions.long() if head.distribution == "categorical" else actions.float()
+    advantages = torch.cat(parts["adv"])
+    if config.norm_adv and advantages.numel() > 1:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    n = advantages.numel()
+    rollout = TaskRollout(
+        obs=torch.cat(parts["obs"]),
+        actions=actions,
+        logprobs=torch.cat(parts["logprobs"]),
+        rewards=torch.zeros(n),
+        episode_ends=torch.zeros(n),
+        values=torch.cat(parts["values"]),
+        next_value=torch.zeros(0),
+        advantages=advantages,
+        returns=torch.cat(parts["ret"]),
+    )
+    return RemoteBatch(rollout, n, dropped)
+
+
+# ============================================================================================================
+# Phases 2 and 3: advantages and the PPO update of the head alone
+# ============================================================================================================
+class HeadLearner:
+    """Adam over one head's parameters; :meth:`update` runs PPO epochs on a rollout of that task."""
+
+    def __init__(self, policy: MultiTaskPolicy, task_id: str, config: PPOConfig, *, seed: int) -> None:
+        self.policy = policy
+        self.task_id = task_id
+        # Gradient surgery acts on shared trunk weights; with one task and a frozen trunk there are none.
+        self.config = replace(config, grad_surgery="none", log_grad_cosines=False, task_weights=())
+        self.optimizer = torch.optim.Adam(
+            policy.head(task_id).parameters(), lr=config.learning_rate, eps=1e-5
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.updates = 0
+
+    def set_lr_fraction(self, frac: float) -> None:
+        """Anneal: the learning rate is ``frac`` of the configured one (when ``anneal_lr``)."""
+        if self.config.anneal_lr:
+            self.optimizer.param_groups[0]["lr"] = max(frac, 0.0) * self.config.learning_rate
+
+    def update(self, rollout: TaskRollout, *, advantages_ready: bool = False) -> UpdateStats:
+        """GAE (unless the batch already has advantages) then ``update_epochs`` epochs of clipped PPO."""
+        rollouts = {self.task_id: rollout}
+        if not advantages_ready:
+            compute_advantages(rollouts, self.config)
+        self.policy.head(self.task_id).train()
+        stats = ppo_update(
+            self.policy, self.optimizer, rollouts, {self.task_id: 1.0}, self.config, generator=self.generator
+        )
+        self.updates += 1
+        return stats
