@@ -14,11 +14,13 @@ Typical loop (sync; the asyncio twin :class:`AsyncSession` is the same with ``aw
                 obs, _ = env.reset()
                 reward = None
 
-Contract: each reward given to :meth:`step` / :meth:`end_episode` is sent exactly once, attached to the
-episode it belongs to. ``step(obs, reward, terminated=True)`` also ends the episode (final feedback) and
-then asks for ``obs`` as the first step of a new one, so ``obs`` must then be the reset observation.
-Leaving the ``with`` block closes the stream; an episode still open then has had every reported reward
-delivered, and its last action's outcome (never reported) is unknown to the server.
+Contract: each reward given to :meth:`step` / :meth:`end_episode` / :meth:`record` is sent exactly once,
+attached to the episode it belongs to. ``step(obs, reward, terminated=True)`` also ends the episode (final
+feedback) and then asks for ``obs`` as the first step of a new one, so ``obs`` must then be the reset
+observation. ``record(reward)`` keeps the latest action's outcome until the next ``step`` (or sends it at
+once as final feedback when terminated/truncated); leaving the ``with`` block sends a recorded, unsent
+outcome as the open episode's final feedback (a truncation) and closes the stream. An episode whose last
+outcome was never given stays open on the server until its TTL.
 
 A stream is ordered and stateful, so a failed stream is not retried: the step raises the typed error and
 the session is closed; open a new one.
@@ -97,6 +99,8 @@ class _SessionBase:
         self._episodes = _Episodes(task.task_id, episode_prefix)
         self.last: StepResult | None = None
         self.closed = False
+        # The latest action's reward, recorded with record() and not yet sent.
+        self._pending: float | None = None
 
     @property
     def episode_id(self) -> str | None:
@@ -111,6 +115,22 @@ class _SessionBase:
     @property
     def head_versions(self) -> set[int]:
         return set(self._episodes.head_versions)
+
+    def _check_record(self, reward: float) -> float:
+        if self._episodes.episode_id is None:
+            raise ValueError("no open episode: step(obs) first, then record() the action's outcome")
+        if self._pending is not None:
+            raise ValueError("the latest action's outcome was already recorded")
+        return float(reward)
+
+    def _take(self, reward: float | None) -> float | None:
+        """The reward to send now: the one given, or the recorded one (never both: each is sent once)."""
+        if self._pending is None:
+            return reward
+        if reward is not None:
+            raise ValueError("reward given twice for the same action: to record() and again here")
+        pending, self._pending = self._pending, None
+        return pending
 
     def _seed(self) -> int | None:
         # A distinct, reproducible seed per step: the same session seed replays the same samples.
@@ -217,16 +237,28 @@ class Session(_SessionBase):
     ) -> Any:
         """Report the previous action's outcome and return the action for ``obs`` (decoded into the task's
         action space). With ``terminated``/``truncated`` the open episode ends first and ``obs`` starts a
-        new one."""
+        new one. ``reward`` may instead have been given to :meth:`record`."""
         if (terminated or truncated) and self._episodes.episode_id is not None:
             self.end_episode(reward, terminated=terminated, truncated=truncated)
             reward = None
-        result = self._roundtrip(self._step_request(obs, reward))
+        result = self._roundtrip(self._step_request(obs, self._take(reward)))
         return result.action
 
-    def end_episode(self, reward: float | None, *, terminated: bool = True, truncated: bool = False) -> float:
-        """Send the last action's reward with the episode's end; returns the episode's return."""
-        self._roundtrip(self._final_request(reward, terminated, truncated))
+    def record(self, reward: float, terminated: bool = False, truncated: bool = False) -> None:
+        """Record the latest action's outcome: it goes out with the next :meth:`step`, or at once as the
+        episode's final feedback when ``terminated``/``truncated``, or on :meth:`close` (as a truncation)."""
+        reward = self._check_record(reward)
+        if terminated or truncated:
+            self.end_episode(reward, terminated=terminated, truncated=truncated)
+        else:
+            self._pending = reward
+
+    def end_episode(
+        self, reward: float | None = None, *, terminated: bool = True, truncated: bool = False
+    ) -> float:
+        """Send the last action's reward (given here or recorded) with the episode's end; returns the
+        episode's return."""
+        self._roundtrip(self._final_request(self._take(reward), terminated, truncated))
         self._episodes.finish()
         return self._episodes.returns[-1]
 
@@ -236,9 +268,12 @@ class Session(_SessionBase):
         self._call.cancel()
 
     def close(self) -> None:
-        """Half-close the stream and wait for the server to finish it."""
+        """Send a recorded, unsent outcome as the open episode's final feedback (a truncation), then
+        half-close the stream and wait for the server to finish it."""
         if self.closed:
             return
+        if self._pending is not None and self._episodes.episode_id is not None:
+            self.end_episode(truncated=True, terminated=False)
         self.closed = True
         self._requests.put(None)
         try:
@@ -312,7 +347,7 @@ class AsyncSession(_SessionBase):
         if (terminated or truncated) and self._episodes.episode_id is not None:
             await self.end_episode(reward, terminated=terminated, truncated=truncated)
             reward = None
-        return await self._roundtrip(self._step_request(obs, reward))
+        return await self._roundtrip(self._step_request(obs, self._take(reward)))
 
     async def step(
         self,
@@ -323,16 +358,25 @@ class AsyncSession(_SessionBase):
     ) -> Any:
         return (await self.step_result(obs, reward, terminated, truncated)).action
 
+    async def record(self, reward: float, terminated: bool = False, truncated: bool = False) -> None:
+        reward = self._check_record(reward)
+        if terminated or truncated:
+            await self.end_episode(reward, terminated=terminated, truncated=truncated)
+        else:
+            self._pending = reward
+
     async def end_episode(
-        self, reward: float | None, *, terminated: bool = True, truncated: bool = False
+        self, reward: float | None = None, *, terminated: bool = True, truncated: bool = False
     ) -> float:
-        await self._roundtrip(self._final_request(reward, terminated, truncated))
+        await self._roundtrip(self._final_request(self._take(reward), terminated, truncated))
         self._episodes.finish()
         return self._episodes.returns[-1]
 
     async def close(self) -> None:
         if self.closed:
             return
+        if self._pending is not None and self._episodes.episode_id is not None:
+            await self.end_episode(truncated=True, terminated=False)
         self.closed = True
         try:
             await self._call.done_writing()

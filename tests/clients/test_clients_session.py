@@ -32,7 +32,7 @@ def test_session_reports_every_reward_exactly_once(clients_server: BackgroundSer
     ready = threading.Event()
     collector = threading.Thread(
         target=_collect,
-        args=(f"127.0.0.1:{clients_server.admin_port}", task, 2, segments, ready),
+        args=(f"127.0.0.1:{clients_server.admin_port}", task, 3, segments, ready),
         daemon=True,
     )
     collector.start()
@@ -60,15 +60,42 @@ def test_session_reports_every_reward_exactly_once(clients_server: BackgroundSer
             sent.append(rewards)
         assert s.episode_returns == [sum(r) for r in sent]
         assert s.head_versions == {1}
+        # Third episode, record() style; leaving the block sends the last recorded reward as final feedback.
+        obs, _ = env.reset(seed=7)
+        rewards = []
+        for step in range(4):
+            obs, *_ = env.step(int(s.step(obs)))
+            rewards.append(1000.0 + step)
+            s.record(rewards[-1])
+        sent.append(rewards)
+    assert s.episode_returns == [sum(r) for r in sent]
     collector.join(20)
     finals = [seg for seg in segments if seg.terminated or seg.truncated]
-    assert len(finals) == 2
+    assert len(finals) == 3
     for seg, rewards in zip(finals, sent, strict=True):
         got = from_proto(seg.rewards).tolist()
         assert got == rewards  # each reward once, in order, none missing
         assert seg.episode_length == len(rewards)
         assert seg.episode_return == sum(rewards)
         assert seg.truncated and not seg.terminated
+
+
+def test_record_refuses_a_second_reward_for_the_same_action(clients_server: BackgroundServer) -> None:
+    import pytest
+
+    with PolicyClient(clients_server.target) as client, client.session("cartpole") as s:
+        with pytest.raises(ValueError, match="no open episode"):
+            s.record(1.0)
+        s.step(np.zeros(4, np.float32))
+        s.record(1.0)
+        with pytest.raises(ValueError, match="already recorded"):
+            s.record(2.0)
+        with pytest.raises(ValueError, match="reward given twice"):
+            s.step(np.zeros(4, np.float32), 2.0)
+        with pytest.raises(ValueError, match="already recorded"):
+            s.record(0.5, terminated=True)
+        assert s.end_episode(terminated=True) == 1.0  # the recorded reward, sent once
+        assert s.episode_returns == [1.0]
 
 
 def test_step_with_termination_starts_a_new_episode(clients_server: BackgroundServer) -> None:
