@@ -57,7 +57,7 @@ from trainer.updater.config import ADAPT_PPO, AdaptConfig, Init, Source
 from trainer.updater.control import NoExperience, ServerControl
 from trainer.updater.floor import Floor, zero_shot_floor
 from trainer.updater.frozen import Fingerprint, freeze_trunk
-from trainer.updater.guard import Decision, GuardedRollout, LiveReturns
+from trainer.updater.guard import RolloutGuard
 from trainer.updater.head_ppo import HeadLearner, SegmentData, collect_head_rollout, rollout_from_segments
 from trainer.updater.metrics import UpdaterMetrics
 from trainer.updater.publisher import HeadPublisher, Published
@@ -372,13 +372,14 @@ def _adapt_remote(
     start, state = _remote_start(run, floor)
     run.head().load_state_dict(state)
     learner = HeadLearner(run.policy, task.id, ppo, seed=ppo.seed)
-    live = LiveReturns()
+    guard = RolloutGuard(
+        publisher, run.metrics, margin=config.rollback_margin, min_episodes=config.guard_episodes
+    )
     rs = _RemoteState()
     return_rms = RunningMeanStd()
     feed = control.experience(task.id)
     batch_steps = ppo.envs_per_task * ppo.num_steps
     steps = 0
-    guard: GuardedRollout | None = None
     updates_since_publish = 0
 
     def publish(note: str) -> Published:
@@ -393,24 +394,14 @@ def _adapt_remote(
         rs.active = published.version
         return published
 
-    def judge(decision: Decision) -> None:
-        nonlocal guard
-        if decision.verdict == "pending":
-            return
-        assert guard is not None
-        if decision.verdict == "regressed":
-            log.warning("rollback of %s: %s", task.id, decision.describe())
-            publisher.activate(decision.previous_version)
-            publisher.restore(decision.previous_version)
+    def judge() -> None:
+        decision = guard.check()
+        if decision is not None and decision.verdict == "regressed":
             rs.lineage.remove(decision.new_version)
             rs.rolled_back.add(decision.new_version)
             rs.active = decision.previous_version
             rs.rollbacks += 1
-            run.metrics.rollbacks.labels(task=task.id).inc()
             learner.optimizer.state.clear()  # Adam's moments belong to the discarded parameters
-        else:
-            log.info("%s %s: kept", task.id, decision.describe())
-        guard = None
 
     try:
         publish(f"initial head ({start})")
@@ -426,11 +417,9 @@ def _adapt_remote(
                     f"acting on it with sampled actions and reporting rewards (polyhead simulate --task "
                     f"{task.id})?"
                 )
-            for seg in segments:
-                live.observe(seg)
+            guard.observe(segments)
             pending.extend(segments)
-            if guard is not None:
-                judge(guard.decide())
+            judge()
             if sum(len(s) for s in pending) < batch_steps:
                 continue
             batch = rollout_from_segments(
@@ -453,34 +442,23 @@ def _adapt_remote(
             updates_since_publish += 1
             run.metrics.samples.labels(task=task.id).inc(batch.steps)
             run.metrics.updates.labels(task=task.id).inc()
-            recent = live.mean(rs.active, last=20)
+            recent = guard.live.mean(rs.active, last=20)
             run.progress(batch.steps, f"v{rs.active} live return {recent:.1f}")
-            if updates_since_publish >= config.publish_every and guard is None:
+            if updates_since_publish >= config.publish_every and not guard.pending:
                 previous = rs.active
-                reference = live.mean(previous, last=20)
                 published = publish(f"after {learner.updates} updates")
-                if math.isnan(reference):
-                    reference = publisher.published[previous].eval_return
-                guard = GuardedRollout(
-                    live,
-                    published.version,
-                    previous,
-                    reference,
-                    config.rollback_margin,
-                    config.guard_episodes,
-                )
+                guard.watch(published.version, previous)
                 updates_since_publish = 0
         # The last version still gets its verdict (clients keep acting; we only watch).
         deadline = time.monotonic() + config.guard_timeout_s
-        while guard is not None and time.monotonic() < deadline:
-            for seg in feed.drain(timeout_s=1.0):
-                live.observe(seg)
-            judge(guard.decide())
-        if guard is not None:
+        while guard.pending and time.monotonic() < deadline:
+            guard.observe(feed.drain(timeout_s=1.0))
+            judge()
+        if guard.current is not None:
             log.warning(
                 "no verdict for %s version %d within %.0f s: it stays active",
                 task.id,
-                guard.new_version,
+                guard.current.new_version,
                 config.guard_timeout_s,
             )
     finally:
@@ -491,15 +469,6 @@ def _adapt_remote(
     served_by = f"trained:{start}"
     nearest = floor.best_head
     if nearest is not None and active.eval_return <= floor.best_return:
-        copy = next((p for p in publisher.published.values() if p.note.startswith("copy of")), None)
-        if (
-            copy is None
-            and start == f"nearest:{nearest}"
-            and rs.lineage
-            and rs.lineage[0] in publisher.published
-        ):
-            # Version 1 was an untouched copy of the nearest old head.
-            copy = publisher.published[rs.lineage[0]] if learner.updates == 0 else None
         log.warning(
             "the served version %d (%.1f) does not beat the best old head %s (%.1f): serving a copy of it",
             rs.active,

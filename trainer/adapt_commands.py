@@ -33,7 +33,9 @@ def register_adapt(subparsers: Any) -> None:
             "regress. The trunk's sha256 before and after is reported (and must match)."
         ),
     )
-    parser.add_argument("--bundle", required=True, help="bundle directory (its trunk.pt is loaded and frozen)")
+    parser.add_argument(
+        "--bundle", required=True, help="bundle directory (its trunk.pt is loaded and frozen)"
+    )
     parser.add_argument(
         "--task-spec",
         required=True,
@@ -183,8 +185,9 @@ def _adapt(args: argparse.Namespace) -> int:
         f"{result.task}: {result.steps:,} samples ({result.source}) in {result.wall_seconds:.1f} s; "
         f"{result.versions_published} version(s) published, serving version {result.active_version} "
         f"({result.served_by}), eval return {result.final_eval_return:.1f}",
-        f"  best old head zero-shot: {best} {result.zero_shot.best_return:.1f}" if best else "  no old head "
-        "fits the task's action space",
+        f"  best old head zero-shot: {best} {result.zero_shot.best_return:.1f}"
+        if best
+        else "  no old head fits the task's action space",
         f"  rollbacks: {result.rollbacks}; trunk sha256 {result.trunk_sha256_before[:16]}… before, "
         f"{result.trunk_sha256_after[:16]}… after (unchanged)",
     ]

@@ -140,14 +140,15 @@ def segment_from_proto(msg: admin_pb2.EpisodeSegment) -> SegmentData:
     """Decode an ``EpisodeSegment`` message."""
     nxt = None
     if msg.HasField("next_observation") and not is_empty(msg.next_observation):
-        nxt = np.asarray(from_proto(msg.next_observation, field="next_observation"), np.float32)
-    observations = np.asarray(from_proto(msg.observations, field="observations"), np.float32)
+        nxt = np.array(from_proto(msg.next_observation, field="next_observation"), np.float32)
+    # np.array copies: from_proto returns read-only views of the message bytes.
+    observations = np.array(from_proto(msg.observations, field="observations"), np.float32)
     return SegmentData(
         episode_id=msg.episode_id,
         observations=observations.reshape(len(msg.head_versions), -1),
-        actions=from_proto(msg.actions, field="actions"),
-        log_probs=np.asarray(from_proto(msg.log_probs, field="log_probs"), np.float32).reshape(-1),
-        rewards=np.asarray(from_proto(msg.rewards, field="rewards"), np.float32).reshape(-1),
+        actions=np.array(from_proto(msg.actions, field="actions")),
+        log_probs=np.array(from_proto(msg.log_probs, field="log_probs"), np.float32).reshape(-1),
+        rewards=np.array(from_proto(msg.rewards, field="rewards"), np.float32).reshape(-1),
         head_versions=tuple(int(v) for v in msg.head_versions),
         terminated=msg.terminated,
         truncated=msg.truncated,

@@ -17,6 +17,7 @@ judged against its own evaluation return recorded at publication.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -24,6 +25,10 @@ from typing import Literal
 import numpy as np
 
 from trainer.updater.head_ppo import SegmentData
+from trainer.updater.metrics import UpdaterMetrics
+from trainer.updater.publisher import HeadPublisher
+
+log = logging.getLogger("trainer.adapt")
 
 Verdict = Literal["pending", "held", "regressed"]
 
@@ -97,3 +102,63 @@ class GuardedRollout:
         bar = previous_mean - self.margin * max(abs(previous_mean), 1.0)
         verdict: Verdict = "regressed" if new_mean < bar else "held"
         return Decision(verdict, self.new_version, self.previous_version, new_mean, previous_mean, len(new))
+
+
+class RolloutGuard:
+    """Judges each newly published version on live returns and rolls a regression back.
+
+    ``watch(new, previous)`` after publishing ``new``; feed every experience segment to ``observe``; call
+    ``check()`` as often as convenient. A ``regressed`` verdict re-activates ``previous`` on the server and in
+    the bundle's active pointer, rewinds the torch head to ``previous``'s parameters, counts
+    ``polyhead_updater_rollbacks_total{task}`` and logs the numbers.
+    """
+
+    def __init__(
+        self, publisher: HeadPublisher, metrics: UpdaterMetrics, *, margin: float, min_episodes: int
+    ) -> None:
+        self.publisher = publisher
+        self.metrics = metrics
+        self.margin = margin
+        self.min_episodes = min_episodes
+        self.live = LiveReturns()
+        self.current: GuardedRollout | None = None
+        self.decisions: list[Decision] = []
+        self.rolled_back: list[int] = []
+
+    @property
+    def pending(self) -> bool:
+        return self.current is not None
+
+    def watch(self, new_version: int, previous_version: int) -> None:
+        reference = self.live.mean(previous_version, last=max(self.min_episodes, 20))
+        if math.isnan(reference):
+            reference = self.publisher.published[previous_version].eval_return
+        self.current = GuardedRollout(
+            self.live, new_version, previous_version, reference, self.margin, self.min_episodes
+        )
+
+    def observe(self, segments: list[SegmentData]) -> None:
+        for segment in segments:
+            self.live.observe(segment)
+
+    def check(self) -> Decision | None:
+        """The verdict on the watched version once there is one (None while pending or idle)."""
+        if self.current is None:
+            return None
+        decision = self.current.decide()
+        if decision.verdict == "pending":
+            return None
+        task_id = self.publisher.task.id
+        if decision.verdict == "regressed":
+            log.warning(
+                "rollback of %s to version %d: %s", task_id, decision.previous_version, decision.describe()
+            )
+            self.publisher.activate(decision.previous_version)
+            self.publisher.restore(decision.previous_version)
+            self.metrics.rollbacks.labels(task=task_id).inc()
+            self.rolled_back.append(decision.new_version)
+        else:
+            log.info("%s %s: kept", task_id, decision.describe())
+        self.decisions.append(decision)
+        self.current = None
+        return decision
