@@ -168,8 +168,14 @@ def test_round_robin_over_two_replicas(
     clients_server: BackgroundServer, second_server: BackgroundServer
 ) -> None:
     target = f"127.0.0.1:{clients_server.port},127.0.0.1:{second_server.port}"
+    servers = (clients_server, second_server)
+    before = [srv.running.batcher.stats.requests for srv in servers]
     with PolicyClient(target) as client:
         assert client.config.grpc_target.startswith("ipv4:")
         assert ("grpc.lb_policy_name", "round_robin") in client.config.options()
-        for _ in range(10):
+        client.wait_ready(5)
+        for _ in range(20):
             assert client.act("cartpole", np.zeros(4, np.float32)).head_version == 1
+    served = [srv.running.batcher.stats.requests - b for srv, b in zip(servers, before, strict=True)]
+    assert sum(served) >= 20
+    assert min(served) >= 5, f"round robin should spread the calls over both replicas, got {served}"
