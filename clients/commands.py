@@ -121,6 +121,15 @@ def register_simulate(subparsers: Any) -> None:
 
 
 def simulate_command(args: argparse.Namespace) -> int:
+    try:
+        channel = _channel(args)
+    except ValueError as exc:
+        print(f"polyhead simulate: {exc}", file=sys.stderr)
+        return 2
+    return _simulate(args, channel)
+
+
+def _simulate(args: argparse.Namespace, channel: ChannelConfig) -> int:
     from clients.errors import PolicyClientError
     from clients.simulator import EpisodeRecord, SimulationConfig, run_simulation
 
@@ -163,7 +172,7 @@ def simulate_command(args: argparse.Namespace) -> int:
             )
 
         try:
-            result = run_simulation(_channel(args), config, progress=progress)
+            result = run_simulation(channel, config, progress=progress)
         except PolicyClientError as exc:
             console.print(f"[red]simulate failed: {type(exc).__name__}: {exc}")
             emit_summary(
@@ -331,13 +340,30 @@ def _table(rows: list[dict[str, Any]]) -> Any:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from clients.bench import BenchConfig, config_dict, run_bench
-    from polyhead.cli import _jsonable
+    from clients.errors import PolicyClientError
 
-    admin_channel = (
-        _channel(args, target=args.admin_target, token=args.admin_token) if args.admin_target else None
-    )
-    config = BenchConfig(
+    try:
+        admin_channel = (
+            _channel(args, target=args.admin_target, token=args.admin_token) if args.admin_target else None
+        )
+        config = _bench_config(args, admin_channel)
+    except ValueError as exc:
+        print(f"polyhead bench: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _bench(args, config)
+    except PolicyClientError as exc:
+        print(f"polyhead bench: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # e.g. --swap-every with a single loaded version
+        print(f"polyhead bench: {exc}", file=sys.stderr)
+        return 2
+
+
+def _bench_config(args: argparse.Namespace, admin_channel: ChannelConfig | None) -> Any:
+    from clients.bench import BenchConfig
+
+    return BenchConfig(
         channel=_channel(args),
         concurrency=tuple(args.concurrency),
         batch=args.batch,
@@ -356,6 +382,12 @@ def bench_command(args: argparse.Namespace) -> int:
         admin_channel=admin_channel,
         seed=args.seed,
     )
+
+
+def _bench(args: argparse.Namespace, config: Any) -> int:
+    from clients.bench import config_dict, run_bench
+    from polyhead.cli import _jsonable
+
     console = _console()
     with console.status("benchmarking…") as status:
 
