@@ -152,8 +152,9 @@ def space_to_gymnasium(space: SpaceSpec) -> Any:
 
     if isinstance(space, DiscreteSpec):
         return gym.spaces.Discrete(space.n, start=space.start)
-    low = np.asarray(space.low, dtype=np.float64).reshape(space.shape)
-    high = np.asarray(space.high, dtype=np.float64).reshape(space.shape)
+    # Bounds in the space's own dtype: float64 bounds on a float32 Box make gymnasium warn on every build.
+    low = np.asarray(space.low, dtype=space.dtype).reshape(space.shape)
+    high = np.asarray(space.high, dtype=space.dtype).reshape(space.shape)
     return gym.spaces.Box(low=low, high=high, shape=space.shape, dtype=np.dtype(space.dtype))
 
 
