@@ -1,0 +1,159 @@
+"""The remote loop against a real server with real simulator clients: versions are published and served
+live with no failed request, old tasks' served actions do not change, and a bad version is rolled back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from updater_helpers import OLD_TASKS, served_actions, wait_for
+
+from clients.admin import AdminClient
+from polyhead.bundle import Bundle
+from polyhead.envs import task_spaces
+from polyhead.taskspec import TaskSpec, load_task_spec
+from trainer.adapt import adapt, default_config
+from trainer.export import sample_observations
+from trainer.policy import load_policy
+from trainer.updater.control import ServerControl
+from trainer.updater.fleet import SimulatorFleet
+from trainer.updater.frozen import freeze_trunk
+from trainer.updater.guard import RolloutGuard
+from trainer.updater.metrics import UpdaterMetrics
+from trainer.updater.publisher import HeadPublisher
+
+
+def _head_hashes(admin_target: str) -> dict[tuple[str, int], str]:
+    with AdminClient(admin_target) as admin:
+        return {(h.task_id, h.version): h.head_sha256 for h in admin.list_heads() if h.task_id in OLD_TASKS}
+
+
+def test_remote_loop_publishes_versions_clients_see_live(
+    trained_copy: Path, serve: Callable[..., Any]
+) -> None:
+    srv = serve(trained_copy)
+    before_actions = served_actions(srv.target, OLD_TASKS)
+    before_heads = _head_hashes(srv.admin_target)
+    task = load_task_spec("cartpole-family:cartpole-reversed")
+    metrics = UpdaterMetrics()
+    config = default_config(
+        bundle=trained_copy,
+        task=task,
+        source="remote",
+        server=srv.target,
+        admin_target=srv.admin_target,
+        init="scratch",
+        exporter="torchscript",
+        publish_every=2,
+        guard_episodes=2,
+        guard_timeout_s=30.0,
+        rollback_margin=10.0,  # this test is about publishing; rollback has its own test
+        zero_shot_episodes=3,
+        idle_timeout_s=60.0,
+        ppo={"total_steps": 3_000, "envs_per_task": 4, "num_steps": 64, "update_epochs": 10},
+    )
+    with SimulatorFleet(srv.target, task.id, clients=4, episodes_per_round=2, seed=5) as fleet:
+        result = adapt(config, metrics=metrics)
+        wait_for(lambda: fleet.stats.episodes >= 4, 60, "the clients' first rounds")
+        stats = fleet.stop()
+
+    assert not fleet.failures
+    assert result.versions_published >= 2
+    assert result.steps >= 3_000
+    assert stats.failed_requests == 0, stats.errors
+    assert len(stats.versions_seen) >= 2, f"clients saw only versions {stats.versions_seen}"
+    assert stats.versions_seen <= {v["version"] for v in result.versions}
+    with AdminClient(srv.admin_target) as admin:
+        loaded, active = admin.versions(task.id)
+    assert active == result.active_version == Bundle.open(trained_copy).active_version(task.id)
+    assert set(loaded) >= {v["version"] for v in result.versions}
+    assert result.trunk_sha256_before == result.trunk_sha256_after
+    published = metrics.registry.get_sample_value(
+        "polyhead_updater_versions_published_total", {"task": task.id}
+    )
+    assert published == result.versions_published
+    assert metrics.registry.get_sample_value(
+        "polyhead_updater_last_publish_timestamp_seconds", {"task": task.id}
+    )
+    # Old tasks: same head bytes, same versions, same deterministic actions.
+    assert _head_hashes(srv.admin_target) == before_heads
+    assert served_actions(srv.target, OLD_TASKS) == before_actions
+
+
+def _negate_policy_layer(publisher: HeadPublisher) -> None:
+    last = [m for m in publisher.policy.head(publisher.task.id).actor if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.neg_()
+        last.bias.neg_()
+
+
+def test_a_regressing_version_is_rolled_back_automatically(
+    trained_copy: Path, serve: Callable[..., Any]
+) -> None:
+    srv = serve(trained_copy)
+    task = TaskSpec(id="cartpole-plain", env="CartPole-v1", target_return=475.0)
+    policy = load_policy(trained_copy)
+    freeze_trunk(policy)
+    obs_space, act_space = task_spaces(task)
+    policy.add_head(task.id, act_space)
+    best_old = OLD_TASKS[1]
+    policy.head(task.id).load_state_dict(policy.head(best_old).state_dict())
+    metrics = UpdaterMetrics()
+    control = ServerControl(srv.admin_target)
+    publisher = HeadPublisher(
+        bundle=Bundle.open(trained_copy),
+        policy=policy,
+        task=task,
+        observation_space=obs_space,
+        parity_observations=sample_observations([task], policy.observation_size, steps_per_task=32),
+        metrics=metrics,
+        control=control,
+        exporter="torchscript",
+    )
+    guard = RolloutGuard(publisher, metrics, margin=0.2, min_episodes=4)
+    feed = control.experience(task.id)
+    try:
+        publisher.publish(eval_return=0.0, training={}, parent=best_old, note="copy of a trained head")
+        good_state = {k: v.clone() for k, v in policy.head(task.id).state_dict().items()}
+        with SimulatorFleet(srv.target, task.id, clients=3, episodes_per_round=2, seed=9) as fleet:
+            deadline = time.monotonic() + 90
+            while len(guard.live.returns(1)) < 4:
+                assert time.monotonic() < deadline, "no live episodes of version 1"
+                guard.observe(feed.drain(timeout_s=1.0))
+            _negate_policy_layer(publisher)
+            publisher.publish(
+                eval_return=0.0, training={}, parent=best_old, note="deliberately negated logits"
+            )
+            guard.watch(2, 1)
+            decision = None
+            while decision is None:
+                assert time.monotonic() < deadline + 60, "no verdict on version 2"
+                guard.observe(feed.drain(timeout_s=1.0))
+                decision = guard.check()
+            wait_for(lambda: fleet.stats.episodes >= 2, 30, "a finished round")
+            stats = fleet.stop()
+    finally:
+        feed.close()
+        control.close()
+
+    assert decision.verdict == "regressed", decision.describe()
+    assert decision.new_mean < decision.previous_mean
+    assert guard.rolled_back == [2]
+    with AdminClient(srv.admin_target) as admin:
+        assert admin.versions(task.id) == ([1, 2], 1)
+    assert Bundle.open(trained_copy).active_version(task.id) == 1
+    assert metrics.registry.get_sample_value("polyhead_updater_rollbacks_total", {"task": task.id}) == 1.0
+    for name, tensor in policy.head(task.id).state_dict().items():
+        assert torch.equal(tensor, good_state[name]), "the learner was not rewound to version 1"
+    assert stats.failed_requests == 0
+    assert {1, 2} <= stats.versions_seen
+
+
+def test_remote_needs_a_server(trained_copy: Path) -> None:
+    task = load_task_spec("cartpole-family:cartpole-reversed")
+    with pytest.raises(ValueError, match="--server or --admin-target"):
+        default_config(bundle=trained_copy, task=task, source="remote")
