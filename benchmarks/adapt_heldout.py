@@ -1,0 +1,278 @@
+"""Held-out tasks of cartpole-family: head-only adaptation vs a from-scratch network vs full fine-tuning
+vs the best old head zero-shot, at the same number of new-task samples.
+
+    .venv/bin/python benchmarks/adapt_heldout.py --bundle /tmp/cpf-bundle --samples 40000 --seeds 1 2 3 \
+        --out docs/adapt_heldout.json --plot docs/adapt_heldout.png
+
+The bundle is a trained cartpole-family bundle (``polyhead train --suite cartpole-family --out
+/tmp/cpf-bundle --seed 1``). Methods (same PPO settings, the updater's defaults; the same evaluation
+episodes, deterministic, for every curve point):
+
+* ``head-only (fresh)``: the updater's head-only PPO on the frozen trunk, a freshly initialised head;
+* ``head-only (nearest)``: the same, starting from the old head with the best zero-shot return;
+* ``from scratch``: a new network (same architecture, its own normaliser) trained on the task alone;
+* ``full fine-tuning``: the bundle's trunk + a fresh head, every parameter trained (normaliser updating),
+  then the old tasks are re-evaluated with their heads on the changed trunk (forgetting);
+* ``zero-shot``: the best old head, untrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polyhead.envs import task_spaces
+from polyhead.taskspec import TaskSpec, load_suite
+from trainer.adapt import ADAPT_PPO
+from trainer.config import PPOConfig
+from trainer.envs import TaskEnvs
+from trainer.evaluate import evaluate
+from trainer.policy import MultiTaskPolicy, load_policy
+from trainer.ppo import TaskState, collect_rollout, compute_advantages, ppo_update
+from trainer.updater.floor import zero_shot_floor
+from trainer.updater.frozen import freeze_trunk, trunk_state_sha256
+from trainer.updater.head_ppo import HeadLearner, collect_head_rollout
+
+try:
+    from trainer_common import machine
+except ImportError:  # run from elsewhere
+    from benchmarks.trainer_common import machine
+
+EVAL_SEED = 123_000
+METHODS = ("head-only (fresh)", "head-only (nearest)", "from scratch", "full fine-tuning")
+
+
+def _eval(policy: MultiTaskPolicy, task: TaskSpec, episodes: int) -> float:
+    return float(np.mean(evaluate(policy, [task], episodes=episodes, seed=EVAL_SEED)[task.id]))
+
+
+def _old_returns(policy: MultiTaskPolicy, tasks: list[TaskSpec], episodes: int) -> dict[str, float]:
+    out = evaluate(policy, tasks, episodes=episodes, seed=EVAL_SEED)
+    return {t: float(np.mean(v)) for t, v in out.items()}
+
+
+def run(
+    method: str,
+    bundle: Path,
+    task: TaskSpec,
+    *,
+    seed: int,
+    samples: int,
+    ppo: PPOConfig,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    _, action_space = task_spaces(task)
+    old_tasks: list[TaskSpec] = list(load_suite("cartpole-family").train_tasks)
+    base = load_policy(bundle)
+    if method == "from scratch":
+        policy = MultiTaskPolicy(base.config, base.observation_size, {task.id: action_space})
+    else:
+        policy = base
+        policy.add_head(task.id, action_space)
+        if method == "head-only (nearest)":
+            floor = zero_shot_floor(
+                policy,
+                task,
+                action_space,
+                old_tasks=[t.id for t in old_tasks],
+                episodes=args.episodes,
+                seed=seed,
+            )
+            assert floor.best_head is not None
+            policy.head(task.id).load_state_dict(policy.head(floor.best_head).state_dict())
+    head_only = method.startswith("head-only")
+    trunk_hash = trunk_state_sha256(policy)
+    if head_only:
+        freeze_trunk(policy)
+        learner = HeadLearner(policy, task.id, ppo, seed=seed)
+        optimizer = learner.optimizer
+    else:
+        params = [
+            p for n, p in policy.named_parameters() if n.startswith("trunk.") or f"heads.{task.id}" in n
+        ]
+        optimizer = torch.optim.Adam(params, lr=ppo.learning_rate, eps=1e-5)
+    envs = TaskEnvs(task, ppo.envs_per_task, policy.observation_size, seed=seed * 1000 + 7)
+    state = TaskState(task=task, envs=envs, weight=1.0)
+    per_iteration = ppo.envs_per_task * ppo.num_steps
+    iterations = math.ceil(samples / per_iteration)
+    generator = torch.Generator().manual_seed(seed)
+    curve = [(0, _eval(policy, task, args.episodes))]
+    started = time.perf_counter()
+    steps = 0
+    for i in range(iterations):
+        lr = (1.0 - i / iterations) * ppo.learning_rate
+        optimizer.param_groups[0]["lr"] = lr
+        if head_only:
+            learner.update(collect_head_rollout(policy, state, ppo))
+        else:
+            policy.train()
+            rollouts = collect_rollout(policy, [state], [np.arange(ppo.envs_per_task)], ppo)
+            compute_advantages(rollouts, ppo)
+            ppo_update(policy, optimizer, rollouts, {task.id: 1.0}, ppo, generator=generator)
+        steps += per_iteration
+        if steps % args.eval_every < per_iteration or i == iterations - 1:
+            curve.append((steps, _eval(policy, task, args.episodes)))
+    envs.close()
+    result: dict[str, Any] = {
+        "method": method,
+        "task": task.id,
+        "seed": seed,
+        "samples": steps,
+        "train_seconds": time.perf_counter() - started,
+        "curve": curve,
+        "final": curve[-1][1],
+    }
+    if method != "from scratch":
+        result["trunk_unchanged"] = trunk_state_sha256(policy) == trunk_hash
+        result["old_task_returns_after"] = _old_returns(policy, old_tasks, args.episodes)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bundle", type=Path, default=Path("/tmp/cpf-bundle"))
+    parser.add_argument("--tasks", nargs="+", default=["cartpole-short-heavy", "cartpole-reversed"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--samples", type=int, default=40_000, help="new-task samples per run")
+    parser.add_argument("--eval-every", type=int, default=4_096)
+    parser.add_argument("--episodes", type=int, default=5, help="deterministic episodes per evaluation")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--out", type=Path, default=Path("docs/adapt_heldout.json"))
+    parser.add_argument("--plot", type=Path, default=Path("docs/adapt_heldout.png"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ppo = ADAPT_PPO
+    suite = load_suite("cartpole-family")
+    base = load_policy(args.bundle)
+    old_tasks = list(suite.train_tasks)
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "bundle": str(args.bundle),
+        "samples": args.samples,
+        "ppo": ppo.to_json(),
+        "old_task_returns_before": _old_returns(base, old_tasks, args.episodes),
+        "runs": [],
+        "zero_shot": {},
+    }
+    for task_id in args.tasks:
+        task = suite.task(task_id)
+        _, action_space = task_spaces(task)
+        floor = zero_shot_floor(
+            base,
+            task,
+            action_space,
+            old_tasks=[t.id for t in old_tasks],
+            episodes=args.episodes,
+            seed=EVAL_SEED,
+        )
+        report["zero_shot"][task_id] = {
+            "best_head": floor.best_head,
+            "return": floor.best_return,
+            "all": floor.returns,
+        }
+        for seed in args.seeds:
+            for method in args.methods:
+                r = run(method, args.bundle, task, seed=seed, samples=args.samples, ppo=ppo, args=args)
+                print(
+                    f"{task_id} seed {seed} {method:22s} final {r['final']:6.1f} "
+                    f"({r['train_seconds']:.0f} s)",
+                    flush=True,
+                )
+                report["runs"].append(r)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=1))
+    report["analysis"] = analyse(report)
+    args.out.write_text(json.dumps(report, indent=1))
+    plot(report, args.plot)
+    print(json.dumps(report["analysis"], indent=1))
+
+
+def _mean_curve(runs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    xs = np.asarray([s for s, _ in runs[0]["curve"]], dtype=float)
+    ys = np.asarray([[v for _, v in r["curve"]] for r in runs], dtype=float)
+    return xs, ys.mean(0), ys.std(0)
+
+
+def analyse(report: dict[str, Any]) -> dict[str, Any]:
+    """Per task: final means, samples to 95% of from-scratch's final, final ratio, return at 30% samples."""
+    out: dict[str, Any] = {}
+    for task_id in report["zero_shot"]:
+        by_method = {
+            m: [r for r in report["runs"] if r["task"] == task_id and r["method"] == m] for m in METHODS
+        }
+        by_method = {m: rs for m, rs in by_method.items() if rs}
+        scratch_final = float(np.mean([r["final"] for r in by_method.get("from scratch", [])] or [math.nan]))
+        task_out: dict[str, Any] = {
+            "zero_shot_best": report["zero_shot"][task_id],
+            "from_scratch_final": scratch_final,
+        }
+        for m, rs in by_method.items():
+            xs, mean, _ = _mean_curve(rs)
+            reach = [int(x) for x, y in zip(xs, mean, strict=True) if y >= 0.95 * scratch_final]
+            at30 = float(np.interp(0.3 * xs[-1], xs, mean))
+            entry: dict[str, Any] = {
+                "final_mean": float(np.mean([r["final"] for r in rs])),
+                "final_std": float(np.std([r["final"] for r in rs])),
+                "samples_to_95pct_of_scratch_final": reach[0] if reach else None,
+                "final_ratio_to_scratch": float(np.mean([r["final"] for r in rs])) / scratch_final
+                if scratch_final
+                else None,
+                "return_at_30pct_samples": at30,
+                "ratio_at_30pct_samples_to_scratch_final": at30 / scratch_final if scratch_final else None,
+            }
+            if "old_task_returns_after" in rs[0]:
+                after = {
+                    t: float(np.mean([r["old_task_returns_after"][t] for r in rs]))
+                    for t in rs[0]["old_task_returns_after"]
+                }
+                entry["old_task_returns_after"] = after
+                entry["trunk_unchanged"] = all(r["trunk_unchanged"] for r in rs)
+            task_out[m] = entry
+        out[task_id] = task_out
+    return out
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["zero_shot"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    for ax, task_id in zip(axes[0], tasks, strict=True):
+        for m in METHODS:
+            rs = [r for r in report["runs"] if r["task"] == task_id and r["method"] == m]
+            if not rs:
+                continue
+            xs, mean, std = _mean_curve(rs)
+            ax.plot(xs, mean, label=f"{m} (n={len(rs)})")
+            ax.fill_between(xs, mean - std, mean + std, alpha=0.15)
+        zs = report["zero_shot"][task_id]
+        ax.axhline(
+            zs["return"], color="k", ls="--", lw=1, label=f"zero-shot best old head ({zs['best_head']})"
+        )
+        ax.set_title(task_id)
+        ax.set_xlabel("new-task samples (env steps)")
+        ax.set_ylabel("deterministic eval return (5 episodes)")
+        ax.set_ylim(0, 520)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("cartpole-family held-out tasks: mean ± std over seeds (shared 2-core CPU)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
