@@ -61,7 +61,11 @@ class ServerProcess:
 
     def scrape(self) -> dict[str, float]:
         """Unlabelled sums of every sample in the metrics endpoint, keyed by the full sample line name."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
         out: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -76,8 +80,22 @@ def serve(bundle: Path, *args: str, env: dict[str, str] | None = None) -> Iterat
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "ready.json"
         cmd = [
-            sys.executable, "-m", "polyhead", "serve", "--bundle", str(bundle), "--port", "0",
-            "--admin-port", "0", "--metrics-port", "0", "--ready-file", str(ready), "--log-level", "WARNING",
+            sys.executable,
+            "-m",
+            "polyhead",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--ready-file",
+            str(ready),
+            "--log-level",
+            "WARNING",
             *args,
         ]
         proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})})
@@ -126,8 +144,15 @@ def _method(kind: str) -> str:
     return "/polyhead.v1.Diagnostics/Echo" if kind == "echo" else "/polyhead.v1.PolicyService/Act"
 
 
-async def _load(target: str, kind: str, concurrency: int, duration: float, tasks: Sequence[str],
-                rows: int | None, seed: int) -> tuple[int, list[float]]:
+async def _load(  # noqa: PLR0917 - positional: called with a pickled argument tuple
+    target: str,
+    kind: str,
+    concurrency: int,
+    duration: float,
+    tasks: Sequence[str],
+    rows: int | None,
+    seed: int,
+) -> tuple[int, list[float]]:
     import grpc
 
     payloads = _request_bytes(kind, tasks, rows, seed)
@@ -168,15 +193,24 @@ class LoadResult:
         return float(np.percentile(self.latencies, q))
 
 
-def load(target: str, kind: str, *, concurrency: int, duration: float, tasks: Sequence[str] = ("cartpole",),
-         rows: int | None = None, processes: int = 1) -> LoadResult:
+def load(
+    target: str,
+    kind: str,
+    *,
+    concurrency: int,
+    duration: float,
+    tasks: Sequence[str] = ("cartpole",),
+    rows: int | None = None,
+    processes: int = 1,
+) -> LoadResult:
     """``concurrency`` in-flight calls in total, spread over ``processes`` client processes (spawned)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     per = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     procs = [
         ctx.Process(target=_load_proc, args=((target, kind, c, duration, list(tasks), rows, i), queue))
-        for i, c in enumerate(per) if c
+        for i, c in enumerate(per)
+        if c
     ]
     for p in procs:
         p.start()

@@ -86,7 +86,7 @@ class RunningServer:
     batcher: Batcher
     hub: ExperienceHub
     metrics: ServerMetrics
-    health: health.aio.HealthServicer
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped package)
     watcher: BundleWatcher | None
     _servers: list[grpc.aio.Server] = field(repr=False)
     _metrics_http: MetricsHTTPServer | None = field(repr=False)
@@ -103,12 +103,14 @@ class RunningServer:
             return
         self._stopped = True
         grace = self.settings.grace_period_s if grace is None else grace
-        log.info("shutting down: health NOT_SERVING, draining in-flight calls for up to %.1f s", grace)
+        log.info("shutting down: refusing new calls, draining in-flight calls for up to %.1f s", grace)
+        # Refuse new calls first (grpc's stop does at once), then tell health watchers, then wait.
+        stopping = [asyncio.ensure_future(server.stop(grace)) for server in self._servers]
         await self.health.enter_graceful_shutdown()
+        self.hub.close()  # experience subscribers are endless calls: end them so the drain can finish
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
-        self.hub.close()  # experience subscribers are endless calls: end them so the drain can finish
-        await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        await asyncio.gather(*stopping)
         self.batcher.close()
         await self.batcher.drain()
         await asyncio.to_thread(self.batcher.shutdown)
@@ -163,7 +165,7 @@ async def start_server(
     )
     plane = DataPlane(registry, batcher, hub, max_batch_size=settings.max_batch_size)
     observer = make_observer(metrics, registry)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -173,13 +175,13 @@ async def start_server(
     token_interceptors = [BearerTokenInterceptor(settings.admin_token)] if settings.admin_token else []
     shared_admin = settings.admin_mode == "shared"
     main = grpc.aio.server(options=options, interceptors=token_interceptors if shared_admin else [])
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer), main)
-    policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer), main)  # type: ignore[no-untyped-call]
+    policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, main)
     main_services = [POLICY_SERVICE, DIAGNOSTICS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
     admin_servicer = HeadAdminServicer(registry, hub, observer)
     if shared_admin:
-        admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, main)
+        admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, main)  # type: ignore[no-untyped-call]
         main_services.append(ADMIN_SERVICE)
     reflection.enable_server_reflection(main_services, main)
     creds = (
@@ -193,7 +195,7 @@ async def start_server(
     admin_port: int | None = port if shared_admin else None
     if settings.admin_mode == "separate":
         admin = grpc.aio.server(options=options, interceptors=token_interceptors)
-        admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, admin)
+        admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, admin)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
         reflection.enable_server_reflection([ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], admin)
         admin_creds = (
@@ -215,7 +217,7 @@ async def start_server(
         served.clear()
         served.update(tasks)
 
-    def on_registry_change(tasks: Mapping[str, TaskHeads]) -> None:
+    def on_registry_change(_snapshot: Mapping[str, TaskHeads]) -> None:
         loop.call_soon_threadsafe(lambda: loop.create_task(sync_health(registry.tasks)))
 
     await sync_health(registry.tasks)

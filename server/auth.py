@@ -16,7 +16,7 @@ import grpc
 GUARDED_PREFIX = "/polyhead.v1.HeadAdmin/"
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Refuses calls to ``/polyhead.v1.HeadAdmin/*`` that lack the configured bearer token."""
 
     def __init__(self, token: str, *, guarded_prefix: str = GUARDED_PREFIX) -> None:
@@ -25,9 +25,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         method = handler_call_details.method
         if not method.startswith(self._prefix):
             return await continuation(handler_call_details)
@@ -42,13 +42,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return _denial(handler, f"{why} admin token: send metadata `authorization: Bearer <token>`")
 
 
-def _denial(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+def _denial(handler: grpc.RpcMethodHandler[Any, Any] | None, message: str) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same streaming kind as ``handler`` that aborts with UNAUTHENTICATED."""
 
-    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def abort_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def abort_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator
 

@@ -86,6 +86,7 @@ class Batcher:
         self._queued_rows = 0
         self._active = False  # a pass is running or about to (leader or worker task)
         self._inflight: asyncio.Future[list[Actions]] | None = None
+        self._worker: asyncio.Task[None] | None = None  # keeps the hand-off task referenced
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -147,7 +148,7 @@ class Batcher:
                     busy = True
             finally:
                 if self._queue:
-                    loop.create_task(self._work_off(loop))
+                    self._worker = loop.create_task(self._work_off(loop))
                 else:
                     self._active = False
                     self._idle.set()

@@ -82,10 +82,10 @@ class DataPlane:
                     self.hub.record_action(
                         task_id,
                         episode_id,
-                        flat[i].reshape(shape),
-                        actions.raw[i],
-                        float(actions.log_prob[i]),
-                        head.version,
+                        obs=flat[i].reshape(shape),
+                        action=actions.raw[i],
+                        log_prob=float(actions.log_prob[i]),
+                        version=head.version,
                     )
         return ActOutcome(task_id, head.version, actions, batched)
 
@@ -122,10 +122,10 @@ class DataPlane:
         step = self.hub.record_action(
             task_id,
             episode_id,
-            flat[0].reshape(_obs_shape(head.meta.observation_space)),
-            actions.raw[0],
-            float(actions.log_prob[0]),
-            head.version,
+            obs=flat[0].reshape(_obs_shape(head.meta.observation_space)),
+            action=actions.raw[0],
+            log_prob=float(actions.log_prob[0]),
+            version=head.version,
         )
         return StepOutcome(head.version, actions, step)
 

@@ -144,6 +144,7 @@ class ExperienceHub:
         self,
         task_id: str,
         episode_id: str,
+        *,
         obs: npt.NDArray[np.float32],
         action: npt.NDArray[np.generic],
         log_prob: float,
@@ -201,8 +202,7 @@ class ExperienceHub:
             ep = found
             ep.last_seen = now
             self._episodes.move_to_end(key)
-            step = ep.pending
-            ep.pending = None
+            step, ep.pending = found.pending, None
         step.reward = float(reward)
         ep.steps.append(step)
         ep.total_return += step.reward

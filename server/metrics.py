@@ -211,8 +211,13 @@ class ServerMetrics:
 
     def init_task(self, task_id: str) -> None:
         """Create a task's counters at 0, so its series exist before the first event."""
-        for counter in (self.rejected, self.expired, self.head_swaps, self.experience_steps,
-                        self.experience_segments):
+        for counter in (
+            self.rejected,
+            self.expired,
+            self.head_swaps,
+            self.experience_steps,
+            self.experience_segments,
+        ):
             counter.labels(task=task_id)
         self.episode_return.labels(task=task_id)
         self.episode_length.labels(task=task_id)

@@ -177,7 +177,9 @@ class HeadRegistry:
                 raise InvalidArgument(f"a bundle head version is a positive integer, got {version}")
             record = self.bundle.head(task_id, version)
             onnx_bytes = record.read_onnx(verify=True)
-            return self._load(task_id, onnx_bytes, record.meta, version, activate, source, t0)
+            return self._load(
+                task_id, onnx_bytes, record.meta, version=version, activate=activate, source=source, t0=t0
+            )
         except PolyheadError as exc:
             self._metrics.head_load_failures.labels(task=task_id, reason=type(exc).__name__).inc()
             raise
@@ -227,7 +229,9 @@ class HeadRegistry:
             if version < 0:
                 raise InvalidArgument(f"version must be 0 (next) or positive, got {version}")
             meta = HeadMeta.from_json_text(head_json, where=f"head_json of task {task_id!r}")
-            return self._load(task_id, onnx_bytes, meta, version, activate, "upload", t0)
+            return self._load(
+                task_id, onnx_bytes, meta, version=version, activate=activate, source="upload", t0=t0
+            )
         except PolyheadError as exc:
             self._metrics.head_load_failures.labels(task=task_id, reason=type(exc).__name__).inc()
             raise
@@ -265,6 +269,7 @@ class HeadRegistry:
         task_id: str,
         onnx_bytes: bytes,
         meta: HeadMeta,
+        *,
         version: int,
         activate: bool,
         source: str,

@@ -127,7 +127,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             deadline=_deadline(context),
         )
         a = out.actions
-        pick = (lambda x: x) if out.batched else (lambda x: x[0])
+
+        def pick(x: Any) -> Any:
+            return x if out.batched else x[0]
+
         response = policy_pb2.ActResponse(task_id=out.task_id, head_version=out.version)
         to_proto(pick(a.env), response.actions)
         if request.return_log_prob:

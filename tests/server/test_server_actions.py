@@ -16,7 +16,9 @@ from polyhead.tensors import from_proto
 from polyhead.v1 import policy_pb2
 
 
-def _torch_reference(bundle_dir: Path, task: str, obs: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
+def _torch_reference(
+    bundle_dir: Path, task: str, obs: np.ndarray[Any, Any]
+) -> dict[str, np.ndarray[Any, Any]]:
     from trainer.policy import load_policy
 
     bundle = Bundle.open(bundle_dir)
@@ -36,7 +38,9 @@ def _torch_reference(bundle_dir: Path, task: str, obs: np.ndarray[Any, Any]) -> 
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_deterministic_actions_equal_the_torch_policy(server: Any, policy_stub: Any, tiny_bundle: Path, task: str) -> None:
+def test_deterministic_actions_equal_the_torch_policy(
+    server: Any, policy_stub: Any, tiny_bundle: Path, task: str
+) -> None:
     obs = observations(task, 64, seed=3)
     response = act(policy_stub, task, obs, return_log_prob=True, return_value=True)
     ref = _torch_reference(tiny_bundle, task, obs)
@@ -114,8 +118,11 @@ def test_concurrent_requests_of_mixed_tasks_share_trunk_passes(server: Any) -> N
         async with grpc.aio.insecure_channel(server.target) as ch:
             stub = policy_pb2_grpc.PolicyServiceStub(ch)
             calls = [
-                stub.Act(policy_pb2.ActRequest(task_id=task, observations=to_proto(observations(task, 4, seed=i)),
-                                               deterministic=True))
+                stub.Act(
+                    policy_pb2.ActRequest(
+                        task_id=task, observations=to_proto(observations(task, 4, seed=i)), deterministic=True
+                    )
+                )
                 for i in range(40)
                 for task in TASKS
             ]

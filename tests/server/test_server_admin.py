@@ -18,11 +18,15 @@ from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2_grpc
 from server.app import BackgroundServer
 
 
-def _load_bytes(admin: Any, task: str, onnx: bytes, head_json: str, *, activate: bool, version: int = 0,
-                **kw: Any) -> admin_pb2.LoadHeadResponse:
+def _load_bytes(
+    admin: Any, task: str, onnx: bytes, head_json: str, *, activate: bool, version: int = 0, **kw: Any
+) -> admin_pb2.LoadHeadResponse:
     return admin.LoadHead(
-        admin_pb2.LoadHeadRequest(task_id=task, onnx=onnx, head_json=head_json, activate=activate, version=version),
-        timeout=60, **kw,
+        admin_pb2.LoadHeadRequest(
+            task_id=task, onnx=onnx, head_json=head_json, activate=activate, version=version
+        ),
+        timeout=60,
+        **kw,
     )
 
 
@@ -57,7 +61,9 @@ def test_swap_under_load_fails_no_call_and_names_one_of_two_versions(
     try:
         for i in range(50):
             target = 2 if i % 2 == 0 else 1
-            swap = admin_stub.SetActiveVersion(admin_pb2.SetActiveVersionRequest(task_id="cartpole", version=target))
+            swap = admin_stub.SetActiveVersion(
+                admin_pb2.SetActiveVersionRequest(task_id="cartpole", version=target)
+            )
             assert swap.active_version == target
     finally:
         stop.set()
@@ -70,7 +76,9 @@ def test_swap_under_load_fails_no_call_and_names_one_of_two_versions(
     assert versions["cartpole-continuous"] == {1}
 
 
-def test_rollback_serves_the_old_actions_again(server: Any, admin_stub: Any, policy_stub: Any, tiny_bundle: Path) -> None:
+def test_rollback_serves_the_old_actions_again(
+    server: Any, admin_stub: Any, policy_stub: Any, tiny_bundle: Path
+) -> None:
     obs = observations("cartpole", 256, seed=11)
     v1 = actions_of(act(policy_stub, "cartpole", obs))
     onnx, head_json = new_head_version(tiny_bundle, "cartpole", seed=3)
@@ -88,8 +96,9 @@ def test_rollback_serves_the_old_actions_again(server: Any, admin_stub: Any, pol
     np.testing.assert_array_equal(actions_of(again), v1)
 
 
-def test_failed_loads_keep_the_old_version_serving(server: Any, admin_stub: Any, policy_stub: Any,
-                                                   tiny_bundle: Path) -> None:
+def test_failed_loads_keep_the_old_version_serving(
+    server: Any, admin_stub: Any, policy_stub: Any, tiny_bundle: Path
+) -> None:
     obs = observations("acrobot", 8)
     before = actions_of(act(policy_stub, "acrobot", obs))
     onnx, head_json = new_head_version(tiny_bundle, "acrobot")
@@ -183,7 +192,9 @@ def test_unload(server: Any, admin_stub: Any, policy_stub: Any, tiny_bundle: Pat
 
 def test_unknown_version_and_task_are_not_found(admin_stub: Any, policy_stub: Any) -> None:
     for call in (
-        lambda: admin_stub.SetActiveVersion(admin_pb2.SetActiveVersionRequest(task_id="cartpole", version=99)),
+        lambda: admin_stub.SetActiveVersion(
+            admin_pb2.SetActiveVersionRequest(task_id="cartpole", version=99)
+        ),
         lambda: admin_stub.SetActiveVersion(admin_pb2.SetActiveVersionRequest(task_id="nope", version=1)),
         lambda: admin_stub.UnloadHead(admin_pb2.UnloadHeadRequest(task_id="cartpole", version=99)),
         lambda: admin_stub.ListHeads(admin_pb2.ListHeadsRequest(task_id="nope")),
@@ -196,8 +207,10 @@ def test_unknown_version_and_task_are_not_found(admin_stub: Any, policy_stub: An
 
 
 def test_admin_token_is_required_when_configured(server_settings: Callable[..., Any]) -> None:
-    with BackgroundServer(server_settings(admin_token="s3cret", watch_bundle=False)) as srv, \
-            grpc.insecure_channel(srv.admin_target) as ch:
+    with (
+        BackgroundServer(server_settings(admin_token="s3cret", watch_bundle=False)) as srv,
+        grpc.insecure_channel(srv.admin_target) as ch,
+    ):
         admin = admin_pb2_grpc.HeadAdminStub(ch)
         request = admin_pb2.ListHeadsRequest()
         with pytest.raises(grpc.RpcError) as missing:
@@ -215,8 +228,10 @@ def test_admin_token_is_required_when_configured(server_settings: Callable[..., 
 
 
 def test_shared_admin_port(server_settings: Callable[..., Any]) -> None:
-    with BackgroundServer(server_settings(admin_mode="shared", watch_bundle=False)) as srv, \
-            grpc.insecure_channel(srv.target) as ch:
+    with (
+        BackgroundServer(server_settings(admin_mode="shared", watch_bundle=False)) as srv,
+        grpc.insecure_channel(srv.target) as ch,
+    ):
         assert srv.admin_port == srv.port
         heads = admin_pb2_grpc.HeadAdminStub(ch).ListHeads(admin_pb2.ListHeadsRequest()).heads
         assert sorted(h.task_id for h in heads) == sorted(TASKS)

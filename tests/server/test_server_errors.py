@@ -60,8 +60,10 @@ def test_unknown_task_is_not_found(policy_stub: Any) -> None:
 
 
 def test_batch_over_the_limit_is_invalid_argument(server_settings: Callable[..., Any]) -> None:
-    with BackgroundServer(server_settings(max_batch_size=8, watch_bundle=False)) as srv, \
-            grpc.insecure_channel(srv.target) as ch:
+    with (
+        BackgroundServer(server_settings(max_batch_size=8, watch_bundle=False)) as srv,
+        grpc.insecure_channel(srv.target) as ch,
+    ):
         from polyhead.v1 import policy_pb2_grpc
 
         stub = policy_pb2_grpc.PolicyServiceStub(ch)
@@ -91,8 +93,13 @@ def test_act_stream_errors(policy_stub: Any) -> None:
         return err.value.code()
 
     obs = to_proto(observations("cartpole"))
-    assert one(policy_pb2.StepRequest(task_id="nope", episode_id="e", observation=obs)) == grpc.StatusCode.NOT_FOUND
-    assert one(policy_pb2.StepRequest(task_id="cartpole", observation=obs)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        one(policy_pb2.StepRequest(task_id="nope", episode_id="e", observation=obs))
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert (
+        one(policy_pb2.StepRequest(task_id="cartpole", observation=obs)) == grpc.StatusCode.INVALID_ARGUMENT
+    )
     batch = to_proto(observations("cartpole", 2))
     assert one(policy_pb2.StepRequest(task_id="cartpole", episode_id="e", observation=batch)) == (
         grpc.StatusCode.INVALID_ARGUMENT
@@ -128,11 +135,14 @@ def test_expired_requests_are_dropped_before_inference(server: Any) -> None:
 
     async def late() -> BaseException | None:
         try:
-            await batcher.act(head, observations("cartpole", 1), Sampling(1, True, None), deadline=time.monotonic() - 1)
+            await batcher.act(
+                head, observations("cartpole", 1), Sampling(1, True, None), deadline=time.monotonic() - 1
+            )
         except DeadlineExpired as exc:
             return exc
         return None
 
-    assert isinstance(asyncio.run_coroutine_threadsafe(late(), server.loop).result(timeout=30), DeadlineExpired)
+    assert isinstance(
+        asyncio.run_coroutine_threadsafe(late(), server.loop).result(timeout=30), DeadlineExpired
+    )
     assert batcher.stats.requests == before.requests  # never reached a pass
-

@@ -64,8 +64,9 @@ def test_documented_series_are_in_a_real_scrape(server: Any, policy_stub: Any, a
     # Episode metrics need a finished episode; swap metrics need a swap.
     steps = [
         policy_pb2.StepRequest(task_id="cartpole", episode_id="m", observation=_obs()),
-        policy_pb2.StepRequest(task_id="cartpole", episode_id="m", feedback=policy_pb2.Feedback(reward=1.0,
-                                                                                              terminated=True)),
+        policy_pb2.StepRequest(
+            task_id="cartpole", episode_id="m", feedback=policy_pb2.Feedback(reward=1.0, terminated=True)
+        ),
     ]
     list(policy_stub.ActStream(iter(steps)))
     admin_stub.SetActiveVersion(admin_pb2.SetActiveVersionRequest(task_id="cartpole", version=1))

@@ -1,0 +1,181 @@
+"""The bundle watch follows what an updater publishes; SIGTERM drains in-flight calls and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_helpers import act, actions_of, new_head_version, observations
+
+from polyhead.bundle import Bundle, HeadMeta
+from polyhead.tensors import to_proto
+from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
+from server.app import BackgroundServer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_watch_loads_and_activates_a_published_version(
+    server_settings: Callable[..., Any], bundle_copy: Path
+) -> None:
+    with (
+        BackgroundServer(server_settings(bundle=bundle_copy)) as srv,
+        grpc.insecure_channel(srv.target) as ch,
+    ):
+        stub = policy_pb2_grpc.PolicyServiceStub(ch)
+        obs = observations("cartpole", 128, seed=2)
+        v1 = actions_of(act(stub, "cartpole", obs))
+        onnx, head_json = new_head_version(bundle_copy, "cartpole", seed=4)
+        bundle = Bundle.open(bundle_copy)
+        # Staged first (no pointer change): loaded, not served.
+        bundle.write_head(HeadMeta.from_json_text(head_json), onnx, activate=False)
+        _wait_for(lambda: 2 in srv.registry.tasks["cartpole"].versions)
+        assert act(stub, "cartpole", obs).head_version == 1
+        # The updater moves the pointer: every replica follows.
+        bundle.set_active_version("cartpole", 2)
+        _wait_for(lambda: act(stub, "cartpole", obs).head_version == 2)
+        assert not np.array_equal(actions_of(act(stub, "cartpole", obs)), v1)
+        with grpc.insecure_channel(srv.admin_target) as ach:
+            heads = admin_pb2_grpc.HeadAdminStub(ach).ListHeads(
+                admin_pb2.ListHeadsRequest(task_id="cartpole")
+            )
+        assert [(h.version, h.active, h.source) for h in heads.heads] == [
+            (1, False, "bundle"),
+            (2, True, "watch"),
+        ]
+        # A published version the server cannot load is counted and the serving version stays.
+        bad = HeadMeta.from_json_text(head_json)
+        bundle.write_head(bad, b"garbage", activate=True)
+        _wait_for(
+            lambda: (
+                srv.running.metrics.head_load_failures.labels(
+                    task="cartpole", reason="CorruptHead"
+                )._value.get()
+                >= 1
+            )
+        )
+        assert act(stub, "cartpole", obs).head_version == 2
+
+
+def _start_serve(bundle: Path, tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    ready = tmp / "ready.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "polyhead",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--port",
+            "0",
+            "--admin-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--ready-file",
+            str(ready),
+            "--json",
+            *extra,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc, json.loads(ready.read_text())
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_zero(tiny_bundle: Path, tmp_path: Path) -> None:
+    proc, info = _start_serve(tiny_bundle, tmp_path, "--grace-period", "20")
+    target = f"127.0.0.1:{info['port']}"
+    assert sorted(info["tasks"]) == ["acrobot", "cartpole", "cartpole-continuous"]
+    steps = 60
+    started = threading.Barrier(5)  # four sessions with answered steps, and the test
+    sent_sigterm = threading.Event()
+    results: list[tuple[int, BaseException | None]] = []
+
+    def session(index: int) -> None:
+        """A simulator session: a long-lived ActStream that keeps stepping after SIGTERM."""
+        answered = threading.Event()
+
+        def requests() -> Any:
+            for step in range(steps):
+                if step == 5:
+                    # The call is in flight on the server once it has answered; then SIGTERM comes.
+                    answered.wait(timeout=30)
+                    started.wait(timeout=30)
+                    sent_sigterm.wait(timeout=30)
+                if step > 5:
+                    time.sleep(0.01)
+                yield policy_pb2.StepRequest(
+                    task_id="cartpole",
+                    episode_id=f"s{index}",
+                    observation=to_proto(observations("cartpole")),
+                    feedback=policy_pb2.Feedback(reward=1.0) if step else None,
+                )
+
+        got = 0
+        try:
+            with grpc.insecure_channel(target) as ch:
+                for _ in policy_pb2_grpc.PolicyServiceStub(ch).ActStream(requests(), timeout=60):
+                    got += 1
+                    answered.set()
+            results.append((got, None))
+        except grpc.RpcError as exc:
+            results.append((got, exc))
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=30)
+    with grpc.insecure_channel(target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        proc.send_signal(signal.SIGTERM)
+        # Health goes NOT_SERVING and new calls are refused while the sessions drain.
+        _wait_for(lambda: _health_or_gone(health) != health_pb2.HealthCheckResponse.SERVING)
+    sent_sigterm.set()
+    with grpc.insecure_channel(target) as ch:
+        try:
+            act(policy_pb2_grpc.PolicyServiceStub(ch), "cartpole", observations("cartpole"))
+            refused = None
+        except grpc.RpcError as exc:
+            refused = exc.code()
+    for t in threads:
+        t.join(timeout=60)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert results == [(steps, None)] * 4, (results, err.decode()[-3000:])
+    assert refused == grpc.StatusCode.UNAVAILABLE
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    assert summary["requests"] >= 4 * steps
+
+
+def _health_or_gone(stub: Any) -> int:
+    try:
+        return int(stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status)
+    except grpc.RpcError:
+        return -1
