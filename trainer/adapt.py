@@ -106,6 +106,7 @@ class AdaptResult:
     dropped_steps: dict[str, int] = field(default_factory=dict)
     updates: int = 0
     metrics_port: int | None = None
+    served_version: int | None = None  # the task's active version on --server's data plane at the end
 
     @property
     def beat_floor(self) -> bool:
@@ -137,6 +138,7 @@ class AdaptResult:
             "versions": self.versions,
             "updates": self.updates,
             "dropped_steps": self.dropped_steps,
+            "served_version": self.served_version,
         }
 
 
@@ -560,6 +562,15 @@ def adapt(
         after = Fingerprint.take(run.bundle, run.policy, task.id)
         before.assert_same(after)
         active = publisher.published[rs.active]
+        served_version = _served_version(config.server, task.id) if config.server else None
+        if served_version is not None and served_version != rs.active:
+            log.warning(
+                "the server at %s serves %s version %d, not %d",
+                config.server,
+                task.id,
+                served_version,
+                rs.active,
+            )
         return AdaptResult(
             task=task.id,
             source=config.source,
@@ -589,6 +600,7 @@ def adapt(
             dropped_steps=rs.dropped,
             updates=updates,
             metrics_port=metrics_port,
+            served_version=served_version,
         )
     finally:
         if control is not None:
@@ -596,6 +608,20 @@ def adapt(
         torch.set_num_threads(threads)
         if config.metrics_port is not None:
             metrics.close()
+
+
+def _served_version(target: str, task_id: str) -> int | None:
+    """The task's active version as the data plane reports it (ListTasks), or None when not served."""
+    from clients.errors import PolicyClientError
+    from clients.policy_client import PolicyClient
+
+    try:
+        with PolicyClient(target, timeout=10.0) as client:
+            catalog = client.list_tasks(refresh=True)
+            return int(catalog[task_id].active_version) if task_id in catalog else None
+    except PolicyClientError as exc:
+        log.warning("could not ask the data plane at %s which version it serves: %s", target, exc)
+        return None
 
 
 def _no_progress(samples: int, text: str) -> None:

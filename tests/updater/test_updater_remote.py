@@ -70,6 +70,7 @@ def test_remote_loop_publishes_versions_clients_see_live(
     with AdminClient(srv.admin_target) as admin:
         loaded, active = admin.versions(task.id)
     assert active == result.active_version == Bundle.open(trained_copy).active_version(task.id)
+    assert result.served_version == result.active_version  # what the data plane answers
     assert set(loaded) >= {v["version"] for v in result.versions}
     assert result.trunk_sha256_before == result.trunk_sha256_after
     published = metrics.registry.get_sample_value(
