@@ -158,3 +158,44 @@ def test_remote_needs_a_server(trained_copy: Path) -> None:
     task = load_task_spec("cartpole-family:cartpole-reversed")
     with pytest.raises(ValueError, match="--server or --admin-target"):
         default_config(bundle=trained_copy, task=task, source="remote")
+
+
+def test_local_adaptation_loads_its_version_into_a_running_server(
+    random_copy: Path, serve: Callable[..., Any]
+) -> None:
+    srv = serve(random_copy)
+    before_actions = served_actions(srv.target, OLD_TASKS)
+    before_heads = _head_hashes(srv.admin_target)
+    config = default_config(
+        bundle=random_copy,
+        task=load_task_spec("cartpole-family:cartpole-short-heavy"),
+        server=srv.target,
+        admin_target=srv.admin_target,
+        init="scratch",
+        exporter="torchscript",
+        zero_shot_episodes=2,
+        ppo={"total_steps": 1024, "eval_interval": 1024, "eval_episodes": 2, "solved_evals": 0},
+    )
+    result = adapt(config, metrics=UpdaterMetrics())
+    assert result.served_version == result.active_version == 1
+    with AdminClient(srv.admin_target) as admin:
+        assert admin.versions("cartpole-short-heavy") == ([1], 1)
+    assert _head_hashes(srv.admin_target) == before_heads
+    assert served_actions(srv.target, OLD_TASKS) == before_actions
+
+
+def test_metrics_are_served_over_http() -> None:
+    import urllib.request
+
+    metrics = UpdaterMetrics()
+    metrics.init_task("t")
+    metrics.versions_published.labels(task="t").inc()
+    port = metrics.serve(0, host="127.0.0.1")
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        metrics.close()
+    assert 'polyhead_updater_versions_published_total{task="t"} 1.0' in text
+    assert 'polyhead_updater_rollbacks_total{task="t"} 0.0' in text
+    for name in ("polyhead_updater_eval_return", "polyhead_updater_last_publish_timestamp_seconds"):
+        assert f"# TYPE {name} gauge" in text
