@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from trainer_common import machine
 
 from polyhead.envs import task_spaces
 from polyhead.taskspec import TaskSpec, load_suite
@@ -39,11 +40,6 @@ from trainer.ppo import TaskState, collect_rollout, compute_advantages, ppo_upda
 from trainer.updater.floor import zero_shot_floor
 from trainer.updater.frozen import freeze_trunk, trunk_state_sha256
 from trainer.updater.head_ppo import HeadLearner, collect_head_rollout
-
-try:
-    from trainer_common import machine
-except ImportError:  # run from elsewhere
-    from benchmarks.trainer_common import machine
 
 EVAL_SEED = 123_000
 METHODS = ("head-only (fresh)", "head-only (nearest)", "from scratch", "full fine-tuning")

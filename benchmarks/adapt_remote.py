@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from trainer_common import machine
 
 from polyhead.taskspec import load_suite
 from server.app import BackgroundServer
@@ -28,11 +29,6 @@ from server.settings import ServerSettings
 from trainer.adapt import adapt, default_config
 from trainer.updater.fleet import SimulatorFleet
 from trainer.updater.metrics import UpdaterMetrics
-
-try:
-    from trainer_common import machine
-except ImportError:
-    from benchmarks.trainer_common import machine
 
 
 def run_task(args: argparse.Namespace, task_id: str, seed: int) -> dict[str, Any]:
