@@ -3,14 +3,20 @@
 shipped dashboard and alert rules through its HTTP API: each must be valid, the dashboard's must return
 data (at least one finite value), and every alert rule must evaluate without error.
 
-The load is a small operating day in a few seconds: gymnasium simulators on every task (batched Act and
-ActStream sessions, rewards reported), a head version rolled forward and back, two refused head loads,
-invalid requests and experience for an unknown episode.
+The load is a small operating day in under a minute, as the compose stack runs it: the real online updater
+(`polyhead adapt --source remote`, its metrics scraped by deploy's updater job) learns a new task from the
+experience of simulators acting on it and publishes versions the server swaps in live, while gymnasium
+simulators drive every old task (batched Act and ActStream sessions, rewards reported); an operator rolls
+a head version forward and back; two head loads are refused; invalid requests and experience for an
+unknown episode arrive.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -42,9 +48,15 @@ pytestmark = pytest.mark.service
 TASKS = ["cartpole", "acrobot", "cartpole-continuous"]
 SWAPPED_TASK = "cartpole"
 STREAM_TASK = "cartpole-continuous"
+# The online updater's new task (the same one docker-compose.yml adapts by default).
+NEW_TASK_SPEC = "cartpole-family:cartpole-reversed"
+NEW_TASK = "cartpole-reversed"
 ADMIN_TOKEN = "deploy-test-token"
 SCRAPE_INTERVAL_S = 1.0
 LOAD_SECONDS = 7.0
+# The updater imports torch, scores the old heads and needs a few hundred remote steps per version.
+UPDATER_VERSIONS = 2
+UPDATER_TIMEOUT_S = 240.0
 
 
 @dataclass
@@ -60,10 +72,18 @@ class LoadReport:
 
 
 @pytest.fixture(scope="module")
-def live_server(tiny_bundle: Path) -> Iterator[BackgroundServer]:
-    """A real server on the shared tiny bundle (tests/conftest.py), for the whole module."""
+def live_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the shared tiny bundle (tests/conftest.py): the updater publishes into it."""
+    out = tmp_path_factory.mktemp("deploy-live") / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def live_server(live_bundle: Path) -> Iterator[BackgroundServer]:
+    """A real server on the bundle, for the whole module."""
     settings = ServerSettings(
-        bundle=tiny_bundle,
+        bundle=live_bundle,
         host="127.0.0.1",
         port=0,
         admin_host="127.0.0.1",
@@ -77,15 +97,14 @@ def live_server(tiny_bundle: Path) -> Iterator[BackgroundServer]:
         yield srv
 
 
-def rewrite_scrape_config(metrics_port: int, prometheus_port: int, out_dir: Path) -> Path:
+def rewrite_scrape_config(metrics_port: int, updater_port: int, prometheus_port: int, out_dir: Path) -> Path:
     """deploy/prometheus/prometheus.yml with only targets and intervals changed, next to alerts.yml."""
     config: dict[str, Any] = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     config["global"]["scrape_interval"] = f"{SCRAPE_INTERVAL_S:g}s"
     config["global"]["evaluation_interval"] = f"{SCRAPE_INTERVAL_S:g}s"
     targets = {
         "polyhead-server": f"127.0.0.1:{metrics_port}",
-        # No updater runs here: its job stays in the config and is simply down.
-        "polyhead-updater": f"127.0.0.1:{free_port()}",
+        "polyhead-updater": f"127.0.0.1:{updater_port}",
         "prometheus": f"127.0.0.1:{prometheus_port}",
     }
     assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
@@ -99,18 +118,116 @@ def rewrite_scrape_config(metrics_port: int, prometheus_port: int, out_dir: Path
 
 
 @pytest.fixture(scope="module")
+def updater_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
 def prometheus(
-    prometheus_tools: PrometheusTools, live_server: BackgroundServer, tmp_path_factory: pytest.TempPathFactory
+    prometheus_tools: PrometheusTools,
+    live_server: BackgroundServer,
+    updater_port: int,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[PrometheusServer]:
     workdir = tmp_path_factory.mktemp("prometheus")
     port = free_port()
     assert live_server.metrics_port is not None
-    config = rewrite_scrape_config(live_server.metrics_port, port, workdir)
+    config = rewrite_scrape_config(live_server.metrics_port, updater_port, port, workdir)
     server = start_prometheus(prometheus_tools.prometheus, config, workdir, port)
     try:
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class NewTaskTraffic:
+    """Simulators on the updater's new task: they retry until its first version is served, then play
+    episodes (the experience the updater learns from) until stopped."""
+
+    target: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    episodes: int = 0
+    failed_requests: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def run(self) -> None:
+        give_up = time.monotonic() + UPDATER_TIMEOUT_S + 120
+        runs = 0
+        while not self.stop.is_set() and runs < 2_000 and time.monotonic() < give_up:
+            try:
+                result = run_simulation(
+                    self.target, SimulationConfig(task_id=NEW_TASK, episodes=4, envs=4, seed=runs)
+                )
+            except PolicyClientError:  # not served yet: the updater publishes the first version
+                time.sleep(0.5)
+                continue
+            runs += 1
+            self.episodes += len(result.episodes)
+            self.failed_requests += result.failed_requests
+            self.errors.extend(result.error_messages)
+
+
+@dataclass
+class RunningUpdater:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    traffic: NewTaskTraffic
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def updater(
+    live_server: BackgroundServer,
+    live_bundle: Path,
+    updater_port: int,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningUpdater]:
+    """`polyhead adapt --source remote` against the live server, as docker-compose.yml's updater runs it
+    (small PPO steps, a budget it does not finish: it is stopped with the module), plus its new-task
+    simulators."""
+    log_path = tmp_path_factory.mktemp("updater") / "adapt.log"
+    argv = [sys.executable, "-m", "polyhead", "adapt", "--bundle", str(live_bundle)]
+    argv += ["--task-spec", NEW_TASK_SPEC, "--source", "remote", "--server", live_server.target]
+    argv += ["--admin-target", live_server.admin_target, "--admin-token", ADMIN_TOKEN]
+    argv += ["--metrics-port", str(updater_port), "--init", "scratch", "--exporter", "torchscript"]
+    argv += ["--publish-every", "2", "--guard-episodes", "2", "--zero-shot-episodes", "2"]
+    argv += ["--idle-timeout", "120", "--total-steps", "10000000", "--envs-per-task", "4"]
+    argv += ["--num-steps", "64", "--update-epochs", "4", "--torch-threads", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    traffic = NewTaskTraffic(live_server.target)
+    thread = threading.Thread(target=traffic.run, daemon=True)
+    thread.start()
+    try:
+        yield RunningUpdater(process, log_path, traffic)
+    finally:
+        traffic.stop.set()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        thread.join(timeout=60)
+
+
+def _wait_for_updater(prometheus: PrometheusServer, updater: RunningUpdater) -> None:
+    """Block until Prometheus has seen the updater publish UPDATER_VERSIONS versions of the new task."""
+    deadline = time.monotonic() + UPDATER_TIMEOUT_S
+    expr = f'polyhead_updater_versions_published_total{{task="{NEW_TASK}"}} >= {UPDATER_VERSIONS}'
+    while time.monotonic() < deadline:
+        if updater.process.poll() is not None:
+            code = updater.process.returncode
+            raise AssertionError(f"the updater exited with {code}:\n{updater.log_tail()}")
+        if prometheus.query(expr):
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"no {UPDATER_VERSIONS} versions in {UPDATER_TIMEOUT_S} s:\n{updater.log_tail()}")
 
 
 @dataclass(frozen=True)
@@ -153,10 +270,15 @@ def _wait_for_scrapes(prometheus: PrometheusServer, n: int = 2) -> None:
 
 @pytest.fixture(scope="module")
 def scraped_load(
-    live_server: BackgroundServer, tiny_bundle: Path, prometheus: PrometheusServer
+    live_server: BackgroundServer,
+    live_bundle: Path,
+    prometheus: PrometheusServer,
+    updater: RunningUpdater,
 ) -> LoadReport:
-    """Run the load while Prometheus scrapes, then wait until the last of it has been scraped."""
+    """Run the load while Prometheus scrapes, then wait until the last of it has been scraped. The updater
+    keeps learning (and its simulators playing) until the module ends, so its series stay live."""
     _wait_for_scrapes(prometheus, 1)
+    _wait_for_updater(prometheus, updater)
     report = LoadReport()
     lock = threading.Lock()
     end = time.monotonic() + LOAD_SECONDS
@@ -174,7 +296,7 @@ def scraped_load(
     ]
     for thread in simulators:
         thread.start()
-    head_dir = tiny_bundle / "heads" / SWAPPED_TASK / "1"
+    head_dir = live_bundle / "heads" / SWAPPED_TASK / "1"
     with (
         PolicyClient(live_server.target) as client,
         AdminClient(live_server.admin_target, token=ADMIN_TOKEN) as admin,
@@ -223,6 +345,21 @@ def _has_finite_value(result: list[dict[str, Any]]) -> bool:
     values = [sample["value"][1] for sample in result if "value" in sample]
     values += [v[1] for sample in result for v in sample.get("values", [])]
     return any(math.isfinite(float(v)) for v in values)
+
+
+def test_updater_versions_are_served_live_without_failed_calls(
+    prometheus: PrometheusServer, scraped_load: LoadReport, updater: RunningUpdater
+) -> None:
+    (published,) = prometheus.query(f'polyhead_updater_versions_published_total{{task="{NEW_TASK}"}}')
+    assert float(published["value"][1]) >= UPDATER_VERSIONS
+    # The server swapped each version in: its active version for the new task went past the first.
+    (served,) = prometheus.query(f'max_over_time(polyhead_active_head_version{{task="{NEW_TASK}"}}[10m])')
+    assert float(served["value"][1]) >= UPDATER_VERSIONS
+    targets = prometheus.get("targets")["activeTargets"]
+    (job,) = (t for t in targets if t["labels"]["job"] == "polyhead-updater")
+    assert job["health"] == "up", job
+    assert updater.traffic.episodes > 0
+    assert updater.traffic.failed_requests == 0, updater.traffic.errors[:5]
 
 
 def test_load_ran_cleanly(scraped_load: LoadReport) -> None:
