@@ -65,7 +65,9 @@ def test_admin_reachable_by_the_updater_only_with_a_token() -> None:
     assert settings.admin_mode == "separate"
     assert settings.admin_host not in LOOPBACK, "the updater runs in another container"
     assert settings.admin_token, "an admin port open to the network needs a token"
-    assert environment("updater")["POLYHEAD_ADMIN_TOKEN"] == settings.admin_token
+    command = service("updater")["command"]
+    assert command[command.index("--admin-token") + 1] == settings.admin_token
+    assert command[command.index("--admin-target") + 1] == f"server:{settings.admin_port}"
 
 
 def test_server_healthcheck_asks_the_data_plane() -> None:
