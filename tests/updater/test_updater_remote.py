@@ -199,3 +199,37 @@ def test_metrics_are_served_over_http() -> None:
     assert 'polyhead_updater_rollbacks_total{task="t"} 0.0' in text
     for name in ("polyhead_updater_eval_return", "polyhead_updater_last_publish_timestamp_seconds"):
         assert f"# TYPE {name} gauge" in text
+
+
+def test_polyhead_adapt_remote_command(random_copy: Path, serve: Callable[..., Any]) -> None:
+    """The command line end to end: a subprocess updater, clients in this process, the JSON summary."""
+    import json
+    import subprocess
+    import sys
+
+    srv = serve(random_copy)
+    task_id = "cartpole-reversed"
+    with SimulatorFleet(srv.target, task_id, clients=4, episodes_per_round=2, seed=3) as fleet:
+        proc = subprocess.run(
+            [
+                sys.executable, "-m", "polyhead", "adapt", "--bundle", str(random_copy),
+                "--task-spec", f"cartpole-family:{task_id}", "--source", "remote", "--server", srv.target,
+                "--admin-target", srv.admin_target, "--init", "scratch", "--total-steps", "1500",
+                "--envs-per-task", "4", "--num-steps", "64", "--publish-every", "1", "--guard-episodes", "2",
+                "--rollback-margin", "10", "--zero-shot-episodes", "2", "--exporter", "torchscript",
+                "--metrics-port", "0", "--no-progress", "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )  # fmt: skip
+        stats = fleet.stop()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["task"] == task_id and summary["source"] == "remote"
+    assert summary["steps"] >= 1500 and summary["versions_published"] >= 2
+    assert summary["trunk_sha256_before"] == summary["trunk_sha256_after"]
+    assert summary["served_version"] == summary["active_version"]
+    assert "published cartpole-reversed version 2" in proc.stderr
+    assert stats.failed_requests == 0 and len(stats.versions_seen) >= 2
