@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -47,6 +46,7 @@ from polyhead.envs import validate_task
 from polyhead.errors import IncompatibleHead, InvalidTaskSpec
 from polyhead.spaces import SpaceSpec, observation_size
 from polyhead.taskspec import TaskSpec
+from trainer.config import PPOConfig
 from trainer.envs import TaskEnvs
 from trainer.evaluate import evaluate
 from trainer.export import sample_observations
@@ -68,7 +68,16 @@ FLOOR_SEED_OFFSET = 700_000  # the floor and every compared head: identical init
 CURVE_SEED_OFFSET = 800_000  # periodic evaluations along a learning curve
 ENV_SEED_OFFSET = 900_000
 
-__all__ = ["ADAPT_PPO", "AdaptConfig", "AdaptResult", "Init", "Source", "adapt"]
+__all__ = [
+    "ADAPT_PPO",
+    "AdaptConfig",
+    "AdaptResult",
+    "CandidateResult",
+    "Init",
+    "Source",
+    "adapt",
+    "default_config",
+]
 
 
 @dataclass
@@ -160,7 +169,7 @@ class _Run:
     progress: Callable[[int, str], None]
 
     @property
-    def ppo(self) -> Any:
+    def ppo(self) -> PPOConfig:
         return self.config.ppo
 
     def head(self) -> TaskHead:
@@ -177,8 +186,10 @@ class _Run:
         return float(np.mean(returns[self.task.id]))
 
     def fresh_state(self, seed: int) -> dict[str, torch.Tensor]:
-        torch.manual_seed(seed)
-        fresh = TaskHead(self.action_space, self.policy.observation_size, self.policy.config)
+        """A freshly initialised head's parameters (seeded, without touching the global RNG)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            fresh = TaskHead(self.action_space, self.policy.observation_size, self.policy.config)
         return fresh.state_dict()
 
     def old_state(self, old_task: str) -> dict[str, torch.Tensor]:
@@ -632,7 +643,3 @@ def default_config(**changes: Any) -> AdaptConfig:
     """An AdaptConfig from keyword arguments, with ``ppo`` given as a dict of PPOConfig changes."""
     ppo_changes = changes.pop("ppo", {})
     return AdaptConfig(ppo=replace(ADAPT_PPO, **ppo_changes), **changes)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("run `polyhead adapt --help`")
