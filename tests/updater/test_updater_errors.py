@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +68,22 @@ def test_missing_bundle_fails_with_a_clear_message(tmp_path: Path) -> None:
     proc = _adapt("--bundle", str(tmp_path / "nowhere"), "--task-spec", "cartpole-family:cartpole-reversed")
     assert proc.returncode == 1
     assert "BundleNotFound" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_admin_token_is_required_and_used(random_copy: Path, serve: Callable[..., Any]) -> None:
+    from polyhead.errors import Unauthenticated
+    from trainer.updater.control import ServerControl
+
+    srv = serve(random_copy, admin_token="s3cret")
+    without = ServerControl(srv.admin_target)
+    try:
+        with pytest.raises(Unauthenticated, match="--admin-token"):
+            without.check()
+    finally:
+        without.close()
+    with_token = ServerControl(srv.admin_target, token="s3cret")
+    try:
+        with_token.check()
+        assert with_token.versions("cartpole-long-pole")[1] == 1
+    finally:
+        with_token.close()
