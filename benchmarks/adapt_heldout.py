@@ -146,7 +146,19 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--out", type=Path, default=Path("docs/adapt_heldout.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/adapt_heldout.png"))
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-analyse --out, redraw --plot, print the markdown tables",
+    )
     args = parser.parse_args()
+    if args.report_only:
+        report = json.loads(args.out.read_text())
+        report["analysis"] = analyse(report)
+        args.out.write_text(json.dumps(report, indent=1))
+        plot(report, args.plot)
+        print(markdown(report))
+        return
     torch.set_num_threads(1)
     ppo = ADAPT_PPO
     suite = load_suite("cartpole-family")
@@ -191,7 +203,7 @@ def main() -> None:
     report["analysis"] = analyse(report)
     args.out.write_text(json.dumps(report, indent=1))
     plot(report, args.plot)
-    print(json.dumps(report["analysis"], indent=1))
+    print(markdown(report))
 
 
 def _mean_curve(runs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -237,6 +249,60 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
             task_out[m] = entry
         out[task_id] = task_out
     return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The tables of docs/benchmarks.md: per task and method, and old-task returns (forgetting)."""
+    lines = []
+    for task_id, a in report["analysis"].items():
+        seeds = sorted({r["seed"] for r in report["runs"] if r["task"] == task_id})
+        zs = a["zero_shot_best"]
+        lines += [
+            f"**{task_id}** ({len(seeds)} seeds, {report['samples']:,} samples per run; "
+            f"best old head zero-shot: {zs['best_head']} {zs['return']:.1f})",
+            "",
+            "| method | final return (mean ± std) | final / from scratch | return at 30% of samples "
+            "(/ from-scratch final) | samples to 95% of from-scratch final |",
+            "|---|---|---|---|---|",
+        ]
+        for m in METHODS:
+            if m not in a:
+                continue
+            e = a[m]
+            reach = e["samples_to_95pct_of_scratch_final"]
+            lines.append(
+                f"| {m} | {e['final_mean']:.1f} ± {e['final_std']:.1f} | {e['final_ratio_to_scratch']:.2f} | "
+                f"{e['return_at_30pct_samples']:.1f} ({e['ratio_at_30pct_samples_to_scratch_final']:.2f}) | "
+                f"{'not reached' if reach is None else f'{reach:,}'} |"
+            )
+        lines.append(f"| zero-shot ({zs['best_head']}) | {zs['return']:.1f} | | | |")
+        lines.append("")
+    before = report["old_task_returns_before"]
+    lines += [
+        "Old-task returns (deterministic, 5 episodes, mean over runs) before and after adapting, per method:",
+        "",
+        "| old task | before | "
+        + " | ".join(
+            f"after {m} ({t})"
+            for t in report["analysis"]
+            for m in METHODS
+            if "old_task_returns_after" in report["analysis"][t].get(m, {})
+        )
+        + " |",
+    ]
+    cols = [
+        (t, m)
+        for t in report["analysis"]
+        for m in METHODS
+        if "old_task_returns_after" in report["analysis"][t].get(m, {})
+    ]
+    lines.append("|---|---|" + "---|" * len(cols))
+    for old in before:
+        cells = [f"{report['analysis'][t][m]['old_task_returns_after'][old]:.1f}" for t, m in cols]
+        lines.append(f"| {old} | {before[old]:.1f} | " + " | ".join(cells) + " |")
+    unchanged = {f"{m} ({t})": report["analysis"][t][m]["trunk_unchanged"] for t, m in cols}
+    lines += ["", f"Trunk tensors bit-identical after the run: {unchanged}"]
+    return "\n".join(lines)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
