@@ -9,6 +9,7 @@ stack mounts or builds from exists.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,21 @@ def test_prometheus_and_grafana_mount_the_shipped_files() -> None:
     home = environment("grafana")["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert Path(home).parent == Path(dashboards_dir)
     assert (mounts[dashboards_dir] / Path(home).name).is_file()
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    compose_spec = pytest.importorskip("compose_spec", reason="the dev extra's compose-spec is not installed")
+    # docker compose resolves YAML anchors and merge keys (x-trainer-image) before it validates.
+    raw = load_yaml(COMPOSE_FILE)
+    spec = compose_spec.PyCompose.from_json(json.dumps(raw)).to_spec()
+    assert set(spec.services) == set(raw["services"])
+    healthcheck = spec.services["server"].healthcheck
+    assert healthcheck is not None and healthcheck.test[:2] == ["CMD", "python"]
+
+
+def test_compose_specification_check_catches_mistakes() -> None:
+    compose_spec = pytest.importorskip("compose_spec", reason="the dev extra's compose-spec is not installed")
+    raw = load_yaml(COMPOSE_FILE)
+    raw["services"]["server"]["depends_onn"] = raw["services"]["server"].pop("depends_on")
+    with pytest.raises(ValueError, match="depends_onn"):
+        compose_spec.PyCompose.from_json(json.dumps(raw)).to_spec()
