@@ -153,11 +153,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.report_only:
-        report = json.loads(args.out.read_text())
-        report["analysis"] = analyse(report)
-        args.out.write_text(json.dumps(report, indent=1))
-        plot(report, args.plot)
-        print(markdown(report))
+        saved: dict[str, Any] = json.loads(args.out.read_text())
+        saved["analysis"] = analyse(saved)
+        args.out.write_text(json.dumps(saved, indent=1))
+        plot(saved, args.plot)
+        print(markdown(saved))
         return
     torch.set_num_threads(1)
     ppo = ADAPT_PPO
