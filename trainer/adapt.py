@@ -603,6 +603,7 @@ def adapt(
                 {
                     "version": p.version,
                     "eval_return": p.eval_return,
+                    "samples": p.record.meta.training.get("steps"),
                     "note": p.note,
                     "rolled_back": p.version in rs.rolled_back,
                 }
