@@ -10,8 +10,20 @@ from typing import Any
 from polyhead.cli import add_common_flags, emit_summary
 from polyhead.errors import InvalidArgument
 
-#: PPO fields that mean nothing for one head on a frozen trunk (multi-task weighting and surgery).
-_SKIPPED_PPO = ("task_weights", "task_sampling", "grad_surgery", "log_grad_cosines")
+#: PPO fields that mean nothing for one head on a frozen trunk (multi-task weighting and surgery) or that
+#: adapt replaces (the final evaluation uses --zero-shot-episodes, the floor's episodes).
+_SKIPPED_PPO = ("task_weights", "task_sampling", "grad_surgery", "log_grad_cosines", "final_eval_episodes")
+
+
+_ADAPT_HELP = {
+    "total_steps": "new-task samples (environment steps) to train on; local --init both gives each head half",
+    "envs_per_task": "local: parallel environments; remote: envs x --num-steps is the batch of one update",
+    "num_steps": "local: steps per environment per rollout; remote: see --envs-per-task",
+    "num_minibatches": "minibatches per epoch",
+    "eval_interval": "local: deterministic evaluation every this many samples (the learning curve)",
+    "solved_evals": "local: stop a head early after this many evaluations in a row at the task's target "
+    "return (0: always use the whole budget)",
+}
 
 
 def register_adapt(subparsers: Any) -> None:
@@ -138,12 +150,15 @@ def register_adapt(subparsers: Any) -> None:
     add_common_flags(parser)
     group = parser.add_argument_group("PPO (one head on the frozen trunk)")
     add_dataclass_options(group, PPOConfig, skip=_SKIPPED_PPO)
-    # The updater's budget and evaluation defaults differ from polyhead train's: show the real ones.
+    # The updater's budget and evaluation defaults differ from polyhead train's, and a few settings mean
+    # something slightly different for one head: show the real defaults and meanings.
     for action in group._group_actions:
         default = getattr(ADAPT_PPO, action.dest)
-        if default != action.default and action.help is not None:
+        if action.dest in _ADAPT_HELP:
+            action.help = f"{_ADAPT_HELP[action.dest]} (default: {default})"
+        elif default != action.default and action.help is not None:
             action.help = action.help.replace(f"(default: {action.default})", f"(default: {default})")
-            action.default = default
+        action.default = default
     parser.set_defaults(func=_adapt)
 
 
