@@ -250,3 +250,57 @@ def record(path: Path, name: str, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
         fh.write(json.dumps({"benchmark": name, "time": time.time(), **data}) + "\n")
+
+
+async def _pingpong(target: str, n: int, mode: str) -> float:
+    """Messages per second of one client doing ``n`` sequential steps, by unary Act or one ActStream."""
+    import grpc
+
+    from polyhead.tensors import to_proto
+    from polyhead.v1 import policy_pb2, policy_pb2_grpc
+
+    obs = to_proto(obs_for("cartpole", None, np.random.default_rng(0)))
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+        if mode == "unary":
+            request = policy_pb2.ActRequest(task_id="cartpole", observations=obs, deterministic=True)
+            for _ in range(200):
+                await stub.Act(request)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await stub.Act(request)
+            return n / (time.perf_counter() - t0)
+        call = stub.ActStream()
+        first = policy_pb2.StepRequest(task_id="cartpole", episode_id="bench", observation=obs, deterministic=True)
+        step = policy_pb2.StepRequest(
+            task_id="cartpole", episode_id="bench", observation=obs, deterministic=True,
+            feedback=policy_pb2.Feedback(reward=1.0),
+        )
+        await call.write(first)
+        await call.read()
+        for _ in range(200):
+            await call.write(step)
+            await call.read()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await call.write(step)
+            await call.read()
+        rate = n / (time.perf_counter() - t0)
+        await call.done_writing()
+        return rate
+
+
+def _pingpong_proc(target: str, n: int, mode: str) -> float:
+    return asyncio.run(_pingpong(target, n, mode))
+
+
+def pingpong_proc(target: str, n: int, mode: str) -> float:
+    """:func:`_pingpong` in a spawned process."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return float(pool.apply(_pingpong_proc, (target, n, mode)))
+
+
+def machine_note() -> dict[str, Any]:
+    """Load average and core count at measurement time (the machine is shared)."""
+    return {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from polyhead.spaces import SpaceSpec, raw_to_env_action
+from polyhead.spaces import DiscreteSpec, SpaceSpec, raw_to_env_action
 from server.runtime import HeadOutputs
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -79,7 +79,9 @@ def choose(
             shifted = logits - logits.max(axis=1, keepdims=True)
             log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
             log_prob = np.take_along_axis(log_softmax, raw[:, None], axis=1)[:, 0]
-        raw_out: npt.NDArray[np.generic] = raw.astype(np.int64)
+        raw_out: npt.NDArray[np.generic] = raw.astype(np.int64, copy=False)
+        # Discrete env action = start + index (raw_to_env_action's rule, without its copies).
+        env = raw_out if action_space_start(action_space) == 0 else raw_out + action_space_start(action_space)
     else:
         assert outputs.mean is not None
         assert outputs.log_std is not None
@@ -95,11 +97,20 @@ def choose(
             z = (u - mean) / np.exp(log_std)
             log_prob = (-0.5 * z * z - log_std - _HALF_LOG_2PI).sum(axis=1)
         raw_out = u.astype(np.float32)
+        env = raw_to_env_action(raw_out, action_space)
     if not need_log_prob:
-        log_prob = np.full(raw_out.shape[0], np.nan)
+        log_prob = _nan_log_probs(raw_out.shape[0])
     return Actions(
         raw=raw_out,
-        env=raw_to_env_action(raw_out, action_space),
-        log_prob=log_prob.astype(np.float32),
+        env=env,
+        log_prob=log_prob.astype(np.float32, copy=False),
         value=outputs.value.astype(np.float32, copy=False),
     )
+
+
+def action_space_start(space: SpaceSpec) -> int:
+    return space.start if isinstance(space, DiscreteSpec) else 0
+
+
+def _nan_log_probs(rows: int) -> npt.NDArray[np.float32]:
+    return np.full(rows, np.nan, dtype=np.float32)

@@ -38,6 +38,7 @@ from server.auth import BearerTokenInterceptor
 from server.batcher import Batcher
 from server.dataplane import DataPlane
 from server.experience import ExperienceHub
+from server.inflight import InflightCounter
 from server.metrics import MetricsHTTPServer, ServerMetrics, serve_metrics
 from server.registry import HeadRegistry, TaskHeads
 from server.runtime import TrunkRuntime, session_options
@@ -147,6 +148,7 @@ async def start_server(
         bundle, trunk, session_options=opts, warmup_batch_sizes=settings.warmup_batch_sizes, metrics=metrics
     )
     await asyncio.to_thread(registry.load_bundle_heads)
+    inflight = InflightCounter(frozenset({f"/{POLICY_SERVICE}/Act"}))
     batcher = Batcher(
         trunk,
         metrics=metrics,
@@ -155,6 +157,7 @@ async def start_server(
         max_queue_size=settings.max_queue_size,
         batching=settings.batching,
         inline_max_rows=settings.inline_max_rows,
+        pending=inflight,
     )
     hub = ExperienceHub(
         metrics,
@@ -174,7 +177,9 @@ async def start_server(
     ]
     token_interceptors = [BearerTokenInterceptor(settings.admin_token)] if settings.admin_token else []
     shared_admin = settings.admin_mode == "shared"
-    main = grpc.aio.server(options=options, interceptors=token_interceptors if shared_admin else [])
+    main = grpc.aio.server(
+        options=options, interceptors=[inflight, *(token_interceptors if shared_admin else [])]
+    )
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer), main)  # type: ignore[no-untyped-call]
     policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, main)

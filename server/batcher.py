@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,13 +74,17 @@ class Batcher:
         max_queue_size: int,
         batching: bool = True,
         inline_max_rows: int = 16,
+        pending: Callable[[], int] | None = None,
     ) -> None:
+        """``pending``: how many act calls are in progress in the transport (accepted, not answered),
+        e.g. :class:`server.inflight.InflightCounter`; without it only the queue shows arrivals."""
         self.trunk = trunk
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.batching = batching
         self.inline_max_rows = inline_max_rows
+        self._pending = pending or (lambda: 0)
         self._last_pass_end = 0.0
         self._metrics = metrics
         self._queue: collections.deque[_Work] = collections.deque()
@@ -134,13 +139,12 @@ class Batcher:
         self._queued_rows += sampling.rows
         if not self._active:
             # Nobody is running passes: this caller leads. It runs passes until its own request is
-            # answered, then hands requests that arrived meanwhile to a worker task. It yields to the loop
-            # once: if nothing else arrived (a lone client) its pass runs at once on the loop thread, with
-            # no thread hand-off; if others did, requests are streaming in: it keeps gathering while they
+            # answered, then hands requests that arrived meanwhile to a worker task. With no other call in
+            # progress (a lone client) its pass runs at once on the loop thread: no waiting, no thread
+            # hand-off. With others in progress, requests are streaming in: it gathers them while they
             # arrive and runs the pass in the inference thread, so the loop keeps accepting meanwhile.
             self._active = True
-            await asyncio.sleep(0)
-            busy = len(self._queue) > 1
+            busy = len(self._queue) > 1 or self._pending() > 1
             self._idle.clear()
             try:
                 while not work.future.done():
@@ -223,7 +227,12 @@ class Batcher:
             return
         limit = self._queue[0].enqueued + self.max_queue_delay_s
         idle = 0
-        while self._queued_rows < self.max_batch_size and idle < _IDLE_TURNS and time.perf_counter() < limit:
+        while (
+            self._queued_rows < self.max_batch_size
+            and idle < _IDLE_TURNS
+            and len(self._queue) < self._pending()
+            and time.perf_counter() < limit
+        ):
             before = len(self._queue)
             await asyncio.sleep(0)
             idle = idle + 1 if len(self._queue) == before else 0
@@ -285,33 +294,37 @@ class Batcher:
         groups: dict[int, list[tuple[int, _Work]]] = {}
         for index, work in enumerate(batch):
             groups.setdefault(id(work.head), []).append((index, work))
+        if len(groups) == 1:  # one head: every row, in order, no gather and no slicing
+            head = batch[0].head
+            t0 = time.perf_counter()
+            actions = choose(
+                head.runtime.run(features, obs_norm),
+                head.meta.action_space,
+                [w.sampling for w in batch],
+                self._rng,
+            )
+            self._task_children(head.task_id)[1].observe(time.perf_counter() - t0)
+            self._count(len(batch), rows)
+            return [actions] if len(batch) == 1 else _split(actions, [w.sampling.rows for w in batch])
         results: list[Actions | None] = [None] * len(batch)
-        offsets = np.cumsum([0] + [w.sampling.rows for w in batch])
+        offsets = list(itertools.accumulate((w.sampling.rows for w in batch), initial=0))
         for members in groups.values():
             head = members[0][1].head
             t0 = time.perf_counter()
-            if len(members) == len(batch):
-                f, o = features, obs_norm
-            else:
-                idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, _ in members])
-                f, o = features[idx], obs_norm[idx]
-            outputs = head.runtime.run(f, o)
+            idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, _ in members])
+            outputs = head.runtime.run(features[idx], obs_norm[idx])
             actions = choose(outputs, head.meta.action_space, [w.sampling for _, w in members], self._rng)
             self._task_children(head.task_id)[1].observe(time.perf_counter() - t0)
-            at = 0
-            for index, work in members:
-                n = work.sampling.rows
-                results[index] = Actions(
-                    raw=actions.raw[at : at + n],
-                    env=actions.env[at : at + n],
-                    log_prob=actions.log_prob[at : at + n],
-                    value=actions.value[at : at + n],
-                )
-                at += n
-        self._passes += 1
-        self._requests += len(batch)
-        self._rows += rows
+            parts = _split(actions, [w.sampling.rows for _, w in members])
+            for (index, _), part in zip(members, parts, strict=True):
+                results[index] = part
+        self._count(len(batch), rows)
         return [r for r in results if r is not None]
+
+    def _count(self, requests: int, rows: int) -> None:
+        self._passes += 1
+        self._requests += requests
+        self._rows += rows
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -324,3 +337,20 @@ class Batcher:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _split(actions: Actions, sizes: Sequence[int]) -> list[Actions]:
+    """Consecutive row blocks of ``actions`` (views, no copies)."""
+    out = []
+    at = 0
+    for n in sizes:
+        out.append(
+            Actions(
+                raw=actions.raw[at : at + n],
+                env=actions.env[at : at + n],
+                log_prob=actions.log_prob[at : at + n],
+                value=actions.value[at : at + n],
+            )
+        )
+        at += n
+    return out
