@@ -68,7 +68,9 @@ def fuse(bundle_dir: Path, task: str) -> tuple[bytes, int]:
     graph.node.insert(0, helper.make_node("Pad", [INPUT, "fuse/pads"], ["trunk/obs"], name="fuse/pad"))
     graph.node.extend(
         [
-            helper.make_node("ArgMax", ["head/logits"], ["fuse/index"], axis=1, keepdims=0, name="fuse/argmax"),
+            helper.make_node(
+                "ArgMax", ["head/logits"], ["fuse/index"], axis=1, keepdims=0, name="fuse/argmax"
+            ),
             helper.make_node("Add", ["fuse/index", "fuse/start"], ["action"], name="fuse/start_offset"),
             helper.make_node("Identity", ["head/value"], ["value"], name="fuse/value"),
         ]
@@ -96,12 +98,16 @@ def run_fused(onnx_bytes: bytes, obs: npt.NDArray[np.float32]) -> npt.NDArray[np
     return np.asarray(action, np.int64)
 
 
-def check_parity(fused_actions: npt.NDArray[np.int64], served_actions: npt.NDArray[np.int64], what: str) -> None:
+def check_parity(
+    fused_actions: npt.NDArray[np.int64], served_actions: npt.NDArray[np.int64], what: str
+) -> None:
     """Raise AssertionError naming ``what`` and the first differing row when the actions differ."""
     fused_actions = np.asarray(fused_actions).reshape(-1)
     served_actions = np.asarray(served_actions).reshape(-1)
     if fused_actions.shape != served_actions.shape:
-        raise AssertionError(f"{what}: {served_actions.shape} actions, fused model gave {fused_actions.shape}")
+        raise AssertionError(
+            f"{what}: {served_actions.shape} actions, fused model gave {fused_actions.shape}"
+        )
     bad = np.flatnonzero(fused_actions != served_actions)
     if bad.size:
         i = int(bad[0])

@@ -92,8 +92,11 @@ async def _run_job(channels: dict[str, Any], job: Job) -> Result:
 
 
 async def _serve(conn: Connection) -> None:
+    import grpc  # noqa: F401  (imported before "ready", so the first job's window is not spent importing)
+
     loop = asyncio.get_running_loop()
     channels: dict[str, Any] = {}
+    conn.send("ready")
     try:
         while True:
             job = await loop.run_in_executor(None, conn.recv)
@@ -124,6 +127,11 @@ class LoadPool:
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
+        # A job's window is set in wall-clock time when it is sent: wait until every worker can take one.
+        for conn in self.conns:
+            if not conn.poll(120.0) or conn.recv() != "ready":
+                self.close()
+                raise RuntimeError("a load-generator process did not start within 120 s")
 
     @property
     def pids(self) -> list[int]:

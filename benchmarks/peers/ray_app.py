@@ -43,7 +43,9 @@ class PolicyDeployment:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(model_path, sess_options=options, providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(
+            model_path, sess_options=options, providers=["CPUExecutionProvider"]
+        )
         self._width = int(self._session.get_inputs()[0].shape[1])
 
     async def Act(self, request: Any) -> Any:  # noqa: N802  (the proxied RPC's name)
@@ -52,7 +54,7 @@ class PolicyDeployment:
             obs = np.frombuffer(tensor.raw_data, dtype="<f4")
         else:
             obs = np.asarray(tensor.float_data, dtype=np.float32)
-        action, value = self._session.run(["action", "value"], {"obs": obs.reshape(-1, self._width)})
+        (action,) = self._session.run(["action"], {"obs": obs.reshape(-1, self._width)})
         actions = types_pb2.Tensor(
             dtype=types_pb2.DTYPE_INT64, shape=list(action.shape), raw_data=action.astype("<i8").tobytes()
         )

@@ -35,7 +35,10 @@ class _LoopbackPatch(importlib.abc.MetaPathFinder):
         self.done: set[str] = set()
 
     def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+        self,
+        fullname: str,
+        path: Sequence[str] | None,  # noqa: ARG002  (the MetaPathFinder signature)
+        target: ModuleType | None = None,  # noqa: ARG002
     ) -> importlib.machinery.ModuleSpec | None:
         name = _TARGETS.get(fullname)
         if name is None or fullname in self.done:
