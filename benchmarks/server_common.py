@@ -271,9 +271,14 @@ async def _pingpong(target: str, n: int, mode: str) -> float:
                 await stub.Act(request)
             return n / (time.perf_counter() - t0)
         call = stub.ActStream()
-        first = policy_pb2.StepRequest(task_id="cartpole", episode_id="bench", observation=obs, deterministic=True)
+        first = policy_pb2.StepRequest(
+            task_id="cartpole", episode_id="bench", observation=obs, deterministic=True
+        )
         step = policy_pb2.StepRequest(
-            task_id="cartpole", episode_id="bench", observation=obs, deterministic=True,
+            task_id="cartpole",
+            episode_id="bench",
+            observation=obs,
+            deterministic=True,
             feedback=policy_pb2.Feedback(reward=1.0),
         )
         await call.write(first)
@@ -304,3 +309,29 @@ def pingpong_proc(target: str, n: int, mode: str) -> float:
 def machine_note() -> dict[str, Any]:
     """Load average and core count at measurement time (the machine is shared)."""
     return {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def head_variant(bundle_dir: Path, task: str, *, seed: int) -> tuple[bytes, str]:
+    """Another head for ``task`` on the bundle's trunk (perturbed weights): (head.onnx, head.json)."""
+    import torch
+
+    from polyhead.bundle import Bundle
+    from trainer.export import export_head
+    from trainer.policy import load_policy
+
+    bundle = Bundle.open(bundle_dir)
+    policy = load_policy(bundle)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.head(task).actor.parameters():
+            p.add_(torch.randn_like(p))
+    meta = bundle.head(task).meta.with_(version=0, head_sha256="")
+    return export_head(policy, task), json.dumps(meta.to_json())
+
+
+def admin_stub(server: ServerProcess) -> Any:
+    import grpc
+
+    from polyhead.v1 import admin_pb2_grpc
+
+    return admin_pb2_grpc.HeadAdminStub(grpc.insecure_channel(server.admin_target))

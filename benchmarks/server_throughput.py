@@ -29,11 +29,24 @@ def _act_counts(server: ServerProcess) -> tuple[float, float]:
     return m.get("polyhead_trunk_seconds_count", 0.0), requests
 
 
-def _measure(server: ServerProcess, kind: str, concurrency: int, seconds: float, processes: int,
-             rows: int | None = None) -> dict[str, Any]:
+def _measure(
+    server: ServerProcess,
+    kind: str,
+    concurrency: int,
+    seconds: float,
+    processes: int,
+    rows: int | None = None,
+) -> dict[str, Any]:
     passes0, req0 = _act_counts(server)
-    result = load(server.target, kind, concurrency=concurrency, duration=seconds, tasks=TASKS, rows=rows,
-                  processes=min(processes, concurrency))
+    result = load(
+        server.target,
+        kind,
+        concurrency=concurrency,
+        duration=seconds,
+        tasks=TASKS,
+        rows=rows,
+        processes=min(processes, concurrency),
+    )
     passes1, req1 = _act_counts(server)
     out = {"rps": result.rps, "p50_us": result.pct(50) * 1e6, "p99_us": result.pct(99) * 1e6}
     if kind == "act":
@@ -42,7 +55,9 @@ def _measure(server: ServerProcess, kind: str, concurrency: int, seconds: float,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bundle", type=Path, default=Path("/tmp/polyhead-bench-bundle"))
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--processes", type=int, default=1, help="client processes")
@@ -57,24 +72,32 @@ def main() -> None:
             act = _measure(server, "act", c, args.seconds, args.processes)
             act["ratio_to_echo_rps"] = act["rps"] / echo["rps"]
             report["levels"][c] = {"echo": echo, "act": act}
-            print(f"c={c}: echo {echo['rps']:.0f}/s, act {act['rps']:.0f}/s (x{act['ratio_to_echo_rps']:.2f}), "
-                  f"passes/request {act['trunk_passes_per_request']:.2f}", file=sys.stderr)
+            print(
+                f"c={c}: echo {echo['rps']:.0f}/s, act {act['rps']:.0f}/s (x{act['ratio_to_echo_rps']:.2f}), "
+                f"passes/request {act['trunk_passes_per_request']:.2f}",
+                file=sys.stderr,
+            )
         top = max(levels)
         echo = _measure(server, "echo", 16, args.seconds, args.processes)
         batch64 = _measure(server, "act", 16, args.seconds, args.processes, rows=64)
         batch64["actions_per_s"] = batch64["rps"] * 64
         batch64["actions_per_s_ratio_to_echo_rps"] = batch64["actions_per_s"] / echo["rps"]
         report["obs64_at_16_clients"] = {"echo": echo, "act": batch64}
-        print(f"64-obs requests, 16 clients: {batch64['actions_per_s']:.0f} actions/s "
-              f"({batch64['rps']:.0f} req/s; echo {echo['rps']:.0f}/s)", file=sys.stderr)
+        print(
+            f"64-obs requests, 16 clients: {batch64['actions_per_s']:.0f} actions/s "
+            f"({batch64['rps']:.0f} req/s; echo {echo['rps']:.0f}/s)",
+            file=sys.stderr,
+        )
     with serve(bundle, "--no-batching") as server:
         echo = _measure(server, "echo", top, args.seconds, args.processes)
         off = _measure(server, "act", top, args.seconds, args.processes)
         off["ratio_to_echo_rps"] = off["rps"] / echo["rps"]
         report["batching_off"] = {"concurrency": top, "echo": echo, "act": off}
-        print(f"batching off, c={top}: echo {echo['rps']:.0f}/s, act {off['rps']:.0f}/s "
-              f"(x{off['ratio_to_echo_rps']:.2f}), passes/request {off['trunk_passes_per_request']:.2f}",
-              file=sys.stderr)
+        print(
+            f"batching off, c={top}: echo {echo['rps']:.0f}/s, act {off['rps']:.0f}/s "
+            f"(x{off['ratio_to_echo_rps']:.2f}), passes/request {off['trunk_passes_per_request']:.2f}",
+            file=sys.stderr,
+        )
     print(json.dumps(report))
 
 
