@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_common import admin_stub, build_bundle, machine_note, sequential_latency_proc, serve  # noqa: E402
+from server_common import admin_stub, build_bundle, machine_note, sequential_latency_proc, serve
 
-from polyhead.bundle import Bundle  # noqa: E402
-from polyhead.v1 import admin_pb2  # noqa: E402
+from polyhead.bundle import Bundle
+from polyhead.v1 import admin_pb2
 
 
 def _p50(target: str, calls: int, rounds: int) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_common import build_bundle, machine_note, pingpong_proc, sequential_latency_proc, serve  # noqa: E402
+from server_common import build_bundle, machine_note, pingpong_proc, sequential_latency_proc, serve
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_common import admin_stub, build_bundle, head_variant, load, machine_note, serve  # noqa: E402
+from server_common import admin_stub, build_bundle, head_variant, load, machine_note, serve
 
-from polyhead.v1 import admin_pb2  # noqa: E402
+from polyhead.v1 import admin_pb2
 
 SWAPPED = "cartpole-continuous"
 OTHERS = ("cartpole", "acrobot")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_common import ServerProcess, build_bundle, load, machine_note, serve  # noqa: E402
+from server_common import ServerProcess, build_bundle, load, machine_note, serve
 
 TASKS = ("cartpole", "acrobot", "cartpole-continuous")
 
@@ -32,6 +32,7 @@ def _act_counts(server: ServerProcess) -> tuple[float, float]:
 def _measure(
     server: ServerProcess,
     kind: str,
+    *,
     concurrency: int,
     seconds: float,
     processes: int,
@@ -68,8 +69,8 @@ def main() -> None:
     report: dict[str, Any] = {"benchmark": "server_throughput", **machine_note(), "levels": {}}
     with serve(bundle) as server:
         for c in levels:
-            echo = _measure(server, "echo", c, args.seconds, args.processes)
-            act = _measure(server, "act", c, args.seconds, args.processes)
+            echo = _measure(server, "echo", concurrency=c, seconds=args.seconds, processes=args.processes)
+            act = _measure(server, "act", concurrency=c, seconds=args.seconds, processes=args.processes)
             act["ratio_to_echo_rps"] = act["rps"] / echo["rps"]
             report["levels"][c] = {"echo": echo, "act": act}
             print(
@@ -78,8 +79,10 @@ def main() -> None:
                 file=sys.stderr,
             )
         top = max(levels)
-        echo = _measure(server, "echo", 16, args.seconds, args.processes)
-        batch64 = _measure(server, "act", 16, args.seconds, args.processes, rows=64)
+        echo = _measure(server, "echo", concurrency=16, seconds=args.seconds, processes=args.processes)
+        batch64 = _measure(
+            server, "act", concurrency=16, seconds=args.seconds, processes=args.processes, rows=64
+        )
         batch64["actions_per_s"] = batch64["rps"] * 64
         batch64["actions_per_s_ratio_to_echo_rps"] = batch64["actions_per_s"] / echo["rps"]
         report["obs64_at_16_clients"] = {"echo": echo, "act": batch64}
@@ -89,8 +92,8 @@ def main() -> None:
             file=sys.stderr,
         )
     with serve(bundle, "--no-batching") as server:
-        echo = _measure(server, "echo", top, args.seconds, args.processes)
-        off = _measure(server, "act", top, args.seconds, args.processes)
+        echo = _measure(server, "echo", concurrency=top, seconds=args.seconds, processes=args.processes)
+        off = _measure(server, "act", concurrency=top, seconds=args.seconds, processes=args.processes)
         off["ratio_to_echo_rps"] = off["rps"] / echo["rps"]
         report["batching_off"] = {"concurrency": top, "echo": echo, "act": off}
         print(
