@@ -101,6 +101,7 @@ def test_missing_bundle_fails_cleanly(tmp_path: Path) -> None:
             "--metrics-port",
             "0",
         ],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
