@@ -146,3 +146,18 @@ def test_expired_requests_are_dropped_before_inference(server: Any) -> None:
         asyncio.run_coroutine_threadsafe(late(), server.loop).result(timeout=30), DeadlineExpired
     )
     assert batcher.stats.requests == before.requests  # never reached a pass
+
+
+def test_malformed_request_bytes_are_invalid_argument(server: Any, policy_stub: Any) -> None:
+    with grpc.insecure_channel(server.target) as ch:
+        raw_act = ch.unary_unary("/polyhead.v1.PolicyService/Act")
+        with pytest.raises(grpc.RpcError) as err:
+            raw_act(b"\xff\xff\xff\xff not a protobuf")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    import time
+
+    deadline = time.monotonic() + 5
+    while server.running.batcher._pending() != 0:  # the in-flight count is released (just after the status)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert act(policy_stub, "cartpole", observations("cartpole")).head_version == 1
