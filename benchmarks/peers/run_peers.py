@@ -1,6 +1,6 @@
 """polyhead side by side with Seldon MLServer and Ray Serve, serving the same policy on the same machine.
 
-    .venv/bin/python benchmarks/peers/run_peers.py [--quick] [--rounds 3] [--out runs/peers/peers.json]
+    .venv/bin/python benchmarks/peers/run_peers.py [--quick] [--rounds 5] [--out runs/peers/peers.json]
 
 1. Builds (once) a venv per server under ``benchmarks/peers/.venvs/``: polyhead (``-e .[serve]``: the
    serving set, no torch), MLServer 1.7.1 (``requirements-mlserver.txt``), Ray Serve
@@ -17,7 +17,8 @@
 5. For every window: requests/s, latency percentiles, errors, CPU seconds of the server's whole process
    tree (from /proc, before and after the window) per request, and how busy the machine's CPUs were.
 
-Prints markdown tables and writes all figures as JSON to ``--out``. The load generator, the servers and
+Headline figures are medians over the rounds (requests/s, and each round's p50 and p99); CPU per request
+is the sum over all rounds. Prints a markdown table and writes all figures as JSON to ``--out``. The load generator, the servers and
 anything else running share the machine's CPUs; the report records the CPU count and load average.
 """
 
@@ -95,20 +96,27 @@ class Cell:
     busy: list[float] = field(default_factory=list)
 
     def summary(self, batch: int) -> dict[str, Any]:
+        """Headline figures are medians over the rounds (robust to another job's burst during one window);
+        ``pooled_*`` merge every window's latencies."""
         lat = np.concatenate(self.latencies) if self.latencies else np.zeros(0)
         n = int(lat.size)
 
-        def pct(q: float) -> float:
-            return float(np.percentile(lat, q)) if n else math.nan
+        def pct(values: npt.NDArray[np.float64], q: float) -> float:
+            return float(np.percentile(values, q)) if values.size else math.nan
+
+        def median(values: Sequence[float]) -> float:
+            return float(np.median(values)) if len(values) else math.nan
 
         return {
             "requests": n,
-            "rps": n / self.seconds if self.seconds else math.nan,
+            "rps": median(self.rps),
             "rps_per_round": self.rps,
-            "actions_per_s": n * batch / self.seconds if self.seconds else math.nan,
-            "p50_ms": pct(50),
-            "p90_ms": pct(90),
-            "p99_ms": pct(99),
+            "actions_per_s": median(self.rps) * batch,
+            "p50_ms": median([pct(w, 50) for w in self.latencies if w.size]),
+            "p99_ms": median([pct(w, 99) for w in self.latencies if w.size]),
+            "pooled_p50_ms": pct(lat, 50),
+            "pooled_p90_ms": pct(lat, 90),
+            "pooled_p99_ms": pct(lat, 99),
             "mean_ms": float(lat.mean()) if n else math.nan,
             "errors": sum(self.errors.values()),
             "errors_by_code": self.errors,
@@ -310,9 +318,11 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 s windows")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--window", type=float, default=3.0, help="seconds per measurement window")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up before each window")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--window", type=float, default=2.0, help="seconds per measurement window (2)")
+    parser.add_argument(
+        "--warmup", type=float, default=0.5, help="seconds of warm-up before each window (0.5)"
+    )
     parser.add_argument(
         "--load-procs", type=int, default=default_processes(), help="load-generator processes"
     )
