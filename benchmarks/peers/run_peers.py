@@ -18,8 +18,9 @@
    tree (from /proc, before and after the window) per request, and how busy the machine's CPUs were.
 
 Headline figures are medians over the rounds (requests/s, and each round's p50 and p99); CPU per request
-is the sum over all rounds. Prints a markdown table and writes all figures as JSON to ``--out``. The load generator, the servers and
-anything else running share the machine's CPUs; the report records the CPU count and load average.
+is the sum over all rounds. Prints a markdown table and writes all figures as JSON to ``--out``. The load
+generator, the servers and anything else running share the machine's CPUs; the report records the CPU
+count and the load average.
 """
 
 from __future__ import annotations
