@@ -32,7 +32,7 @@ _FALLBACK = {
     "simulate": "clients.commands:register_simulate",
     "bench": "clients.commands:register_bench",
     "adapt": "trainer.adapt_commands:register_adapt",
-    "demo": "trainer.commands:register_demo",
+    "demo": "trainer.demo_commands:register_demo",
 }
 _EXTRA_HINT = {
     "train": "train",
@@ -47,15 +47,15 @@ _ORDER = ["demo", "train", "serve", "simulate", "adapt", "bench"]
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _jsonable(value.item())
+        return jsonable(value.item())
     return value
 
 
@@ -66,7 +66,7 @@ def emit_summary(summary: dict[str, Any], *, as_json: bool, human: str | None = 
         print(human, file=sys.stderr)
     if as_json:
         sys.stdout.flush()
-        print(json.dumps(_jsonable(summary), sort_keys=False), flush=True)
+        print(json.dumps(jsonable(summary), sort_keys=False), flush=True)
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
