@@ -59,6 +59,12 @@ class ServerProcess:
                     return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def scrape(self) -> dict[str, float]:
         """Unlabelled sums of every sample in the metrics endpoint, keyed by the full sample line name."""
         text = (

@@ -39,6 +39,7 @@ def _measure(
     rows: int | None = None,
 ) -> dict[str, Any]:
     passes0, req0 = _act_counts(server)
+    cpu0 = server.cpu_seconds()
     result = load(
         server.target,
         kind,
@@ -48,8 +49,15 @@ def _measure(
         rows=rows,
         processes=min(processes, concurrency),
     )
+    cpu1 = server.cpu_seconds()
     passes1, req1 = _act_counts(server)
-    out = {"rps": result.rps, "p50_us": result.pct(50) * 1e6, "p99_us": result.pct(99) * 1e6}
+    out = {
+        "rps": result.rps,
+        "p50_us": result.pct(50) * 1e6,
+        "p99_us": result.pct(99) * 1e6,
+        # Server CPU per call: independent of whether the clients or the server were the bottleneck.
+        "server_cpu_us_per_request": (cpu1 - cpu0) / max(1, result.requests) * 1e6,
+    }
     if kind == "act":
         out["trunk_passes_per_request"] = (passes1 - passes0) / max(1.0, req1 - req0)
     return out
@@ -75,7 +83,9 @@ def main() -> None:
             report["levels"][c] = {"echo": echo, "act": act}
             print(
                 f"c={c}: echo {echo['rps']:.0f}/s, act {act['rps']:.0f}/s (x{act['ratio_to_echo_rps']:.2f}), "
-                f"passes/request {act['trunk_passes_per_request']:.2f}",
+                f"passes/request {act['trunk_passes_per_request']:.2f}, server CPU per call "
+                f"echo {echo['server_cpu_us_per_request']:.0f} us, "
+                f"act {act['server_cpu_us_per_request']:.0f} us",
                 file=sys.stderr,
             )
         top = max(levels)
@@ -98,7 +108,9 @@ def main() -> None:
         report["batching_off"] = {"concurrency": top, "echo": echo, "act": off}
         print(
             f"batching off, c={top}: echo {echo['rps']:.0f}/s, act {off['rps']:.0f}/s "
-            f"(x{off['ratio_to_echo_rps']:.2f}), passes/request {off['trunk_passes_per_request']:.2f}",
+            f"(x{off['ratio_to_echo_rps']:.2f}), passes/request {off['trunk_passes_per_request']:.2f}, "
+            f"server CPU per call echo {echo['server_cpu_us_per_request']:.0f} us, "
+            f"act {off['server_cpu_us_per_request']:.0f} us",
             file=sys.stderr,
         )
     print(json.dumps(report))
