@@ -43,6 +43,7 @@ from trainer.updater.head_ppo import HeadLearner, collect_head_rollout
 
 EVAL_SEED = 123_000
 METHODS = ("head-only (fresh)", "head-only (nearest)", "from scratch", "full fine-tuning")
+COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
 
 
 def _eval(policy: MultiTaskPolicy, task: TaskSpec, episodes: int) -> float:
@@ -168,6 +169,7 @@ def main() -> None:
         "machine": machine(),
         "bundle": str(args.bundle),
         "samples": args.samples,
+        "episodes": args.episodes,
         "ppo": ppo.to_json(),
         "old_task_returns_before": _old_returns(base, old_tasks, args.episodes),
         "runs": [],
@@ -279,7 +281,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     before = report["old_task_returns_before"]
     lines += [
-        "Old-task returns (deterministic, 5 episodes, mean over runs) before and after adapting, per method:",
+        "Old-task returns (deterministic evaluation, mean over runs) before and after adapting, per method:",
         "",
         "| old task | before | "
         + " | ".join(
@@ -319,15 +321,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
             if not rs:
                 continue
             xs, mean, std = _mean_curve(rs)
-            ax.plot(xs, mean, label=f"{m} (n={len(rs)})")
-            ax.fill_between(xs, mean - std, mean + std, alpha=0.15)
+            ax.plot(xs, mean, label=f"{m} (n={len(rs)})", color=COLORS[m])
+            ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=COLORS[m])
         zs = report["zero_shot"][task_id]
         ax.axhline(
             zs["return"], color="k", ls="--", lw=1, label=f"zero-shot best old head ({zs['best_head']})"
         )
         ax.set_title(task_id)
         ax.set_xlabel("new-task samples (env steps)")
-        ax.set_ylabel("deterministic eval return (5 episodes)")
+        ax.set_ylabel(f"deterministic eval return ({report.get('episodes', 5)} episodes)")
         ax.set_ylim(0, 520)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("cartpole-family held-out tasks: mean ± std over seeds (shared 2-core CPU)", fontsize=10)
