@@ -1,20 +1,23 @@
 """Dynamic cross-task batching: concurrent requests of any task mix share one trunk pass.
 
 A request is queued with the :class:`LoadedHead` it resolved on arrival (so it finishes on that head
-whatever swaps happen meanwhile). One coroutine at a time (the first caller that finds the batcher idle,
-then a worker task) takes queued requests (up to ``max_batch_size``
-observations), drops those whose deadline passed, and runs them in a one-thread executor, off the event
-loop: one trunk pass over all rows, then one pass per head (task, version) over that head's rows, then
-action selection per head group. While a pass runs the loop keeps accepting calls; they form the next
-batch, which is where batching comes from under load.
+whatever swaps happen meanwhile). One coroutine at a time runs passes: the first caller that finds the
+batcher idle (the leader), until its own request is answered, then a worker task while requests remain.
+A pass takes queued requests (up to ``max_batch_size`` observations), drops those whose deadline passed,
+runs one trunk pass over all rows, one pass per head (task, version) over that head's rows, and action
+selection per head group.
 
-Adaptive wait: before a pass the worker yields to the event loop, and keeps yielding only while new
-requests keep arriving (bounded by ``max_queue_delay``), so a lone client never pays the window (it pays
-one event-loop turn). A lone small request runs on the loop thread (the hand-off to the inference thread
-costs more than a few rows of inference); under load, passes run in the inference thread.
+Adaptive, from ``pending`` (the calls the transport has accepted and not answered, see
+:mod:`server.inflight`):
 
-Backpressure: at most ``max_queue_size`` requests wait; the next gets :class:`Overloaded`.
-No grpc here: the servicers translate.
+* no other call in progress (a lone client): the pass runs at once on the event-loop thread; it pays no
+  window and no thread hand-off, which for a few rows costs more than the inference;
+* other calls in progress: the pass first yields to the loop while the queue keeps growing (bounded by
+  ``max_queue_delay`` and a full batch), then runs in the one-thread executor, so the loop keeps accepting
+  calls meanwhile; they form the next batch, which is where batching comes from under load.
+
+Backpressure: at most ``max_queue_size`` requests wait; the next gets :class:`Overloaded` (the message
+names the limit). No grpc here: the servicers translate.
 """
 
 from __future__ import annotations
