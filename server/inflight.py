@@ -1,33 +1,46 @@
-"""Counts unary RPCs in progress, from the moment gRPC accepts a call until its response is sent.
+"""Counts unary RPCs in progress, from the moment gRPC accepts a call until its handler returns.
 
 The batcher uses the count as its signal that requests are arriving: a call accepted by gRPC is counted
 before its request message is even read, so while other calls are in progress the batcher waits (briefly,
 and only while the queue keeps growing) for them to join the next trunk pass; with no other call in
 progress a request runs at once. A server interceptor is the one place that sees calls that early.
 
-Known limit: a call cancelled by its client after gRPC accepted it but before its request message was read
-never reaches the handler and stays counted; the count then only makes lone requests take the batching
-path (correct, a little slower).
+A call cancelled by its client after gRPC accepted it but before its message was read never reaches its
+handler; such entries are forgotten after ``stale_after_s``, so the count heals itself.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
+_PURGE_EVERY_S = 1.0
+
 
 class InflightCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Counts calls in progress to the unary methods in ``methods`` (full names, ``/pkg.Service/Method``)."""
+    """Counts calls in progress to the unary methods in ``methods`` (full names, ``/pkg.Service/Method``).
 
-    def __init__(self, methods: frozenset[str]) -> None:
+    Calling the object returns the count. Use from the server's event loop only.
+    """
+
+    def __init__(self, methods: frozenset[str], *, stale_after_s: float = 60.0) -> None:
         self._methods = methods
-        self.count = 0
-        self._wrapped: dict[int, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._stale_after_s = stale_after_s
+        self._calls: dict[int, float] = {}  # call token -> time accepted
+        self._next_token = 0
+        self._last_purge = time.monotonic()
 
     def __call__(self) -> int:
-        return self.count
+        now = time.monotonic()
+        if now - self._last_purge > _PURGE_EVERY_S:
+            self._last_purge = now
+            limit = now - self._stale_after_s
+            for token in [t for t, accepted in self._calls.items() if accepted < limit]:
+                del self._calls[token]
+        return len(self._calls)
 
     async def intercept_service(
         self,
@@ -37,16 +50,12 @@ class InflightCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler_call_details.method not in self._methods or handler is None or handler.unary_unary is None:
             return handler
-        self.count += 1  # released when the wrapped behaviour returns (response sent) or fails
-        wrapped = self._wrapped.get(id(handler))
-        if wrapped is None:
-            wrapped = self._wrap(handler)
-            self._wrapped[id(handler)] = wrapped
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        token = self._next_token
+        self._next_token += 1
+        self._calls[token] = time.monotonic()
         behaviour: Any = handler.unary_unary  # an async callable on a grpc.aio server
         decode = handler.request_deserializer
+        calls = self._calls
 
         async def counted(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             # The request is decoded here rather than by gRPC, so a malformed message still releases the
@@ -58,6 +67,6 @@ class InflightCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}")
                 return await behaviour(request, context)
             finally:
-                self.count -= 1
+                calls.pop(token, None)
 
         return grpc.unary_unary_rpc_method_handler(counted, response_serializer=handler.response_serializer)

@@ -161,3 +161,12 @@ def test_malformed_request_bytes_are_invalid_argument(server: Any, policy_stub: 
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert act(policy_stub, "cartpole", observations("cartpole")).head_version == 1
+
+
+def test_inflight_count_forgets_calls_that_never_reached_their_handler() -> None:
+    from server.inflight import InflightCounter
+
+    counter = InflightCounter(frozenset({"/m"}), stale_after_s=0.0)
+    counter._calls[0] = 0.0  # accepted long ago, cancelled before its message was read
+    counter._last_purge = 0.0
+    assert counter() == 0
