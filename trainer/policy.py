@@ -245,8 +245,9 @@ class TaskHead(nn.Module):
     def dist(self, features: torch.Tensor) -> Distribution:
         first, log_std = self.actor_params(features)
         if log_std is None:
-            return Categorical(logits=first)
-        return Normal(first, log_std.exp())
+            # Argument validation costs more than the tiny networks here; the inputs come from our own layers.
+            return Categorical(logits=first, validate_args=False)
+        return Normal(first, log_std.exp(), validate_args=False)
 
     def log_prob(self, dist: Distribution, action: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = dist.log_prob(action)

@@ -199,6 +199,7 @@ def ppo_update(
     """``config.update_epochs`` epochs of clipped-surrogate PPO over minibatches holding every task."""
     task_ids = list(rollouts)
     trunk_params = list(policy.trunk.parameters())
+    all_params = list(policy.parameters())
     surgery = config.grad_surgery == "pcgrad"
     want_cosines = surgery or config.log_grad_cosines
     sums: dict[str, dict[str, float]] = {t: {} for t in task_ids}
@@ -280,7 +281,7 @@ def ppo_update(
                     _assign_flat_grad(trunk_params, pcgrad(task_grads, generator))
             else:
                 total.backward()  # type: ignore[no-untyped-call]
-            nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            nn.utils.clip_grad_norm_(all_params, config.max_grad_norm, foreach=True)
             optimizer.step()
 
         if config.target_kl is not None and float(np.mean(epoch_kl)) > config.target_kl:

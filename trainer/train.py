@@ -139,7 +139,8 @@ def train(
     np.random.seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     policy = MultiTaskPolicy(policy_config, D, {t.id: spaces[t.id][1] for t in tasks})
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=1e-5)
+    # foreach: one kernel per step for all the small parameter tensors instead of one per tensor.
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=1e-5, foreach=True)
     env_count = config.envs_per_task * (2 if config.task_sampling == "gap" else 1)
     states: list[TaskState] = []
     for k, t in enumerate(tasks):
