@@ -37,6 +37,7 @@ from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
 from server.auth import BearerTokenInterceptor
 from server.batcher import Batcher
 from server.dataplane import DataPlane
+from server.decoding import DecodeRequests
 from server.experience import ExperienceHub
 from server.inflight import InflightCounter
 from server.metrics import MetricsHTTPServer, ServerMetrics, serve_metrics
@@ -177,8 +178,10 @@ async def start_server(
     ]
     token_interceptors = [BearerTokenInterceptor(settings.admin_token)] if settings.admin_token else []
     shared_admin = settings.admin_mode == "shared"
+    # Order: count the call, check the token, then decode the request inside the handler.
     main = grpc.aio.server(
-        options=options, interceptors=[inflight, *(token_interceptors if shared_admin else [])]
+        options=options,
+        interceptors=[inflight, *(token_interceptors if shared_admin else []), DecodeRequests()],
     )
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer), main)  # type: ignore[no-untyped-call]
     policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)  # type: ignore[no-untyped-call]
@@ -199,7 +202,7 @@ async def start_server(
 
     admin_port: int | None = port if shared_admin else None
     if settings.admin_mode == "separate":
-        admin = grpc.aio.server(options=options, interceptors=token_interceptors)
+        admin = grpc.aio.server(options=options, interceptors=[*token_interceptors, DecodeRequests()])
         admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, admin)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
         reflection.enable_server_reflection([ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], admin)

@@ -54,19 +54,16 @@ class InflightCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._next_token += 1
         self._calls[token] = time.monotonic()
         behaviour: Any = handler.unary_unary  # an async callable on a grpc.aio server
-        decode = handler.request_deserializer
         calls = self._calls
 
-        async def counted(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            # The request is decoded here rather than by gRPC, so a malformed message still releases the
-            # count and gets INVALID_ARGUMENT (gRPC's own decoding failure would be INTERNAL).
+        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
-                try:
-                    request = decode(raw) if decode is not None else raw
-                except Exception as exc:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}")
                 return await behaviour(request, context)
             finally:
                 calls.pop(token, None)
 
-        return grpc.unary_unary_rpc_method_handler(counted, response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            counted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

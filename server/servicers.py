@@ -144,15 +144,21 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def ActStream(
         self, request_iterator: AsyncIterator[policy_pb2.StepRequest], context: Context
     ) -> AsyncIterator[policy_pb2.StepResponse]:
-        async for request in request_iterator:
+        messages = aiter(request_iterator)
+        while True:
             started = time.perf_counter()
+            task_id = ""
             try:
+                request = await anext(messages)
+                task_id = request.task_id
                 response = await self._step(request, context)
-            except Exception as exc:
+            except StopAsyncIteration:
+                return
+            except Exception as exc:  # includes a malformed message (DecodeError) from the iterator
                 code, message = _translate(exc, "ActStream")
-                self._observer.record("ActStream", request.task_id, code, started)
+                self._observer.record("ActStream", task_id, code, started)
                 await context.abort(code, message)
-            self._observer.record("ActStream", request.task_id, grpc.StatusCode.OK, started)
+            self._observer.record("ActStream", task_id, grpc.StatusCode.OK, started)
             yield response
 
     async def _step(self, request: policy_pb2.StepRequest, context: Context) -> policy_pb2.StepResponse:

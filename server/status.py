@@ -8,6 +8,7 @@ becomes ``INTERNAL``; no client mistake may reach that branch.
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from polyhead import errors
 
@@ -32,9 +33,15 @@ STATUS_TABLE: tuple[tuple[type[errors.PolyheadError], grpc.StatusCode], ...] = (
 )
 
 
+# Malformed request bytes in a request stream (decoded as the servicer iterates): the client's mistake.
+TRANSPORT_TABLE: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (DecodeError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
 def status_for(exc: BaseException) -> grpc.StatusCode:
     """The gRPC code for an exception: the first matching table row, else INTERNAL."""
-    for cls, code in STATUS_TABLE:
+    for cls, code in (*STATUS_TABLE, *TRANSPORT_TABLE):
         if isinstance(exc, cls):
             return code
     return grpc.StatusCode.INTERNAL

@@ -149,11 +149,21 @@ def test_expired_requests_are_dropped_before_inference(server: Any) -> None:
 
 
 def test_malformed_request_bytes_are_invalid_argument(server: Any, policy_stub: Any) -> None:
-    with grpc.insecure_channel(server.target) as ch:
-        raw_act = ch.unary_unary("/polyhead.v1.PolicyService/Act")
-        with pytest.raises(grpc.RpcError) as err:
-            raw_act(b"\xff\xff\xff\xff not a protobuf")
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    garbage = b"\xff\xff\xff\xff not a protobuf"
+    with grpc.insecure_channel(server.target) as ch, grpc.insecure_channel(server.admin_target) as admin:
+        calls: list[Callable[[], Any]] = [
+            lambda: ch.unary_unary("/polyhead.v1.PolicyService/Act")(garbage),
+            lambda: ch.unary_unary("/polyhead.v1.PolicyService/ListTasks")(garbage),
+            lambda: list(ch.stream_stream("/polyhead.v1.PolicyService/ActStream")(iter([garbage]))),
+            lambda: ch.stream_unary("/polyhead.v1.PolicyService/ReportExperience")(iter([garbage])),
+            lambda: admin.unary_unary("/polyhead.v1.HeadAdmin/LoadHead")(garbage),
+            lambda: admin.unary_unary("/polyhead.v1.HeadAdmin/SetActiveVersion")(garbage),
+            lambda: list(admin.unary_stream("/polyhead.v1.HeadAdmin/StreamExperience")(garbage)),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     import time
 
     deadline = time.monotonic() + 5
