@@ -233,3 +233,62 @@ def test_polyhead_adapt_remote_command(random_copy: Path, serve: Callable[..., A
     assert summary["served_version"] == summary["active_version"]
     assert "published cartpole-reversed version 2" in proc.stderr
     assert stats.failed_requests == 0 and len(stats.versions_seen) >= 2
+
+
+def test_remote_loop_rolls_back_when_the_world_changes_under_a_new_version(
+    trained_copy: Path, serve: Callable[..., Any]
+) -> None:
+    """The full loop: right after version 2 is published the clients' environment changes (the actuator is
+    reversed), version 2's live returns collapse against version 1's, and the updater rolls it back on the
+    server and in the bundle by itself, counts it and says so in the summary."""
+    import threading
+
+    srv = serve(trained_copy)
+    task = TaskSpec(id="cartpole-plain", env="CartPole-v1", target_return=475.0)
+    surprise = load_task_spec("cartpole-family:cartpole-reversed")
+    metrics = UpdaterMetrics()
+    config = default_config(
+        bundle=trained_copy,
+        task=task,
+        source="remote",
+        server=srv.target,
+        admin_target=srv.admin_target,
+        init="nearest",
+        exporter="torchscript",
+        publish_every=2,
+        guard_episodes=6,
+        guard_timeout_s=60.0,
+        rollback_margin=0.2,
+        zero_shot_episodes=3,
+        ppo={"total_steps": 3_000, "envs_per_task": 4, "num_steps": 64, "update_epochs": 4},
+    )
+    results: list[Any] = []
+    updater = threading.Thread(target=lambda: results.append(adapt(config, metrics=metrics)), daemon=True)
+    updater.start()
+    normal = SimulatorFleet(srv.target, task.id, clients=4, episodes_per_round=1, seed=21).start()
+    control = ServerControl(srv.admin_target)
+    try:
+        wait_for(lambda: control.versions(task.id)[1] >= 2, 120, "version 2")
+    finally:
+        control.close()
+    changed = SimulatorFleet(
+        srv.target, task.id, clients=4, episodes_per_round=2, seed=22, task_spec=surprise
+    )
+    changed.start()
+    stopper = threading.Thread(target=normal.stop)  # the last normal-world rounds end in the background
+    stopper.start()
+    updater.join(timeout=240)
+    stats = changed.stop()
+    stopper.join(timeout=60)
+    assert results, "the updater did not finish"
+    result = results[0]
+    assert result.rollbacks >= 1 and result.rolled_back
+    rolled = [v["version"] for v in result.versions if v["rolled_back"]]
+    assert rolled[0] == 2 and result.active_version not in rolled
+    assert metrics.registry.get_sample_value("polyhead_updater_rollbacks_total", {"task": task.id}) == float(
+        result.rollbacks
+    )
+    with AdminClient(srv.admin_target) as admin:
+        assert admin.versions(task.id)[1] == result.active_version
+    assert Bundle.open(trained_copy).active_version(task.id) == result.active_version
+    assert stats.failed_requests == 0 and normal.stats.failed_requests == 0

@@ -23,6 +23,7 @@ from clients.errors import (
     DeadlineExceeded,
     PolicyClientError,
     PreconditionFailed,
+    TaskNotFound,
     Unauthenticated,
     Unavailable,
     Unimplemented,
@@ -89,6 +90,8 @@ class ServerControl:
         """(loaded versions, active version) of ``task_id`` on the server (([], 0) when not served)."""
         try:
             heads = self._admin.list_heads(task_id)
+        except TaskNotFound:
+            return [], 0
         except PolicyClientError as exc:
             raise _domain_error(exc, f"listing the heads of {task_id!r}", self.target) from None
         loaded = sorted(h.version for h in heads if h.task_id == task_id)

@@ -4,7 +4,8 @@ Each client is a thread running :func:`clients.simulator.run_simulation` (a real
 plane, sampled actions, rewards reported) in rounds of a few episodes, so it keeps acting while the
 updater publishes versions. A client waits for the task to be served before its first round (the updater
 registers the task when it publishes version 1). Failed requests and every head version seen are summed
-over all rounds.
+over all rounds. ``task_spec`` makes the clients build their environments from another spec with the same
+spaces (a world that changed under the served task: what the guarded rollout exists for).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from clients.errors import PolicyClientError, TaskNotFound
 from clients.policy_client import PolicyClient
 from clients.simulator import SimulationConfig, run_simulation
+from polyhead.taskspec import TaskSpec
 
 log = logging.getLogger("trainer.adapt")
 
@@ -48,6 +50,7 @@ class SimulatorFleet:
         mode: str = "unary",
         seed: int = 0,
         wait_s: float = 120.0,
+        task_spec: TaskSpec | None = None,
     ) -> None:
         self.target = target
         self.task_id = task_id
@@ -57,6 +60,7 @@ class SimulatorFleet:
         self.mode = mode
         self.seed = seed
         self.wait_s = wait_s
+        self.task_spec = task_spec
         self.stats = FleetStats()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -87,6 +91,7 @@ class SimulatorFleet:
                     deterministic=False,
                     seed=self.seed + 100_000 * index + self.episodes_per_round * round_no,
                     mode=self.mode,  # type: ignore[arg-type]
+                    task_spec=self.task_spec,
                 )
                 result = run_simulation(self.target, config)
                 round_no += 1
