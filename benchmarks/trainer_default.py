@@ -40,7 +40,7 @@ def main() -> None:
     print(
         f"wall {result.wall_seconds:.1f} s, {result.steps_per_second:,.0f} steps/s (end to end, incl. export)"
     )
-    print(f"parameters {result.parameters:,} trained, {result.served_parameters:,} served (trunk + heads)")
+    print(f"parameters {result.parameters:,} trained, {result.policy_parameters:,} policy (trunk + heads)")
     for task in suite.train_tasks:
         ret = result.eval_returns[task.id]
         verdict = "ok" if ret >= task.target_return else "NOT SOLVED"

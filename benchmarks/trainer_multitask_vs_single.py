@@ -76,7 +76,7 @@ def main() -> None:
         s = [r.eval_returns[t] for r in single]
         print(f"{t:26s} {mean_std(m):>16s} {mean_std(s):>16s}")
     print(f"{'parameters (trained)':26s} {multi[0].parameters:>16,} {single[0].parameters:>16,}")
-    print(f"{'parameters (served)':26s} {multi[0].served_parameters:>16,} {single[0].served_parameters:>16,}")
+    print(f"{'parameters (policy)':26s} {multi[0].policy_parameters:>16,} {single[0].policy_parameters:>16,}")
     walls = [mean_std([r.wall_seconds for r in runs]) for runs in (multi, single)]
     print(f"{'wall seconds':26s} {walls[0]:>16s} {walls[1]:>16s}")
     if args.json_out:

@@ -4,8 +4,9 @@ The plain loop (below, in CleanRL's shape: gymnasium SyncVectorEnv, separate 64-
 GAE, clipped surrogate) and the polyhead trainer run the same settings on CartPole-v1: 8 envs x 32 steps,
 20 epochs over the full batch, one torch thread, no periodic evaluation. The trainer also runs the
 5-task cartpole-family (5 x 8 envs). Runs alternate (plain, trainer, plain, trainer, ...) so the shared
-machine's load hits both alike; the ratio uses the medians. The trainer's time is its training loop
-(the last metrics.csv row), without the final evaluation and export.
+machine's load hits both alike; the ratio uses the medians. Both are timed from the end of their first
+iteration to the end of their last (the trainer's from its metrics.csv rows), so set-up, the trainer's
+final evaluation and export are excluded.
 
     .venv/bin/python benchmarks/trainer_throughput.py [--steps 40000] [--repeats 2]
 """
@@ -87,6 +88,8 @@ def plain_cleanrl(total_steps: int, seed: int) -> float:
     next_done = torch.zeros(NUM_ENVS)
     start = time.perf_counter()
     for iteration in range(1, num_iterations + 1):
+        if iteration == 2:  # time from the end of the first iteration, as for the trainer
+            start = time.perf_counter()
         optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * LR
         for step in range(NUM_STEPS):
             obs[step] = next_obs
@@ -131,7 +134,7 @@ def plain_cleanrl(total_steps: int, seed: int) -> float:
             optimizer.step()
     elapsed = time.perf_counter() - start
     envs.close()
-    return num_iterations * batch_size / elapsed
+    return (num_iterations - 1) * batch_size / elapsed
 
 
 def polyhead_trainer(suite: Suite, total_steps: int, seed: int) -> float:
@@ -151,8 +154,12 @@ def polyhead_trainer(suite: Suite, total_steps: int, seed: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         result = train(suite, Path(tmp) / "b", config=config, progress=False, exporter="torchscript")
         with (result.bundle / "logs" / "metrics.csv").open() as fh:
-            last = list(csv.DictReader(fh))[-1]
-    return int(last["step"]) / float(last["wall_seconds"])
+            rows = list(csv.DictReader(fh))
+    # From the end of the first iteration to the end of the last: set-up, evaluation and export excluded.
+    first, last = rows[0], rows[-1]
+    return (int(last["step"]) - int(first["step"])) / (
+        float(last["wall_seconds"]) - float(first["wall_seconds"])
+    )
 
 
 def main() -> None:

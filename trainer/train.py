@@ -38,14 +38,19 @@ FINAL_EVAL_SEED_OFFSET = 500_000
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a training run produced; :meth:`summary` is the ``--json`` line."""
+    """What a training run produced; :meth:`summary` is the ``--json`` line.
+
+    ``parameters`` counts everything trained (trunk, policy heads, critics); ``policy_parameters`` only
+    what computes actions (trunk + policy heads). A separate critic is still exported in ``head.onnx``
+    (its ``value`` output), but no action depends on it.
+    """
 
     bundle: Path
     suite: str
     steps: int
     wall_seconds: float
     parameters: int
-    served_parameters: int
+    policy_parameters: int
     eval_returns: dict[str, float]
     eval_episodes: dict[str, list[float]]
     best_step: int
@@ -67,7 +72,7 @@ class TrainResult:
             "tasks": {t: {"eval_return": r} for t, r in self.eval_returns.items()},
             # Beyond the fixed keys above:
             "solved": sorted(t for t, ok in self.solved.items() if ok),
-            "served_parameters": self.served_parameters,
+            "policy_parameters": self.policy_parameters,
             "steps_per_second": round(self.steps_per_second, 1),
             "best_step": self.best_step,
         }
@@ -251,7 +256,7 @@ def train(
         steps=global_step,
         wall_seconds=wall,
         parameters=policy.parameter_count(),
-        served_parameters=policy.parameter_count(include_critic=policy_config.critic == "shared"),
+        policy_parameters=policy.parameter_count(include_critic=policy_config.critic == "shared"),
         eval_returns=eval_returns,
         eval_episodes=final,
         best_step=best_step,
@@ -300,7 +305,7 @@ def train_independent(
         steps=sum(r.steps for r in runs.values()),
         wall_seconds=time.perf_counter() - started,
         parameters=sum(r.parameters for r in runs.values()),
-        served_parameters=sum(r.served_parameters for r in runs.values()),
+        policy_parameters=sum(r.policy_parameters for r in runs.values()),
         eval_returns=eval_returns,
         eval_episodes={t: r.eval_episodes[t] for t, r in runs.items()},
         best_step=0,
