@@ -146,7 +146,12 @@ async def start_server(
     metrics = ServerMetrics(metrics_registry if metrics_registry is not None else CollectorRegistry())
     metrics.server_info.labels(version=__version__, trunk_sha256=manifest.trunk_sha256).set(1)
     registry = HeadRegistry(
-        bundle, trunk, session_options=opts, warmup_batch_sizes=settings.warmup_batch_sizes, metrics=metrics
+        bundle,
+        trunk,
+        session_options=opts,
+        warmup_batch_sizes=settings.warmup_batch_sizes,
+        metrics=metrics,
+        max_head_bytes=settings.max_head_bytes,
     )
     await asyncio.to_thread(registry.load_bundle_heads)
     inflight = InflightCounter(frozenset({f"/{POLICY_SERVICE}/Act"}))

@@ -56,6 +56,7 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--episode-ttl", "episode_ttl_s", float, "seconds before an idle episode's experience is dropped (300)"),
     ("--max-open-episodes", "max_open_episodes", int, "episodes assembled at once (10000)"),
     ("--max-message-bytes", "max_message_bytes", int, "largest gRPC message accepted (64 MiB)"),
+    ("--max-head-bytes", "max_head_bytes", int, "largest uploaded head, onnx + head_json (16 MiB)"),
     ("--tls-cert", "tls_cert", Path, "PEM certificate: serve the data plane over TLS"),
     ("--tls-key", "tls_key", Path, "PEM private key for --tls-cert"),
     ("--tls-client-ca", "tls_client_ca", Path, "PEM CA: require client certificates (mTLS)"),

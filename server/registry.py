@@ -126,8 +126,10 @@ class HeadRegistry:
         session_options: ort.SessionOptions,
         warmup_batch_sizes: tuple[int, ...],
         metrics: ServerMetrics,
+        max_head_bytes: int | None = None,
     ) -> None:
         self.bundle = bundle
+        self.max_head_bytes = max_head_bytes
         self.trunk = trunk
         self.manifest = bundle.manifest
         self._opts = session_options
@@ -222,6 +224,13 @@ class HeadRegistry:
         try:
             if not onnx_bytes:
                 raise InvalidArgument("LoadHead needs head ONNX bytes or a repository_path")
+            size = len(onnx_bytes) + len(head_json.encode())
+            if self.max_head_bytes is not None and size > self.max_head_bytes:
+                # Checked before parsing: an oversize upload costs no onnxruntime session.
+                raise InvalidArgument(
+                    f"uploaded head of task {task_id!r} is {size} bytes (onnx + head_json); this server "
+                    f"accepts at most {self.max_head_bytes} (setting max_head_bytes)"
+                )
             if not head_json:
                 raise InvalidArgument(
                     "LoadHead with ONNX bytes needs head_json (the head.json of the bundle)"

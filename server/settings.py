@@ -93,6 +93,11 @@ class ServerSettings(BaseSettings):
 
     # --- transport ---------------------------------------------------------------------------------------
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest gRPC message accepted")
+    max_head_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="largest head a LoadHead upload may carry (onnx + head_json); more is INVALID_ARGUMENT",
+    )
     grace_period_s: float = Field(10.0, ge=0.0, description="SIGTERM: seconds in-flight calls may finish")
     tls_cert: Path | None = Field(None, description="PEM certificate of the data plane (enables TLS)")
     tls_key: Path | None = Field(None, description="PEM private key of the data plane")
