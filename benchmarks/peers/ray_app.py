@@ -6,6 +6,10 @@ venv on ``PYTHONPATH``, since Ray's gRPC proxy serves a user-defined protobuf se
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 PYTHONPATH=STUBS:ray_loopback \\
         .venvs/ray/bin/python ray_app.py --model policy.onnx --grpc-port P --http-port H --ready-file F
 
+Two applications can run side by side on the one cluster and proxy: ``policy`` (Ray Serve's defaults,
+``max_ongoing_requests`` 5) and, with ``--tuned-max-ongoing N``, ``policy-tuned`` (the same deployment
+with ``max_ongoing_requests`` N); clients pick one with the ``application`` gRPC metadata.
+
 The proxied service is ``polyhead.v1.PolicyService``; only ``Act`` is implemented (the wire format of the
 request and response is polyhead's own, so the load generator sends the same bytes to polyhead and to
 Ray). Ray stays on loopback: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes the node address 127.0.0.1,
@@ -31,6 +35,7 @@ from ray.serve.config import HTTPOptions, gRPCOptions
 from polyhead.v1 import policy_pb2, types_pb2
 
 APP = "policy"
+TUNED_APP = "policy-tuned"
 
 
 @serve.deployment(name="PolicyDeployment")
@@ -67,6 +72,12 @@ def main() -> int:
     parser.add_argument("--grpc-port", type=int, required=True, help="gRPC proxy port on 127.0.0.1")
     parser.add_argument("--http-port", type=int, required=True, help="HTTP proxy port on 127.0.0.1")
     parser.add_argument("--ready-file", type=Path, required=True, help="written once the app is running")
+    parser.add_argument(
+        "--tuned-max-ongoing",
+        type=int,
+        default=0,
+        help=f"also run the app {TUNED_APP!r}: the same deployment with this max_ongoing_requests (0: no)",
+    )
     args = parser.parse_args()
 
     stop = threading.Event()
@@ -87,7 +98,13 @@ def main() -> int:
                 grpc_servicer_functions=["polyhead.v1.policy_pb2_grpc.add_PolicyServiceServicer_to_server"],
             ),
         )
-        serve.run(PolicyDeployment.bind(str(args.model.resolve())), name=APP, route_prefix="/")
+        model = str(args.model.resolve())
+        serve.run(PolicyDeployment.bind(model), name=APP, route_prefix="/")
+        if args.tuned_max_ongoing:
+            tuned = PolicyDeployment.options(
+                name="PolicyDeploymentTuned", max_ongoing_requests=args.tuned_max_ongoing
+            )
+            serve.run(tuned.bind(model), name=TUNED_APP, route_prefix="/tuned")
         args.ready_file.write_text(json.dumps({"grpc_port": args.grpc_port, "pid": os.getpid()}))
         stop.wait()
     finally:

@@ -45,9 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fuse import check_parity, fuse, run_fused
 from load import LoadPool, default_processes
 from servers import (
+    RAY_TUNED_APP,
     REPO,
     VENVS,
     Echo,
+    PolicyAct,
+    Protocol,
     RunningServer,
     Venv,
     call,
@@ -63,7 +66,13 @@ from servers import (
 )
 
 SERVERS = ("polyhead", "mlserver", "ray")
-LABELS = {"polyhead": "polyhead", "mlserver": "MLServer", "ray": "Ray Serve", "echo": "echo floor"}
+LABELS = {
+    "polyhead": "polyhead",
+    "mlserver": "MLServer",
+    "ray": "Ray Serve",
+    "ray-tuned": "Ray Serve, max_ongoing_requests {n}",
+    "echo": "echo floor",
+}
 
 
 @dataclass(frozen=True)
@@ -219,8 +228,9 @@ def _fmt(v: float, digits: int = 2) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    names = [s for s in SERVERS if s in report["servers"]]
-    cols = [LABELS[s] for s in names]
+    names = list(report["measured"])
+    tuned = report["config"]["ray_tuned_max_ongoing"]
+    cols = [LABELS[s].format(n=tuned) for s in names]
     res = report["results"]
     echo = report["echo"]
     floor = report["in_process_floor"]
@@ -307,9 +317,9 @@ def markdown(report: dict[str, Any]) -> str:
     )
     c64 = {s: get(s, "c64", "rps") for s in names}
     ratios = []
-    for peer in ("mlserver", "ray"):
+    for peer in ("mlserver", "ray", "ray-tuned"):
         if peer in c64 and "polyhead" in c64 and c64[peer] > 0:
-            ratios.append(f"{LABELS[peer]} {c64['polyhead'] / c64[peer]:.1f}x")
+            ratios.append(f"{LABELS[peer].format(n=tuned)} {c64['polyhead'] / c64[peer]:.1f}x")
     text = "\n".join(lines)
     if ratios:
         text += "\n\npolyhead req/s at 64 clients vs " + ", ".join(ratios) + "."
@@ -339,6 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         help="MLServer parallel_workers (default: MLServer's own default, 1 inference worker process)",
+    )
+    parser.add_argument(
+        "--ray-tuned-max-ongoing",
+        type=int,
+        default=64,
+        help="also measure a second Ray app with this max_ongoing_requests (64; 0: only the default, 5)",
     )
     parser.add_argument("--rebuild-venvs", action="store_true", help="rebuild the venvs even if up to date")
     args = parser.parse_args(argv)
@@ -386,7 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mlserver": lambda: mlserver_spec(
             venvs["mlserver"], model, args.task, work, probe, parallel_workers=args.mlserver_parallel_workers
         ),
-        "ray": lambda: ray_spec(venvs["ray"], model, args.task, work, probe),
+        "ray": lambda: ray_spec(
+            venvs["ray"], model, args.task, work, probe, tuned_max_ongoing=args.ray_tuned_max_ongoing
+        ),
     }
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before},
@@ -398,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "task": args.task,
             "points": [p.__dict__ for p in POINTS],
             "mlserver_parallel_workers": args.mlserver_parallel_workers,
+            "ray_tuned_max_ongoing": args.ray_tuned_max_ongoing,
         },
         "servers": {},
     }
@@ -425,23 +444,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{name}: first inference after {server.start_s:.1f} s; "
                 f"parity OK on {len(expected)} observations"
             )
+        measured = list(names)
+        protocols: dict[str, Protocol] = {n: s.protocol for n, s in running.items()}
+        server_of = dict(running)
+        if "ray" in running and args.ray_tuned_max_ongoing > 0:
+            ray = running["ray"]
+            protocols["ray-tuned"] = PolicyAct(args.task, metadata=(("application", RAY_TUNED_APP),))
+            actions = protocols["ray-tuned"].actions(
+                call(ray.target, protocols["ray-tuned"], protocols["ray-tuned"].request(parity_obs))
+            )
+            check_parity(expected, actions, "ray (tuned app) served actions")
+            server_of["ray-tuned"] = ray
+            measured.insert(measured.index("ray") + 1, "ray-tuned")
+            report["servers"]["ray-tuned"] = {
+                **report["servers"]["ray"],
+                "notes": [f"the same Ray cluster and proxy, app {RAY_TUNED_APP!r}: "
+                          f"max_ongoing_requests={args.ray_tuned_max_ongoing}"],
+            }  # fmt: skip
+        report["measured"] = measured
+        # Idle CPU: after 5 s to settle (Ray keeps deploying for a moment after serve.run returns).
+        time.sleep(5.0)
         idle0 = {n: s.cpu_seconds() for n, s in running.items()}
-        time.sleep(3.0)
+        time.sleep(5.0)
         for n, s in running.items():
-            report["servers"][n]["idle_cpu_percent"] = 100 * (s.cpu_seconds() - idle0[n]) / 3.0
-        echo = Echo(running["polyhead"].protocol)
+            report["servers"][n]["idle_cpu_percent"] = 100 * (s.cpu_seconds() - idle0[n]) / 5.0
+        protocols["echo"] = Echo(running["polyhead"].protocol)
+        server_of["echo"] = running["polyhead"]
         pool = stack.enter_context(contextlib.closing(LoadPool(args.load_procs)))
-        cells: dict[str, dict[str, Cell]] = {s: {p.name: Cell() for p in POINTS} for s in [*names, "echo"]}
+        cells: dict[str, dict[str, Cell]] = {s: {p.name: Cell() for p in POINTS} for s in [*measured, "echo"]}
         floors: list[dict[str, Any]] = []
         for r in range(args.rounds):
             floors.append(in_process_floor(model_bytes, width, seconds=min(1.0, args.window)))
             for point in POINTS:
-                order = names[r % len(names) :] + names[: r % len(names)]
+                order = measured[r % len(measured) :] + measured[: r % len(measured)]
                 if point.echo:
                     order = [*order, "echo"] if r % 2 == 0 else ["echo", *order]
                 for name in order:
-                    server = running["polyhead" if name == "echo" else name]
-                    protocol = echo if name == "echo" else server.protocol
+                    server, protocol = server_of[name], protocols[name]
                     payloads = [protocol.request(o) for o in payload_obs[point.batch]]
                     rps = measure(
                         pool,
@@ -454,9 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         cell=cells[name][point.name],
                     )
                     _log(f"round {r + 1}/{args.rounds} {point.name} {name}: {rps:.0f} req/s")
-        for name in names:
-            report["servers"][name]["rss_bytes"] = running[name].rss_bytes()
-    report["results"] = {s: {p.name: cells[s][p.name].summary(p.batch) for p in POINTS} for s in names}
+        for name in measured:
+            report["servers"][name]["rss_bytes"] = server_of[name].rss_bytes()
+        if "ray-tuned" in measured:
+            report["servers"]["ray-tuned"]["idle_cpu_percent"] = report["servers"]["ray"]["idle_cpu_percent"]
+    report["results"] = {s: {p.name: cells[s][p.name].summary(p.batch) for p in POINTS} for s in measured}
     report["echo"] = {p.name: cells["echo"][p.name].summary(p.batch) for p in POINTS if p.echo}
     report["in_process_floor"] = {
         b: {k: float(np.median([f[b][k] for f in floors])) for k in floors[0][b]} for b in ("b1", "b64")

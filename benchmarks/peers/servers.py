@@ -48,6 +48,7 @@ VENVS = HERE / ".venvs"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 RAY_APP = "policy"
+RAY_TUNED_APP = "policy-tuned"
 
 
 # --- venvs --------------------------------------------------------------------------------------------------
@@ -469,8 +470,11 @@ def mlserver_spec(
     )
 
 
-def ray_spec(venv: Venv, model: Path, task: str, work: Path, probe: npt.NDArray[np.float32]) -> LaunchSpec:
-    """:mod:`ray_app` in the Ray venv: a local Ray cluster kept on loopback, Serve's gRPC proxy."""
+def ray_spec(
+    venv: Venv, model: Path, task: str, work: Path, probe: npt.NDArray[np.float32], *, tuned_max_ongoing: int
+) -> LaunchSpec:
+    """:mod:`ray_app` in the Ray venv: a local Ray cluster kept on loopback, Serve's gRPC proxy; with
+    ``tuned_max_ongoing`` > 0 a second app (:data:`RAY_TUNED_APP`) with that ``max_ongoing_requests``."""
     stubs = compile_ray_stubs(venv, work / "ray-stubs")
     port = free_port()
     env = {
@@ -485,6 +489,7 @@ def ray_spec(venv: Venv, model: Path, task: str, work: Path, probe: npt.NDArray[
     cmd = [
         str(venv.python), str(HERE / "ray_app.py"), "--model", str(model), "--grpc-port", str(port),
         "--http-port", str(free_port()), "--ready-file", str(ready),
+        "--tuned-max-ongoing", str(tuned_max_ongoing),
     ]  # fmt: skip
     return LaunchSpec(
         "ray",
@@ -495,5 +500,5 @@ def ray_spec(venv: Venv, model: Path, task: str, work: Path, probe: npt.NDArray[
         PolicyAct(task, metadata=(("application", RAY_APP),)),
         probe,
         240.0,
-        ("Ray Serve: one replica, default max_ongoing_requests; local cluster on 127.0.0.1",),
+        ("Ray Serve: one replica, default max_ongoing_requests (5); local cluster on 127.0.0.1",),
     )
