@@ -470,8 +470,9 @@ class Bundle:
     ) -> HeadRecord:
         """Publish a head version atomically; returns its record.
 
-        ``version`` None takes the next number after the highest on disk. Raises IncompatibleHead when the
-        head does not fit this bundle's trunk, VersionConflict when the version exists.
+        ``version`` None takes the next number after the highest complete version on disk, skipping
+        numbers taken by incomplete version directories. Raises IncompatibleHead when the head does not fit
+        this bundle's trunk, VersionConflict when the version exists.
         """
         check_head_compatible(meta, self.manifest)
         task_id = meta.task.id
@@ -480,6 +481,10 @@ class Bundle:
         if version is None:
             existing = self.versions(task_id)
             version = (existing[-1] + 1) if existing else 1
+            # Skip a stray incomplete version directory (a partial copy, a foreign writer): it must not
+            # turn every later publish into a VersionConflict.
+            while (tdir / str(version)).exists():
+                version += 1
         final = tdir / str(version)
         if final.exists():
             raise VersionConflict(f"task {task_id!r} version {version} already exists in {self.root}")
