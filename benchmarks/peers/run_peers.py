@@ -53,6 +53,7 @@ from servers import (
     Protocol,
     RunningServer,
     Venv,
+    VenvError,
     call,
     cpu_seconds,
     du_bytes,
@@ -372,9 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(f"load average {load_before} on {os.cpu_count()} CPUs")
 
     specs = venv_specs()
-    venvs: dict[str, Venv] = {
-        name: ensure_venv(name, specs[name], rebuild=args.rebuild_venvs, log=_log) for name in names
-    }
+    try:
+        venvs: dict[str, Venv] = {
+            name: ensure_venv(name, specs[name], rebuild=args.rebuild_venvs, log=_log) for name in names
+        }
+    except VenvError as exc:
+        print(f"run_peers: {exc}", file=sys.stderr)
+        return 2
 
     bundle = args.bundle
     if bundle is None:
@@ -518,5 +523,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _main() -> int:
+    try:
+        return main()
+    except (RuntimeError, TimeoutError, AssertionError) as exc:
+        # A server that failed to start or serve (its log's tail is in the message), a parity failure.
+        # The servers started so far have been stopped by then (their context managers).
+        print(f"run_peers: {exc}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_main())
