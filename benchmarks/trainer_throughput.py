@@ -4,7 +4,8 @@ The plain loop (below, in CleanRL's shape: gymnasium SyncVectorEnv, separate 64-
 GAE, clipped surrogate) and the polyhead trainer run the same settings on CartPole-v1: 8 envs x 32 steps,
 20 epochs over the full batch, one torch thread, no periodic evaluation. The trainer also runs the
 5-task cartpole-family (5 x 8 envs). Runs alternate (plain, trainer, plain, trainer, ...) so the shared
-machine's load hits both alike; the ratio uses the medians. Both are timed from the end of their first
+machine's load hits both alike; the ratios use the medians, per wall second and per CPU second of the
+process (steadier when other work shares the cores). Both are timed from the end of their first
 iteration to the end of their last (the trainer's from its metrics.csv rows), so set-up, the trainer's
 final evaluation and export are excluded.
 
@@ -67,8 +68,8 @@ class Agent(nn.Module):
         return action, logprob, entropy, self.critic(x)
 
 
-def plain_cleanrl(total_steps: int, seed: int) -> float:
-    """A CleanRL-style single-task PPO loop on CartPole-v1; returns steps/s."""
+def plain_cleanrl(total_steps: int, seed: int) -> tuple[float, float]:
+    """A CleanRL-style single-task PPO loop on CartPole-v1; returns steps per wall and per CPU second."""
     torch.manual_seed(seed)
     envs = gym.vector.SyncVectorEnv(
         [lambda: gym.make("CartPole-v1") for _ in range(NUM_ENVS)],
@@ -86,10 +87,10 @@ def plain_cleanrl(total_steps: int, seed: int) -> float:
     num_iterations = total_steps // batch_size
     next_obs = torch.Tensor(envs.reset(seed=seed)[0])
     next_done = torch.zeros(NUM_ENVS)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for iteration in range(1, num_iterations + 1):
         if iteration == 2:  # time from the end of the first iteration, as for the trainer
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * LR
         for step in range(NUM_STEPS):
             obs[step] = next_obs
@@ -132,13 +133,15 @@ def plain_cleanrl(total_steps: int, seed: int) -> float:
             loss.backward()  # type: ignore[no-untyped-call]
             nn.utils.clip_grad_norm_(agent.parameters(), 0.5)
             optimizer.step()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     envs.close()
-    return (num_iterations - 1) * batch_size / elapsed
+    steps = (num_iterations - 1) * batch_size
+    return steps / elapsed, steps / cpu
 
 
-def polyhead_trainer(suite: Suite, total_steps: int, seed: int) -> float:
-    """The polyhead trainer on ``suite`` with the same settings; returns training-loop steps/s."""
+def polyhead_trainer(suite: Suite, total_steps: int, seed: int) -> tuple[float, float]:
+    """The polyhead trainer on ``suite`` with the same settings; returns training-loop steps per wall
+    and per CPU second."""
     config = replace(
         PPOConfig(),
         total_steps=total_steps,
@@ -157,9 +160,10 @@ def polyhead_trainer(suite: Suite, total_steps: int, seed: int) -> float:
             rows = list(csv.DictReader(fh))
     # From the end of the first iteration to the end of the last: set-up, evaluation and export excluded.
     first, last = rows[0], rows[-1]
-    return (int(last["step"]) - int(first["step"])) / (
-        float(last["wall_seconds"]) - float(first["wall_seconds"])
-    )
+    steps = int(last["step"]) - int(first["step"])
+    wall = float(last["wall_seconds"]) - float(first["wall_seconds"])
+    cpu = float(last["cpu_seconds"]) - float(first["cpu_seconds"])
+    return steps / wall, steps / cpu
 
 
 def main() -> None:
@@ -173,22 +177,29 @@ def main() -> None:
     print(f"machine: {machine()}")
     single = Suite(name="cartpole", tasks=(TaskSpec(id="cartpole", env="CartPole-v1", target_return=475.0),))
     family = load_suite("cartpole-family")
-    plain: list[float] = []
-    ours: list[float] = []
-    ours_family: list[float] = []
+    runs: dict[str, list[tuple[float, float]]] = {"plain": [], "single": [], "family": []}
     for r in range(args.repeats):
-        plain.append(plain_cleanrl(args.steps, seed=r + 1))
-        ours.append(polyhead_trainer(single, args.steps, seed=r + 1))
-        ours_family.append(polyhead_trainer(family, args.steps * len(family.train_tasks), seed=r + 1))
-        print(
-            f"repeat {r}: plain {plain[-1]:,.0f}  trainer {ours[-1]:,.0f}  "
-            f"trainer 5-task {ours_family[-1]:,.0f} steps/s",
-            flush=True,
+        runs["plain"].append(plain_cleanrl(args.steps, seed=r + 1))
+        runs["single"].append(polyhead_trainer(single, args.steps, seed=r + 1))
+        runs["family"].append(polyhead_trainer(family, args.steps * len(family.train_tasks), seed=r + 1))
+        text = "  ".join(
+            f"{k} {w:,.0f} wall / {c:,.0f} CPU" for k, (w, c) in ((k, v[-1]) for k, v in runs.items())
         )
-    p, o, f = statistics.median(plain), statistics.median(ours), statistics.median(ours_family)
-    print(f"\nplain CleanRL-style loop, CartPole-v1:      {p:8,.0f} steps/s")
-    print(f"polyhead trainer, 1 task (CartPole-v1):     {o:8,.0f} steps/s  ratio {o / p:.2f}")
-    print(f"polyhead trainer, cartpole-family (5 tasks): {f:8,.0f} steps/s  ratio {f / p:.2f}")
+        print(f"repeat {r}: {text} (steps/s)", flush=True)
+    med = {
+        k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()
+    }
+    p = med["plain"]
+    labels = {
+        "plain": "plain CleanRL-style loop, CartPole-v1",
+        "single": "polyhead trainer, 1 task (CartPole-v1)",
+        "family": "polyhead trainer, cartpole-family (5 tasks)",
+    }
+    header = f"median of {args.repeats} repeats"
+    print(f"\n{header:45s} {'wall steps/s':>13s} {'ratio':>6s} {'CPU steps/s':>12s} {'ratio':>6s}")
+    for key, label in labels.items():
+        w, c = med[key]
+        print(f"{label:45s} {w:13,.0f} {w / p[0]:6.2f} {c:12,.0f} {c / p[1]:6.2f}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import numpy as np
 import numpy.typing as npt
 
 from polyhead.envs import make_env
+from polyhead.errors import InvalidObservation
 from polyhead.spaces import SpaceSpec, pad_observations, raw_to_env_action, space_from_gymnasium
+from polyhead.spaces import observation_size as space_size
 from polyhead.taskspec import TaskSpec
 
 
@@ -42,6 +44,11 @@ class TaskEnvs:
         self.envs = [make_env(task) for _ in range(count)]
         self.observation_space: SpaceSpec = space_from_gymnasium(self.envs[0].observation_space)
         self.action_space: SpaceSpec = space_from_gymnasium(self.envs[0].action_space)
+        self.width = space_size(self.observation_space)
+        if self.width > observation_size:
+            raise InvalidObservation(
+                f"task {task.id!r}: observations have {self.width} values; the trunk takes {observation_size}"
+            )
         self._returns = np.zeros(count)
         self._lengths = np.zeros(count, dtype=np.int64)
         self.obs = np.zeros((count, observation_size), dtype=np.float32)
@@ -72,25 +79,27 @@ class TaskEnvs:
             episode_returns=[],
             episode_lengths=[],
         )
+        w = self.width
         for j, i in enumerate(indices):
             env = self.envs[i]
             obs, reward, terminated, truncated, _ = env.step(env_actions[j])
-            padded = self._pad(obs)
+            # Written straight into the zero-padded rows (the padding stays zero).
+            result.final_obs[j, :w] = np.asarray(obs, dtype=np.float32).ravel()
             self._returns[i] += float(reward)
             self._lengths[i] += 1
             result.rewards[j] = float(reward)
             result.terminated[j] = terminated
             result.truncated[j] = truncated
-            result.final_obs[j] = padded
             if terminated or truncated:
                 result.episode_returns.append(float(self._returns[i]))
                 result.episode_lengths.append(int(self._lengths[i]))
                 self._returns[i] = 0.0
                 self._lengths[i] = 0
                 obs, _ = env.reset()
-                padded = self._pad(obs)
-            result.next_obs[j] = padded
-            self.obs[i] = padded
+                result.next_obs[j, :w] = np.asarray(obs, dtype=np.float32).ravel()
+            else:
+                result.next_obs[j] = result.final_obs[j]
+            self.obs[i] = result.next_obs[j]
         return result
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 
 Files written to the run directory (also copied into the bundle's ``logs/`` at export):
 
-* ``metrics.csv``: one row per PPO iteration (step, wall time, steps/s, learning rate, per-task
+* ``metrics.csv``: one row per PPO iteration (step, wall and CPU time, steps/s, learning rate, per-task
   ``TASK/episode_return``, losses, entropy, approximate KL, clip fraction, envs stepped);
 * ``eval.csv``: one row per task per deterministic evaluation;
 * ``grad_cosines.csv``: the trunk task-gradient cosine matrix (long format) when computed;

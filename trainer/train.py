@@ -132,6 +132,7 @@ def train(
     out_path = Path(out)
     _check_out(out_path, overwrite)
     started = time.perf_counter()
+    cpu_started = time.process_time()
     tasks, spaces = validate_suite(suite)
     D = max(observation_size(obs) for obs, _ in spaces.values())
     unknown_weights = sorted({t for t, _ in config.task_weights} - {t.id for t in tasks})
@@ -181,6 +182,8 @@ def train(
                 scalars = {
                     "iteration": iteration,
                     "wall_seconds": round(elapsed, 3),
+                    # CPU time of this process: on a shared machine, steadier than wall time.
+                    "cpu_seconds": round(time.process_time() - cpu_started, 3),
                     "steps_per_second": steps_per_iteration / max(time.perf_counter() - iter_start, 1e-9),
                     "learning_rate": optimizer.param_groups[0]["lr"],
                     "update_epochs": stats.epochs,
