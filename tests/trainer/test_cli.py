@@ -121,3 +121,13 @@ def test_unknown_suite_and_task_weights(tmp_path: Path, caplog: pytest.LogCaptur
     assert code == 1
     assert "nope" in caplog.text
     assert not (tmp_path / "b").exists()
+
+
+def test_independent_baseline_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sep"
+    args = ["train", "--suite", "classic-mixed", "--out", str(out), "--total-steps", "192", *FAST]
+    assert main([*args, "--independent", "--exporter", "torchscript", "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary["tasks"]) == {"cartpole", "acrobot", "cartpole-continuous"}
+    for task_id in summary["tasks"]:
+        assert Bundle.open(out / task_id).task_ids() == [task_id]
