@@ -66,10 +66,13 @@ from servers import (
     venv_specs,
 )
 
-SERVERS = ("polyhead", "mlserver", "ray")
+SERVERS = ("polyhead", "mlserver", "mlserver-inproc", "ray")
+# server -> the venv it runs from
+VENV_OF = {"polyhead": "polyhead", "mlserver": "mlserver", "mlserver-inproc": "mlserver", "ray": "ray"}
 LABELS = {
     "polyhead": "polyhead",
     "mlserver": "MLServer",
+    "mlserver-inproc": "MLServer, parallel_workers 0",
     "ray": "Ray Serve",
     "ray-tuned": "Ray Serve, max_ongoing_requests {n}",
     "echo": "echo floor",
@@ -318,7 +321,7 @@ def markdown(report: dict[str, Any]) -> str:
     )
     c64 = {s: get(s, "c64", "rps") for s in names}
     ratios = []
-    for peer in ("mlserver", "ray", "ray-tuned"):
+    for peer in ("mlserver", "mlserver-inproc", "ray", "ray-tuned"):
         if peer in c64 and "polyhead" in c64 and c64[peer] > 0:
             ratios.append(f"{LABELS[peer].format(n=tuned)} {c64['polyhead'] / c64[peer]:.1f}x")
     text = "\n".join(lines)
@@ -338,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--load-procs", type=int, default=default_processes(), help="load-generator processes"
     )
-    parser.add_argument("--servers", default=",".join(SERVERS), help="comma list of polyhead,mlserver,ray")
+    parser.add_argument("--servers", default=",".join(SERVERS), help="comma list of " + ",".join(SERVERS))
     parser.add_argument("--task", default="cartpole", help="task served (categorical; default cartpole)")
     parser.add_argument(
         "--bundle", type=Path, help="bundle to serve (default: an untrained classic-mixed one)"
@@ -349,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--mlserver-parallel-workers",
         type=int,
         default=None,
-        help="MLServer parallel_workers (default: MLServer's own default, 1 inference worker process)",
+        help="parallel_workers of the 'mlserver' server (default: MLServer's own, 1 inference worker "
+        "process); 'mlserver-inproc' always runs with 0 (inference in the server process)",
     )
     parser.add_argument(
         "--ray-tuned-max-ongoing",
@@ -375,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = venv_specs()
     try:
         venvs: dict[str, Venv] = {
-            name: ensure_venv(name, specs[name], rebuild=args.rebuild_venvs, log=_log) for name in names
+            venv: ensure_venv(venv, specs[venv], rebuild=args.rebuild_venvs, log=_log)
+            for venv in dict.fromkeys(VENV_OF[name] for name in names)
         }
     except VenvError as exc:
         print(f"run_peers: {exc}", file=sys.stderr)
@@ -407,6 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mlserver": lambda: mlserver_spec(
             venvs["mlserver"], model, args.task, work, probe, parallel_workers=args.mlserver_parallel_workers
         ),
+        "mlserver-inproc": lambda: mlserver_spec(
+            venvs["mlserver"], model, args.task, work, probe, parallel_workers=0, name="mlserver-inproc"
+        ),
         "ray": lambda: ray_spec(
             venvs["ray"], model, args.task, work, probe, tuned_max_ongoing=args.ray_tuned_max_ongoing
         ),
@@ -435,13 +443,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 call(server.target, server.protocol, server.protocol.request(parity_obs))
             )
             check_parity(expected, actions, f"{name} served actions")
-            extra = [venvs[name].path]
+            extra = [venvs[VENV_OF[name]].path]
             if name == "polyhead":
                 extra += [REPO / p for p in ("polyhead", "server")]  # editable install: the code lives here
             report["servers"][name] = {
                 "start_s": server.start_s,
                 "install_bytes": du_bytes(*extra),
-                "venv_build_s": venvs[name].build_s,
+                "venv_build_s": venvs[VENV_OF[name]].build_s,
                 "notes": server.notes,
                 "parity": f"{len(expected)} deterministic actions equal to the fused model's",
             }

@@ -425,12 +425,14 @@ def mlserver_spec(
     probe: npt.NDArray[np.float32],
     *,
     parallel_workers: int | None,
+    name: str = "mlserver",
 ) -> LaunchSpec:
-    """``mlserver start`` on a model folder holding the fused model and :mod:`mlserver_runtime`.
+    """``mlserver start`` on a model folder (``work/<name>``) holding the fused model and
+    :mod:`mlserver_runtime`.
 
     ``parallel_workers`` None keeps MLServer's default (1 inference worker process, which needs the pinned
     uvloop 0.21.0); 0 runs inference in the server process."""
-    root = work / "mlserver"
+    root = work / name
     folder = root / task
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(model, folder / "policy.onnx")
@@ -458,7 +460,7 @@ def mlserver_spec(
     (root / "settings.json").write_text(json.dumps(settings))
     env = _base_env()
     return LaunchSpec(
-        "mlserver",
+        name,
         [str(venv.bin("mlserver")), "start", str(root)],
         env,
         root,
