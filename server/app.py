@@ -92,6 +92,7 @@ class RunningServer:
     watcher: BundleWatcher | None
     _servers: list[grpc.aio.Server] = field(repr=False)
     _metrics_http: MetricsHTTPServer | None = field(repr=False)
+    _sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
     _stopped: bool = False
 
     @property
@@ -110,6 +111,8 @@ class RunningServer:
         stopping = [asyncio.ensure_future(server.stop(grace)) for server in self._servers]
         await self.health.enter_graceful_shutdown()
         self.hub.close()  # experience subscribers are endless calls: end them so the drain can finish
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
         await asyncio.gather(*stopping)
@@ -245,6 +248,14 @@ async def start_server(
         if settings.metrics_port is not None
         else None
     )
+
+    async def sweep_episodes() -> None:
+        # Without this, episodes abandoned by their clients would stay until the next experience call.
+        while True:
+            await asyncio.sleep(min(1.0, settings.episode_ttl_s))
+            hub.sweep()
+
+    sweeper = asyncio.get_running_loop().create_task(sweep_episodes())
     watcher = None
     if settings.watch_bundle:
         watcher = BundleWatcher(registry, interval_s=settings.watch_interval_s)
@@ -272,6 +283,7 @@ async def start_server(
         watcher=watcher,
         _servers=servers,
         _metrics_http=metrics_http,
+        _sweeper=sweeper,
     )
 
 

@@ -139,6 +139,11 @@ class ExperienceHub:
     def open_episodes(self) -> int:
         return len(self._episodes)
 
+    def sweep(self) -> None:
+        """Expire idle episodes now (at most once a second). Recording sweeps too, but abandoned episodes
+        must also be freed when no further experience call comes: the server calls this periodically."""
+        self._maybe_sweep(self._clock())
+
     # --- recording -------------------------------------------------------------------------------------
     def record_action(
         self,
