@@ -68,6 +68,12 @@ def _domain_error(exc: PolicyClientError, what: str, target: str) -> errors.Poly
     return ServerRefused(f"{what}: {exc}")
 
 
+#: Admin calls ride out a server restart: UNAVAILABLE is retried for at least ~8 s (at most ~17 s, within
+#: the call's deadline), so a publish sent while the server restarts lands once it is back. Safe to repeat:
+#: a version loaded twice with the same bytes is accepted.
+ADMIN_RETRY = RetryPolicy(max_attempts=20, initial_backoff_s=0.1, max_backoff_s=1.0, jitter=0.5)
+
+
 class ServerControl:
     """Admin calls of one updater run; every method raises polyhead domain errors."""
 
@@ -75,9 +81,7 @@ class ServerControl:
         self.target = admin_target
         self.token = token
         self.timeout_s = timeout_s
-        self._admin = AdminClient(
-            admin_target, token=token, timeout=timeout_s, retry=RetryPolicy(max_attempts=3)
-        )
+        self._admin = AdminClient(admin_target, token=token, timeout=timeout_s, retry=ADMIN_RETRY)
 
     def check(self, *, timeout_s: float = 5.0) -> None:
         """One ``ListHeads`` call, to fail early and clearly when the server cannot be reached."""
