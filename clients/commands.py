@@ -386,7 +386,7 @@ def _bench_config(args: argparse.Namespace, admin_channel: ChannelConfig | None)
 
 def _bench(args: argparse.Namespace, config: Any) -> int:
     from clients.bench import config_dict, run_bench
-    from polyhead.cli import _jsonable
+    from polyhead.cli import jsonable
 
     console = _console()
     with console.status("benchmarking…") as status:
@@ -408,7 +408,7 @@ def _bench(args: argparse.Namespace, config: Any) -> int:
             writer = csv.DictWriter(fh, fieldnames=_CSV_FIELDS)
             writer.writeheader()
             for row in data["rows"]:
-                writer.writerow(_jsonable(_csv_row(row)))
+                writer.writerow(jsonable(_csv_row(row)))
         console.print(f"wrote {path}", highlight=False)
     emit_summary(data, as_json=args.json)
     if report.total_errors:

@@ -7,11 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clients_helpers import ADMIN_TOKEN
 
 from server.app import BackgroundServer
 from server.settings import ServerSettings
-
-ADMIN_TOKEN = "test-admin-token"
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import ADMIN_TOKEN
+from clients_helpers import ADMIN_TOKEN
 
 from clients import (
     AdminClient,

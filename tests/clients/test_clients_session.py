@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 import numpy as np
-from conftest import ADMIN_TOKEN
+from clients_helpers import ADMIN_TOKEN
 
 from clients import AdminClient, AsyncPolicyClient, PolicyClient, RemotePolicy
 from polyhead.envs import make_env
