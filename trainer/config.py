@@ -1,8 +1,10 @@
 """The multi-task PPO settings: one frozen, documented dataclass; its field help is ``polyhead train --help``.
 
 Defaults are tuned for the built-in ``cartpole-family`` suite on a 2-core CPU (docs/benchmarks.md): they
-start from the rl-zoo CartPole-v1 hyper-parameters (8 envs, 32 steps, γ 0.98, λ 0.8, 20 epochs,
-lr 1e-3 annealed, no entropy bonus) with a separate critic per task.
+start from the rl-zoo CartPole-v1 hyper-parameters (8 envs, 32 steps, 20 epochs over the full batch,
+lr 1e-3 annealed, no entropy bonus) with a separate critic per task, but a longer horizon (γ 0.99,
+λ 0.9 instead of 0.98, 0.8): with 0.98 the goal task (cartpole-target-right, a small per-step penalty for
+the cart's distance to x = 0.5) stalled below 475 in one of three seeds.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ class PPOConfig:
     seed: int = field(default=1, metadata={"help": "seed of torch, numpy and every environment"})
     envs_per_task: int = field(default=8, metadata={"help": "parallel environments per task"})
     num_steps: int = field(default=32, metadata={"help": "steps per environment per rollout"})
-    gamma: float = field(default=0.98, metadata={"help": "discount factor γ"})
-    gae_lambda: float = field(default=0.8, metadata={"help": "GAE λ (Schulman et al. 2016)"})
+    gamma: float = field(default=0.99, metadata={"help": "discount factor γ"})
+    gae_lambda: float = field(default=0.9, metadata={"help": "GAE λ (Schulman et al. 2016)"})
     update_epochs: int = field(default=20, metadata={"help": "optimisation epochs per rollout"})
     num_minibatches: int = field(
         default=1, metadata={"help": "minibatches per epoch (each holds every task)"}
