@@ -2,8 +2,12 @@
 online updater.
 
 An action served with an episode id (``Act`` with ``episode_ids``, every ``ActStream`` step) is recorded as
-the episode's *pending* step: (observation, raw action, log-prob, head version). The next reward for that
-episode (``ReportExperience`` or ``ActStream`` feedback) completes it. Clients acting elsewhere may report
+one of the episode's *pending* steps: (observation, raw action, log-prob, head version). Rewards for that
+episode (``ReportExperience`` or ``ActStream`` feedback) complete pending steps in the order they were
+served: a client that reports on a separate ``ReportExperience`` stream may ask for its next action before
+its report of the previous one arrives, and the reward still joins the right action. At most
+``MAX_PENDING_STEPS`` actions of an episode may wait for rewards; beyond that the oldest is dropped
+(``missing_reward``). Clients acting elsewhere may report
 full transitions instead. When an episode terminates or is truncated its last segment is published to the
 ``StreamExperience`` subscribers and its return becomes a metric; a long episode is published in segments
 of ``max_segment_steps`` (each with the next observation, for bootstrapping).
@@ -31,6 +35,8 @@ import numpy.typing as npt
 from server.metrics import ServerMetrics
 
 _SWEEP_EVERY_S = 1.0
+# Actions of one episode that may await their rewards (a reporting client is at most a few steps behind).
+MAX_PENDING_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ class _Episode:
     episode_id: str
     last_seen: float
     steps: list[_Step] = field(default_factory=list)  # completed steps of the current segment
-    pending: _Step | None = None
+    pending: collections.deque[_Step] = field(default_factory=collections.deque)  # served, awaiting rewards
     served: int = 0  # actions served in the whole episode (the next step index)
     segment_start: int = 0
     total_return: float = 0.0
@@ -157,18 +163,17 @@ class ExperienceHub:
     ) -> int:
         """Record an action served for an episode; returns its step index within the episode.
 
-        A new action while the previous one still awaits its reward means the client skipped a report:
-        that step is dropped (reason ``missing_reward``) and the steps before it are published as a
-        truncated segment, so every published step has its true reward.
+        Rewards join pending actions in order. When more than ``MAX_PENDING_STEPS`` actions await their
+        rewards the client is not reporting: the oldest pending step is dropped (reason ``missing_reward``)
+        and the completed steps before it are published as a truncated segment, so every published step
+        has its true reward.
         """
         now = self._clock()
         self._maybe_sweep(now)
         ep = self._touch(task_id, episode_id, now)
-        if ep.pending is not None:
-            self._drop_pending(ep, next_obs=obs)
-        elif len(ep.steps) >= self.max_segment_steps:
-            self._flush(ep, next_obs=obs, terminated=False, truncated=False, final=False)
-        ep.pending = _Step(obs=obs, action=action, log_prob=float(log_prob), version=version)
+        if len(ep.pending) >= MAX_PENDING_STEPS:
+            self._drop_pending(ep)
+        ep.pending.append(_Step(obs=obs, action=action, log_prob=float(log_prob), version=version))
         step = ep.served
         ep.served += 1
         return step
@@ -189,8 +194,8 @@ class ExperienceHub:
         key = (task_id, episode_id)
         if transition is not None:
             ep = self._touch(task_id, episode_id, now)
-            if ep.pending is not None:
-                self._drop_pending(ep, next_obs=transition.observation)
+            while ep.pending:
+                self._drop_pending(ep)
             if len(ep.steps) >= self.max_segment_steps:
                 self._flush(
                     ep, next_obs=transition.observation, terminated=False, truncated=False, final=False
@@ -201,19 +206,24 @@ class ExperienceHub:
             ep.served += 1
         else:
             found = self._episodes.get(key)
-            if found is None or found.pending is None:
+            if found is None or not found.pending:
                 self._drop(task_id, "unknown_episode", 1)
                 return ReportOutcome(accepted=False, completed=False)
             ep = found
             ep.last_seen = now
             self._episodes.move_to_end(key)
-            step, ep.pending = found.pending, None
+            if len(ep.steps) >= self.max_segment_steps:
+                # The observation after the segment's last step is the one this pending step acted on.
+                self._flush(ep, next_obs=ep.pending[0].obs, terminated=False, truncated=False, final=False)
+            step = ep.pending.popleft()
         step.reward = float(reward)
         ep.steps.append(step)
         ep.total_return += step.reward
         ep.length += 1
         self._metrics.experience_steps.labels(task=task_id).inc()
         if terminated or truncated:
+            # Actions served after the episode's end (none for a well-behaved client) have no reward.
+            self._drop(task_id, "missing_reward", len(ep.pending))
             self._flush(
                 ep, next_obs=None, terminated=terminated, truncated=truncated and not terminated, final=True
             )
@@ -257,7 +267,7 @@ class ExperienceHub:
             self._episodes[key] = ep
             while len(self._episodes) > self.max_open_episodes:
                 _, old = self._episodes.popitem(last=False)
-                self._drop(old.task_id, "evicted", len(old.steps) + (old.pending is not None))
+                self._drop(old.task_id, "evicted", len(old.steps) + len(old.pending))
             self._metrics.open_episodes.set(len(self._episodes))
         else:
             ep.last_seen = now
@@ -275,15 +285,16 @@ class ExperienceHub:
             if ep.last_seen > limit:
                 break
             del self._episodes[key]
-            self._drop(ep.task_id, "expired", len(ep.steps) + (ep.pending is not None))
+            self._drop(ep.task_id, "expired", len(ep.steps) + len(ep.pending))
         self._metrics.open_episodes.set(len(self._episodes))
 
-    def _drop_pending(self, ep: _Episode, *, next_obs: npt.NDArray[np.float32]) -> None:
-        """The pending step never got its reward: drop it, publish what came before as truncated."""
+    def _drop_pending(self, ep: _Episode) -> None:
+        """The oldest pending step will never get its reward: drop it and publish the completed steps
+        before it as a truncated segment (bootstrapped from the dropped step's observation)."""
+        dropped = ep.pending.popleft()
         self._drop(ep.task_id, "missing_reward", 1)
-        ep.pending = None
-        self._flush(ep, next_obs=next_obs, terminated=False, truncated=True, final=False)
-        ep.segment_start = ep.served
+        self._flush(ep, next_obs=dropped.obs, terminated=False, truncated=True, final=False)
+        ep.segment_start += 1
 
     def _drop(self, task_id: str, reason: str, steps: int) -> None:
         if steps:

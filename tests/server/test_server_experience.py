@@ -105,8 +105,10 @@ def test_report_experience_joins_rewards_with_served_actions(server: Any, policy
         policy_pb2.ExperienceReport(task_id="acrobot", episode_id="b", reward=-1.0, truncated=True),
         policy_pb2.ExperienceReport(task_id="acrobot", episode_id="unknown", reward=5.0),
     ]
-    # Each episode got a second action before the first one's reward: step 0 is dropped (missing_reward,
-    # counted), the reports complete step 1. The report for an unknown episode is dropped.
+    # Each episode got a second action before the first one's reward arrived (a client reporting on its
+    # own stream can be a step behind): the rewards join the actions in the order they were served. "b"
+    # ends after its first reward, so its second action never gets one (missing_reward, counted); the
+    # report for an unknown episode is dropped.
     summary = policy_stub.ReportExperience(iter(reports))
     assert summary.accepted == 2
     assert summary.dropped == 1
@@ -116,11 +118,35 @@ def test_report_experience_joins_rewards_with_served_actions(server: Any, policy
     assert segment.episode_id == "b"
     assert segment.truncated
     assert not segment.terminated
-    assert segment.start_step == 1
+    assert segment.start_step == 0
     assert from_proto(segment.rewards).tolist() == [-1.0]
+    np.testing.assert_allclose(from_proto(segment.observations), obs[1:2], atol=1e-6)
     dropped = server.running.metrics.experience_dropped
-    assert dropped.labels(task="acrobot", reason="missing_reward")._value.get() == 2
+    assert dropped.labels(task="acrobot", reason="missing_reward")._value.get() == 1
     assert dropped.labels(task="acrobot", reason="unknown_episode")._value.get() == 1
+
+
+def test_late_reports_join_actions_in_served_order(server: Any, policy_stub: Any) -> None:
+    segments, call = _subscribe(server, ["cartpole"])
+    obs = [observations("cartpole", seed=i) for i in range(3)]
+    responses = [act(policy_stub, "cartpole", o, episode_ids=["late"]) for o in obs]
+    # Every report arrives after all three actions were served.
+    reports = [
+        policy_pb2.ExperienceReport(
+            task_id="cartpole", episode_id="late", reward=float(i + 1), terminated=i == 2
+        )
+        for i in range(3)
+    ]
+    summary = policy_stub.ReportExperience(iter(reports))
+    assert (summary.accepted, summary.dropped, summary.episodes_completed) == (3, 0, 1)
+    segment = segments.get(timeout=10)
+    call.cancel()
+    assert segment.terminated and segment.start_step == 0 and segment.episode_length == 3
+    assert from_proto(segment.rewards).tolist() == [1.0, 2.0, 3.0]
+    np.testing.assert_allclose(from_proto(segment.observations), np.stack(obs), atol=1e-6)
+    np.testing.assert_array_equal(
+        from_proto(segment.actions), [int(from_proto(r.actions)) for r in responses]
+    )
 
 
 def test_full_transitions_from_clients_acting_elsewhere(server: Any, policy_stub: Any) -> None:
