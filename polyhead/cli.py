@@ -43,6 +43,16 @@ _EXTRA_HINT = {
     "bench": "client",
 }
 _ORDER = ["demo", "train", "serve", "simulate", "adapt", "bench"]
+# One-line summaries for `polyhead --help`, so listing the commands imports none of them (a registrar may
+# import torch: 0.8 s and hundreds of MB that `polyhead simulate` should not pay).
+_SUMMARY = {
+    "demo": "train, serve, simulate and adapt a new task online, with a report",
+    "train": "train a shared-trunk multi-head policy on a suite with multi-task PPO and export a bundle",
+    "serve": "serve a bundle over gRPC (Act, ActStream, ListTasks, ReportExperience, HeadAdmin)",
+    "simulate": "run gymnasium environments of a served task through the server",
+    "adapt": "train a new task's head against the frozen trunk (local or live experience) and publish it",
+    "bench": "measure latency and throughput of a server (concurrency sweep, echo floor, swaps)",
+}
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -84,12 +94,22 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_registrars() -> dict[str, Callable[[Any], None] | str]:
+def _listed_only(_: Any) -> None:
+    """Marker: the subcommand is listed in --help but not imported."""
+
+
+_LISTED_ONLY = _listed_only
+
+
+def _load_registrars(only: str | None = None) -> dict[str, Callable[[Any], None] | str]:
     found: dict[str, Callable[[Any], None] | str] = {}
     eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     for name in _ORDER + sorted(set(eps) - set(_ORDER)):
         target = eps[name].value if name in eps else _FALLBACK.get(name)
         if target is None:
+            continue
+        if only is not None and name != only and name in _SUMMARY:
+            found[name] = _LISTED_ONLY
             continue
         module_name, _, attr = target.partition(":")
         try:
@@ -101,7 +121,9 @@ def _load_registrars() -> dict[str, Callable[[Any], None] | str]:
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only``, just that subcommand is registered for real and the others are
+    listed by their summaries (what ``main`` does, so one command never imports another's part)."""
     parser = argparse.ArgumentParser(
         prog="polyhead",
         description=(
@@ -111,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"polyhead {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for name, registrar in _load_registrars().items():
+    registrars = _load_registrars(only)
+    for name, registrar in registrars.items():
+        if registrar is _LISTED_ONLY:
+            sub.add_parser(name, help=_SUMMARY[name], add_help=False)
+            continue
         why = registrar if isinstance(registrar, str) else ""
         if callable(registrar):
             try:
@@ -143,7 +169,10 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    # The subcommand is the first word that is not an option (the top level takes no option values).
+    command = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(only=command or "")
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
