@@ -76,7 +76,6 @@ def register_serve(subparsers: Any) -> None:
             "be set as POLYHEAD_<FIELD> in the environment (e.g. POLYHEAD_ADMIN_TOKEN). SIGTERM drains "
             "in-flight calls within the grace period and exits 0."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--bundle", required=True, type=Path, help="bundle directory to serve")
     for flag, dest, kind, text in _FLAGS:
