@@ -46,7 +46,14 @@ def test_reversed_actuator_is_learned_head_only_and_published(trained_copy: Path
     assert result.zero_shot.best_return < 30  # pushing the wrong way ends episodes within a few steps
     names = {c.name for c in result.candidates}
     assert "scratch" in names and any(n.startswith("nearest:") for n in names)
-    assert result.served_by == "trained:scratch"
+    # Which start wins (fresh or nearest) depends on the run; what must hold is that a trained head beat
+    # the floor, the best candidate is the one published, and the fresh head learned the reversal.
+    best = max(c.final_return for c in result.candidates)
+    assert result.served_by.removeprefix("trained:") in {
+        c.name for c in result.candidates if c.final_return == best
+    }
+    scratch = next(c for c in result.candidates if c.name == "scratch")
+    assert scratch.final_return > result.zero_shot.best_return + 50
     assert result.final_eval_return > result.zero_shot.best_return + 50
     bundle = Bundle.open(trained_copy)
     record = bundle.head("cartpole-reversed")
