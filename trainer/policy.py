@@ -37,6 +37,7 @@ from torch.distributions import Categorical, Distribution, Normal
 from polyhead.bundle import Bundle
 from polyhead.errors import BundleError
 from polyhead.spaces import DiscreteSpec, SpaceSpec, action_dim, space_from_json, space_to_json
+from trainer.running_stats import combine_moments
 
 CHECKPOINT_FORMAT = "polyhead-trunk-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -142,20 +143,17 @@ class ObsNormalizer(nn.Module):
     @torch.no_grad()
     def update(self, obs: torch.Tensor | npt.NDArray[Any]) -> None:
         x = torch.as_tensor(obs, dtype=torch.float64).reshape(-1, self.mean.shape[0])
-        batch_mean = x.mean(0)
-        batch_var = x.var(0, unbiased=False)
-        batch_count = x.shape[0]
-        delta = batch_mean - self.mean
-        total = self.count + batch_count
-        new_mean = self.mean + delta * batch_count / total
-        m2 = (
-            self.var * self.count
-            + batch_var * batch_count
-            + delta.square() * self.count * batch_count / total
+        mean, var, count = combine_moments(
+            self.mean,
+            self.var,
+            self.count,
+            batch_mean=x.mean(0),
+            batch_var=x.var(0, unbiased=False),
+            batch_count=x.shape[0],
         )
-        self.mean.copy_(new_mean)
-        self.var.copy_(m2 / total)
-        self.count.copy_(total)
+        self.mean.copy_(mean)
+        self.var.copy_(var)
+        self.count.copy_(count)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         scale = torch.rsqrt(self.var.to(obs.dtype) + self.epsilon)

@@ -8,6 +8,21 @@ import numpy as np
 import numpy.typing as npt
 
 
+def combine_moments(
+    mean: Any, var: Any, count: Any, *, batch_mean: Any, batch_var: Any, batch_count: Any
+) -> tuple[Any, Any, Any]:
+    """Merge a batch's (mean, population variance, count) into running ones (Chan et al. 1979).
+
+    Plain arithmetic, so it serves floats, numpy arrays and torch tensors alike (the observation
+    normaliser keeps its statistics as float64 torch buffers).
+    """
+    delta = batch_mean - mean
+    total = count + batch_count
+    new_mean = mean + delta * batch_count / total
+    m2 = var * count + batch_var * batch_count + delta**2 * count * batch_count / total
+    return new_mean, m2 / total, total
+
+
 class RunningMeanStd:
     """Mean and variance of every value passed to :meth:`update` (the scalar case of gymnasium's)."""
 
@@ -20,13 +35,14 @@ class RunningMeanStd:
         x = np.asarray(values, dtype=np.float64).ravel()
         if x.size == 0:
             return
-        batch_mean, batch_var, batch_count = float(x.mean()), float(x.var()), x.size
-        delta = batch_mean - self.mean
-        total = self.count + batch_count
-        self.mean += delta * batch_count / total
-        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
-        self.var = m2 / total
-        self.count = total
+        self.mean, self.var, self.count = combine_moments(
+            self.mean,
+            self.var,
+            self.count,
+            batch_mean=float(x.mean()),
+            batch_var=float(x.var()),
+            batch_count=x.size,
+        )
 
     @property
     def std(self) -> float:
