@@ -50,10 +50,9 @@ class StepResult:
 
 def encode_observations(observations: npt.ArrayLike) -> Any:
     arr = np.asarray(observations)
-    if arr.dtype.kind == "f" and arr.dtype != np.float32:
+    # to_proto keeps float64 exact; observations travel as float32, the trunk's input dtype (halves bytes).
+    if arr.dtype == np.float64:
         arr = arr.astype(np.float32)
-    elif arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8)
     return to_proto(arr)
 
 
