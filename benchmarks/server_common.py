@@ -12,10 +12,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -83,44 +80,15 @@ class ServerProcess:
 @contextlib.contextmanager
 def serve(bundle: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     """Run ``polyhead serve`` on free ports until the block ends (SIGTERM, then wait)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ready = Path(tmp) / "ready.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "polyhead",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--port",
-            "0",
-            "--admin-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--ready-file",
-            str(ready),
-            "--log-level",
-            "WARNING",
-            *args,
-        ]
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})})
-        try:
-            deadline = time.monotonic() + 120
-            while not ready.exists():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {proc.returncode}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError("server did not become ready")
-                time.sleep(0.05)
-            info = json.loads(ready.read_text())
-            yield ServerProcess(proc, info["port"], info["admin_port"], info["metrics_port"])
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    from server.process import ServeProcess
+
+    with ServeProcess(
+        bundle,
+        args=("--log-level", "WARNING", *args),
+        env={**os.environ, **env} if env else None,
+        ready_timeout_s=120,
+    ) as server:
+        yield ServerProcess(server.proc, server.port, server.admin_port, server.metrics_port)
 
 
 # --- clients ----------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ import numpy as np
 from polyhead.bundle import Bundle, sha256_file
 from polyhead.errors import PolyheadError
 from polyhead.taskspec import load_suite
+from server.process import ServeProcess
 
 log = logging.getLogger("polyhead.demo")
 
@@ -147,77 +147,6 @@ def _run_step(
     if proc.returncode != 0:
         raise DemoError(f"{name} exited with status {proc.returncode}; see {log_path}")
     return _last_json_line(proc.stdout, name, log_path)
-
-
-class ServerProcess:
-    """``polyhead serve`` in its own process on free ports, stopped with SIGTERM (graceful drain)."""
-
-    def __init__(self, bundle: Path, workdir: Path) -> None:
-        self.ready_file = workdir / "server-ready.json"
-        self.log_path = workdir / "server.log"
-        self.ready_file.unlink(missing_ok=True)
-        self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            _polyhead(
-                "serve",
-                "--bundle",
-                str(bundle),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--admin-port",
-                "0",
-                "--metrics-host",
-                "127.0.0.1",
-                "--metrics-port",
-                "0",
-                "--ready-file",
-                str(self.ready_file),
-                "--watch-interval",
-                "0.5",
-            ),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.ready = self._wait_ready(timeout=90.0)
-
-    def _wait_ready(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DemoError(
-                    f"polyhead serve exited with status {self.proc.returncode}; see {self.log_path}"
-                )
-            if self.ready_file.is_file():
-                data: dict[str, Any] = json.loads(self.ready_file.read_text())
-                return data
-            time.sleep(0.1)
-        self.stop()
-        raise DemoError(f"polyhead serve was not ready within {timeout:.0f} s; see {self.log_path}")
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.ready['port']}"
-
-    @property
-    def admin_target(self) -> str:
-        return f"127.0.0.1:{self.ready['admin_port']}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ready['metrics_port']}/metrics"
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return int(self.proc.returncode)
 
 
 # ============================================================================================================
@@ -349,12 +278,12 @@ def run_demo(config: DemoConfig, say: Say) -> DemoState:
     # --- 2. serve + simulate every task ---------------------------------------------------------------------
     t0 = time.perf_counter()
     say("[2/4] serving the bundle and running simulators on every task")
-    server = ServerProcess(bundle_dir, logs)
+    server = ServeProcess(bundle_dir, args=("--watch-interval", "0.5"), log_path=logs / "server.log")
     state.serve = {
         "target": server.target,
         "admin_target": server.admin_target,
         "metrics_url": server.metrics_url,
-        "log": str(server.log_path),
+        "log": str(logs / "server.log"),
     }
     try:
         state.hashes_before = _head_hashes(bundle_dir, old_tasks)
