@@ -303,23 +303,34 @@ class HeadRegistry:
             self._check_meta(task_id, meta, sha)
             number = version or self._next_version(task_id)
             entry = self._tasks.get(task_id)
-            if entry is not None and number in entry.versions:
-                raise VersionConflict(f"task {task_id!r} version {number} was loaded concurrently")
-            head = LoadedHead(
-                task_id=task_id,
-                version=number,
-                meta=replace(meta, version=number, head_sha256=sha),
-                runtime=runtime,
-                head_sha256=sha,
-                loaded_at=time.time(),
-                source=source,
+            concurrent = entry.versions.get(number) if entry is not None else None
+            if concurrent is None:
+                head = LoadedHead(
+                    task_id=task_id,
+                    version=number,
+                    meta=replace(meta, version=number, head_sha256=sha),
+                    runtime=runtime,
+                    head_sha256=sha,
+                    loaded_at=time.time(),
+                    source=source,
+                )
+                t_swap = time.perf_counter()
+                versions = dict(entry.versions) if entry is not None else {}
+                versions[number] = head
+                active = number if (activate or entry is None) else entry.active
+                self._publish(task_id, TaskHeads(task_id, MappingProxyType(versions), active))
+                swap_seconds = time.perf_counter() - t_swap
+            elif not version or concurrent.head_sha256 != sha:
+                raise VersionConflict(
+                    f"task {task_id!r} version {number} was loaded concurrently with other bytes"
+                )
+        if concurrent is not None:
+            # Another writer (the bundle watch) loaded these very bytes while we warmed up: the load is
+            # done, and activating it is all that may be left.
+            active = (
+                self.set_active(task_id, number).active_version if activate else self._tasks[task_id].active
             )
-            t_swap = time.perf_counter()
-            versions = dict(entry.versions) if entry is not None else {}
-            versions[number] = head
-            active = number if (activate or entry is None) else entry.active
-            self._publish(task_id, TaskHeads(task_id, MappingProxyType(versions), active))
-            swap_seconds = time.perf_counter() - t_swap
+            return LoadResult(concurrent, active, time.perf_counter() - t0, already_loaded=True)
         seconds = time.perf_counter() - t0
         self._metrics.head_loads.labels(task=task_id, source=source).inc()
         self._metrics.head_load_seconds.labels(task=task_id).observe(seconds)
@@ -340,6 +351,24 @@ class HeadRegistry:
     # --- activation and unloading ----------------------------------------------------------------------
     def set_active(self, task_id: str, version: int) -> SwapResult:
         """Serve another loaded version: one reference swap. Raises UnknownTask/UnknownVersion."""
+        result = self._swap(task_id, version, still_wanted=None)
+        assert result is not None
+        return result
+
+    def set_active_if(
+        self, task_id: str, version: int, still_wanted: Callable[[], bool]
+    ) -> SwapResult | None:
+        """Like :meth:`set_active`, but only when ``still_wanted()`` holds under the writer lock.
+
+        The bundle watch re-reads the bundle's pointer here, so an activation that another writer made after
+        the watch's read (an updater rolling back: bundle pointer first, then ``SetActiveVersion``) is never
+        overwritten by a stale pointer. Returns None when the swap was no longer wanted.
+        """
+        return self._swap(task_id, version, still_wanted=still_wanted)
+
+    def _swap(
+        self, task_id: str, version: int, *, still_wanted: Callable[[], bool] | None
+    ) -> SwapResult | None:
         t0 = time.perf_counter()
         with self._lock:
             entry = self._tasks.get(task_id)
@@ -349,6 +378,8 @@ class HeadRegistry:
                 raise UnknownVersion(
                     f"task {task_id!r} has no loaded version {version}; loaded: {sorted(entry.versions)}"
                 )
+            if still_wanted is not None and not still_wanted():
+                return None
             previous = entry.active
             if version != previous:
                 self._publish(task_id, replace(entry, active=version))

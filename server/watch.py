@@ -14,13 +14,19 @@ A version that fails to load is counted in ``polyhead_head_load_failures_total``
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
+from polyhead.bundle import Bundle
 from polyhead.errors import PolyheadError
 from server.registry import HeadRegistry
 
 log = logging.getLogger(__name__)
+
+
+def _points_at(bundle: Bundle, task_id: str, version: int) -> bool:
+    return bundle.active_version(task_id) == version
 
 
 class BundleWatcher:
@@ -80,10 +86,19 @@ class BundleWatcher:
             self._pointer[task_id] = pointer
             entry = self.registry.tasks.get(task_id)
             try:
-                if entry is None or pointer not in entry.versions:
+                if entry is None:
                     self.registry.load_from_bundle(task_id, pointer, activate=True, source="watch")
                 else:
-                    self.registry.set_active(task_id, pointer)
+                    if pointer not in entry.versions:
+                        self.registry.load_from_bundle(task_id, pointer, activate=False, source="watch")
+                    # Checked again under the registry's writer lock: a writer that moved the pointer since
+                    # our read (and then told this server) must not be overridden by the stale value.
+                    swapped = self.registry.set_active_if(
+                        task_id, pointer, functools.partial(_points_at, bundle, task_id, pointer)
+                    )
+                    if swapped is None:
+                        self._pointer.pop(task_id, None)  # re-read on the next poll
+                        continue
                 actions += 1
                 log.info("watch: task %s now serves version %d (bundle pointer)", task_id, pointer)
             except PolyheadError as exc:

@@ -75,6 +75,86 @@ def test_watch_loads_and_activates_a_published_version(
         assert act(stub, "cartpole", obs).head_version == 2
 
 
+class _RollbackDuringRead(Bundle):
+    """A real bundle on which, the first time the watch reads ``task``'s pointer, an updater rolls back to
+    ``to`` right after the read: it moves the pointer on disk, then activates ``to`` on the server."""
+
+    _rollback: tuple[Any, str, int] | None = None
+
+    def arm(self, registry: Any, task: str, to: int) -> None:
+        self._rollback = (registry, task, to)
+
+    def active_version(self, task_id: str) -> int:
+        seen = super().active_version(task_id)
+        if self._rollback is not None and self._rollback[1] == task_id:
+            (registry, task, to), self._rollback = self._rollback, None
+            self.set_active_version(task, to)
+            registry.set_active(task, to)
+        return seen
+
+
+def test_a_stale_bundle_pointer_never_undoes_a_later_activation(
+    server_settings: Callable[..., Any], bundle_copy: Path
+) -> None:
+    """The updater publishes v2 (pointer 2, server 2) and rolls back to v1 (pointer 1, then server 1)
+    between the watch's read of the pointer and its swap: the watch must not serve the stale 2."""
+    from server.watch import BundleWatcher
+
+    with BackgroundServer(server_settings(bundle=bundle_copy, watch_bundle=False)) as srv:
+        registry = srv.registry
+        onnx, head_json = new_head_version(bundle_copy, "cartpole", seed=4)
+        racing = _RollbackDuringRead.open(bundle_copy)
+        registry.bundle = racing
+        watcher = BundleWatcher(registry, interval_s=60.0)  # polled by hand, below
+        racing.write_head(HeadMeta.from_json_text(head_json), onnx, activate=True)
+        registry.load_from_bundle("cartpole", 2, activate=True)
+        racing.arm(registry, "cartpole", to=1)
+        watcher.poll()
+        assert racing._rollback is None, "the rollback did not run inside the watch's read"
+        assert racing.active_version("cartpole") == 1
+        assert registry.tasks["cartpole"].active == 1, "the watch swapped back to a stale pointer"
+        watcher.poll()  # the next poll reads pointer 1 and leaves the server as it is
+        assert registry.tasks["cartpole"].active == 1
+        # The guard on its own: a swap that is no longer wanted changes nothing.
+        assert registry.set_active_if("cartpole", 2, lambda: False) is None
+        assert registry.tasks["cartpole"].active == 1
+
+
+def test_the_watch_and_an_upload_of_the_same_version_both_succeed(
+    server_settings: Callable[..., Any], bundle_copy: Path
+) -> None:
+    """The updater writes a version to the bundle and uploads the same bytes; the watch may load it from
+    disk while the upload warms up. Whichever lands first, neither load fails and the upload activates."""
+    with BackgroundServer(server_settings(bundle=bundle_copy, watch_bundle=False)) as srv:
+        registry = srv.registry
+        onnx, head_json = new_head_version(bundle_copy, "cartpole", seed=4)
+        bundle = Bundle.open(bundle_copy)
+        for _ in range(6):
+            record = bundle.write_head(HeadMeta.from_json_text(head_json), onnx, activate=False)
+            version = record.version
+            errors: list[BaseException] = []
+
+            def attempt(load: Callable[[], Any], errors: list[BaseException] = errors) -> None:
+                try:
+                    load()
+                except BaseException as exc:  # collected, asserted below
+                    errors.append(exc)
+
+            loads = [
+                lambda v=version: registry.load_from_bundle("cartpole", v, activate=False, source="watch"),
+                lambda v=version: registry.load_from_bytes(
+                    "cartpole", onnx, head_json, version=v, activate=True
+                ),
+            ]
+            threads = [threading.Thread(target=attempt, args=(load,)) for load in loads]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert errors == [], errors
+            assert registry.tasks["cartpole"].active == version
+
+
 def _start_serve(bundle: Path, tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     ready = tmp / "ready.json"
     proc = subprocess.Popen(

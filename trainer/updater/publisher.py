@@ -131,10 +131,14 @@ class HeadPublisher:
         return published
 
     def activate(self, version: int) -> None:
-        """Serve an already published version again: server first, then the bundle's active pointer."""
+        """Serve an already published version again: the bundle's active pointer first, then the server.
+
+        In this order a bundle watch (on this server or a replica) that read the old pointer cannot undo the
+        server's activation: it re-checks the pointer under its registry lock before swapping.
+        """
+        self.bundle.set_active_version(self.task.id, version)
         if self.control is not None:
             self.control.activate(self.task.id, version)
-        self.bundle.set_active_version(self.task.id, version)
         self.metrics.eval_return.labels(task=self.task.id).set(self.published[version].eval_return)
 
     def restore(self, version: int) -> None:
