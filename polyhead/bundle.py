@@ -55,6 +55,9 @@ HEADS_DIR = "heads"
 HEAD_ONNX = "head.onnx"
 HEAD_JSON = "head.json"
 ACTIVE_JSON = "active.json"
+#: A head writer's temporary ``.vN-*`` directory older than this belongs to a writer that died mid-publish
+#: (a publish takes seconds); the next publish of that task removes it.
+STALE_TEMP_S = 3600.0
 
 Distribution = Literal["categorical", "gaussian"]
 
@@ -508,7 +511,20 @@ class Bundle:
             raise
         if activate:
             self.set_active_version(task_id, version)
+        _remove_stale_temp_dirs(tdir)
         return HeadRecord(task_id=task_id, version=version, path=final, meta=meta)
+
+
+def _remove_stale_temp_dirs(task_dir: Path, *, older_than_s: float = STALE_TEMP_S) -> list[Path]:
+    """Delete temporary ``.vN-*`` directories left by head writers that died mid-publish."""
+    removed = []
+    cutoff = time.time() - older_than_s
+    for entry in task_dir.glob(".v*-*"):
+        with contextlib.suppress(OSError):  # another writer may remove it first
+            if entry.is_dir() and entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry)
+                removed.append(entry)
+    return removed
 
 
 def write_bundle(

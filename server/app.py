@@ -167,6 +167,7 @@ async def start_server(
         batching=settings.batching,
         inline_max_rows=settings.inline_max_rows,
         pending=inflight,
+        max_pending=settings.max_inflight_calls,
     )
     hub = ExperienceHub(
         metrics,

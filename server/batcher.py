@@ -78,9 +78,13 @@ class Batcher:
         batching: bool = True,
         inline_max_rows: int = 16,
         pending: Callable[[], int] | None = None,
+        max_pending: int = 0,
     ) -> None:
         """``pending``: how many act calls are in progress in the transport (accepted, not answered),
-        e.g. :class:`server.inflight.InflightCounter`; without it only the queue shows arrivals."""
+        e.g. :class:`server.inflight.InflightCounter`; without it only the queue shows arrivals.
+        ``max_pending`` (0: no limit): a request that finds more calls than this in progress is refused at
+        once, before it queues; under overload the excess waits in the transport, not in the queue, so the
+        queue bound alone would let admitted latency grow with the number of callers."""
         self.trunk = trunk
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -88,6 +92,7 @@ class Batcher:
         self.batching = batching
         self.inline_max_rows = inline_max_rows
         self._pending = pending or (lambda: 0)
+        self.max_pending = max_pending
         self._last_pass_end = 0.0
         self._metrics = metrics
         self._queue: collections.deque[_Work] = collections.deque()
@@ -130,11 +135,18 @@ class Batcher:
         """
         if self._closed:
             raise ShuttingDown("the server is shutting down and accepts no new requests")
+        pending = self._pending()
         if len(self._queue) >= self.max_queue_size:
             self._metrics.rejected.labels(task=head.task_id).inc()
             raise Overloaded(
                 f"request queue is full ({self.max_queue_size} requests waiting, the server's "
                 "max_queue_size); retry with backoff"
+            )
+        if self.max_pending and pending > self.max_pending:
+            self._metrics.rejected.labels(task=head.task_id).inc()
+            raise Overloaded(
+                f"{pending} Act calls in progress, more than the server's max_inflight_calls "
+                f"({self.max_pending}); retry with backoff"
             )
         loop = asyncio.get_running_loop()
         work = _Work(head, obs, sampling, deadline, time.perf_counter(), loop.create_future())
@@ -147,7 +159,7 @@ class Batcher:
             # hand-off. With others in progress, requests are streaming in: it gathers them while they
             # arrive and runs the pass in the inference thread, so the loop keeps accepting meanwhile.
             self._active = True
-            busy = len(self._queue) > 1 or self._pending() > 1
+            busy = len(self._queue) > 1 or pending > 1
             self._idle.clear()
             try:
                 while not work.future.done():

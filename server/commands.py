@@ -50,6 +50,12 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
         "longest a request waits for others to join its batch, only while requests keep arriving (2.0)",
     ),
     ("--max-queue-size", "max_queue_size", int, "queued requests before RESOURCE_EXHAUSTED (1024)"),
+    (
+        "--max-inflight-calls",
+        "max_inflight_calls",
+        int,
+        "Act calls in progress before new ones get RESOURCE_EXHAUSTED; 0: no limit (2048)",
+    ),
     ("--intra-op-threads", "intra_op_threads", int, "onnxruntime threads per session (1)"),
     ("--watch-interval", "watch_interval_s", float, "seconds between bundle polls (1.0)"),
     ("--grace-period", "grace_period_s", float, "SIGTERM: seconds in-flight calls may finish (10)"),

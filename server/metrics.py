@@ -104,7 +104,7 @@ class ServerMetrics:
         )
         self.rejected = Counter(
             "polyhead_rejected_requests",
-            "Requests refused because the queue was full",
+            "Requests refused with RESOURCE_EXHAUSTED: the queue was full or too many calls were in progress",
             ["task"],
             registry=r,
         )

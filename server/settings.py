@@ -62,6 +62,12 @@ class ServerSettings(BaseSettings):
     max_queue_size: int = Field(
         1024, ge=1, description="requests waiting for inference before new ones get RESOURCE_EXHAUSTED"
     )
+    max_inflight_calls: int = Field(
+        2048,
+        ge=0,
+        description="Act calls in progress (accepted by gRPC, not yet answered) beyond which a new one gets "
+        "RESOURCE_EXHAUSTED before it queues; bounds admitted latency under overload (0: no limit)",
+    )
     inline_max_rows: int = Field(
         16,
         ge=0,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from polyhead.bundle import (
+    STALE_TEMP_S,
     Bundle,
     HeadMeta,
     Manifest,
@@ -111,6 +113,23 @@ def test_half_written_head_is_invisible(bundle: Bundle) -> None:
     assert bundle.active_version("a") == 1
     # The next publish is unaffected by the debris.
     assert bundle.write_head(head("a", bundle.manifest.trunk_sha256), b"v2").version == 2
+    # A fresh temp dir may belong to a writer still at work: it stays.
+    assert partial.is_dir()
+
+
+def test_a_publish_removes_temp_dirs_of_writers_that_died_long_ago(bundle: Bundle) -> None:
+    tdir = bundle.task_dir("a")
+    dead = tdir / ".v5-killedwriter"
+    dead.mkdir()
+    (dead / "head.onnx").write_bytes(b"half")
+    old = time.time() - STALE_TEMP_S - 60
+    os.utime(dead, (old, old))
+    working = tdir / ".v6-stillwriting"
+    working.mkdir()
+    bundle.write_head(head("a", bundle.manifest.trunk_sha256), b"v2")
+    assert not dead.exists()
+    assert working.is_dir()
+    assert bundle.versions("a") == [1, 2]
 
 
 def test_half_written_bundle_is_not_a_bundle(tmp_path: Path) -> None:
