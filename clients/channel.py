@@ -46,6 +46,11 @@ class ChannelConfig:
     #: Interval between HTTP/2 keepalive pings; keeps idle streams through NATs and load balancers.
     keepalive_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
+    #: Reconnect backoff after a lost connection: gRPC's defaults (1 s, growing to 120 s) can leave a client
+    #: waiting minutes for a server that restarted in seconds; with these a restarted server is reached
+    #: within ~2 s of coming back.
+    reconnect_initial_ms: int = 100
+    reconnect_max_ms: int = 2_000
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: "round_robin" spreads calls over every address the target resolves to; None keeps gRPC's default
     #: (pick_first), except that a multi-address target always gets round_robin.
@@ -98,6 +103,8 @@ class ChannelConfig:
             ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.initial_reconnect_backoff_ms", self.reconnect_initial_ms),
+            ("grpc.max_reconnect_backoff_ms", self.reconnect_max_ms),
             # Retries are ours (clients/retry.py): one policy, visible in the attempt count.
             ("grpc.enable_retries", 0),
         ]

@@ -35,6 +35,11 @@ def test_options_and_token() -> None:
     assert options["grpc.keepalive_time_ms"] == 5000
     assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"] == 1 << 20
     assert options["grpc.enable_retries"] == 0  # one retry policy: ours
+    # A restarted server is reached within ~2 s, not after gRPC's reconnect backoff of up to 120 s.
+    assert (options["grpc.initial_reconnect_backoff_ms"], options["grpc.max_reconnect_backoff_ms"]) == (
+        100,
+        2000,
+    )
     assert cfg.metadata() == (("authorization", "Bearer s3cret"),)
     assert ChannelConfig("127.0.0.1:1").metadata() == ()
     assert not cfg.tls and cfg.credentials() is None

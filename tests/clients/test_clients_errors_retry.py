@@ -54,15 +54,14 @@ def test_invalid_observation_carries_the_servers_message(clients_server: Backgro
 
 def test_not_found_from_the_server_is_not_retried(clients_server: BackgroundServer) -> None:
     policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.2, jitter=0.0)
-    with PolicyClient(clients_server.target, retry=policy, timeout=5.0) as client:
-        started = time.monotonic()
-        with pytest.raises(TaskNotFound) as info:
-            client.act("cartpole", np.zeros(4, np.float32), version=99)
-        elapsed = time.monotonic() - started
+    with (
+        PolicyClient(clients_server.target, retry=policy, timeout=5.0) as client,
+        pytest.raises(TaskNotFound) as info,
+    ):
+        client.act("cartpole", np.zeros(4, np.float32), version=99)
     assert info.value.code == grpc.StatusCode.NOT_FOUND
     assert "99" in info.value.details
-    assert info.value.attempts == 1
-    assert elapsed < 0.2  # no backoff sleep happened
+    assert info.value.attempts == 1  # one attempt: no retry, so no backoff sleep either
 
 
 def test_unavailable_is_retried_until_the_deadline() -> None:
@@ -73,7 +72,9 @@ def test_unavailable_is_retried_until_the_deadline() -> None:
             client.echo(b"x")
         elapsed = time.monotonic() - started
     assert info.value.attempts > 2, "UNAVAILABLE must be retried"
-    assert 0.5 < elapsed < 1.6, f"retries must stop at the 1 s deadline, took {elapsed:.2f} s"
+    # Stops at the 1 s deadline (the upper bound leaves room for a loaded machine, not for another retry
+    # round: without the deadline the 1,000 attempts would take ~100 s).
+    assert 0.5 < elapsed < 3.0, f"retries must stop at the 1 s deadline, took {elapsed:.2f} s"
     assert "UNAVAILABLE" in str(info.value)
 
 

@@ -30,6 +30,8 @@ def test_session_reports_every_reward_exactly_once(clients_server: BackgroundSer
     task = "acrobot"
     segments: list[Any] = []
     ready = threading.Event()
+    hub = clients_server.running.hub
+    subscribed_before = len(hub._subscribers)
     collector = threading.Thread(
         target=_collect,
         args=(f"127.0.0.1:{clients_server.admin_port}", task, 3, segments, ready),
@@ -39,7 +41,12 @@ def test_session_reports_every_reward_exactly_once(clients_server: BackgroundSer
     assert ready.wait(10)
     import time
 
-    time.sleep(0.3)  # the subscription is registered server-side when the call starts
+    deadline = time.monotonic() + 30
+    while (
+        len(hub._subscribers) <= subscribed_before
+    ):  # the subscription is registered once the call reached the server
+        assert time.monotonic() < deadline, "the experience subscription never reached the server"
+        time.sleep(0.01)
     sent: list[list[float]] = []
     with PolicyClient(clients_server.target) as client, client.session(task, deterministic=True) as s:
         spec = client.task(task).spec
@@ -174,8 +181,15 @@ def test_round_robin_over_two_replicas(
         assert client.config.grpc_target.startswith("ipv4:")
         assert ("grpc.lb_policy_name", "round_robin") in client.config.options()
         client.wait_ready(5)
-        for _ in range(20):
+
+        def served() -> list[int]:
+            return [srv.running.batcher.stats.requests - b for srv, b in zip(servers, before, strict=True)]
+
+        # wait_ready sees the first replica's connection; the second may connect a little later, after
+        # which round robin alternates (pick_first would never call it).
+        calls = 0
+        while min(served()) < 5 and calls < 2_000:
             assert client.act("cartpole", np.zeros(4, np.float32)).head_version == 1
-    served = [srv.running.batcher.stats.requests - b for srv, b in zip(servers, before, strict=True)]
-    assert sum(served) >= 20
-    assert min(served) >= 5, f"round robin should spread the calls over both replicas, got {served}"
+            calls += 1
+    assert sum(served()) == calls
+    assert min(served()) >= 5, f"round robin should spread the calls over both replicas, got {served()}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ def test_swap_under_load_fails_no_call_and_names_one_of_two_versions(
     failures: list[BaseException] = []
     versions: dict[str, set[int]] = {t: set() for t in TASKS}
     calls = [0]
+    lock = threading.Lock()
 
     def client(index: int) -> None:
         with grpc.insecure_channel(server.target) as ch:
@@ -50,28 +52,41 @@ def test_swap_under_load_fails_no_call_and_names_one_of_two_versions(
                 for task in TASKS:
                     try:
                         response = act(stub, task, observations(task, 1 + index % 3, seed=index))
-                        versions[task].add(response.head_version)
-                        calls[0] += 1
+                        with lock:
+                            versions[task].add(response.head_version)
+                            calls[0] += 1
                     except grpc.RpcError as exc:
                         failures.append(exc)
+
+    def calls_made() -> int:
+        with lock:
+            return calls[0]
+
+    def wait_for_calls(more_than: int) -> None:
+        deadline = time.monotonic() + 30
+        while calls_made() <= more_than:
+            assert time.monotonic() < deadline, "the clients stopped making calls"
+            time.sleep(0.001)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     try:
+        wait_for_calls(8 * len(TASKS))  # every client is connected and calling before the first swap
         for i in range(50):
             target = 2 if i % 2 == 0 else 1
             swap = admin_stub.SetActiveVersion(
                 admin_pb2.SetActiveVersionRequest(task_id="cartpole", version=target)
             )
             assert swap.active_version == target
+            wait_for_calls(calls_made())  # calls are served between every two swaps
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=60)
     assert not failures, failures[:3]
-    assert calls[0] > 50
-    assert versions["cartpole"] <= {1, 2}
+    assert calls_made() > 50 + 8 * len(TASKS)
+    assert versions["cartpole"] == {1, 2}
     assert versions["acrobot"] == {1}
     assert versions["cartpole-continuous"] == {1}
 
