@@ -259,7 +259,12 @@ async def start_server(
     sweeper = asyncio.get_running_loop().create_task(sweep_episodes())
     watcher = None
     if settings.watch_bundle:
-        watcher = BundleWatcher(registry, interval_s=settings.watch_interval_s)
+        watcher = BundleWatcher(
+            registry,
+            interval_s=settings.watch_interval_s,
+            failures=metrics.watch_failures,
+            failing=metrics.watch_failing,
+        )
         watcher.start()
     log.info(
         "serving bundle %s (trunk %s…, tasks %s) on %s:%d; admin %s; metrics %s",

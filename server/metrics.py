@@ -133,6 +133,16 @@ class ServerMetrics:
             ["task", "reason"],
             registry=r,
         )
+        self.watch_failures = Counter(
+            "polyhead_bundle_watch_failures",
+            "Bundle watch polls that failed (the bundle directory unreadable: a lost volume, permissions)",
+            registry=r,
+        )
+        self.watch_failing = Gauge(
+            "polyhead_bundle_watch_failing",
+            "1 while the bundle watch's last poll failed, else 0",
+            registry=r,
+        )
         self.head_load_seconds = Histogram(
             "polyhead_head_load_seconds",
             "Validate + session build + warm-up time of a head load",

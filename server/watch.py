@@ -18,8 +18,10 @@ import functools
 import logging
 import threading
 
-from polyhead.bundle import Bundle
-from polyhead.errors import PolyheadError
+from prometheus_client import Counter, Gauge
+
+from polyhead.bundle import MANIFEST, Bundle
+from polyhead.errors import BundleNotFound, PolyheadError
 from server.registry import HeadRegistry
 
 log = logging.getLogger(__name__)
@@ -30,11 +32,26 @@ def _points_at(bundle: Bundle, task_id: str, version: int) -> bool:
 
 
 class BundleWatcher:
-    """Polls ``registry.bundle`` in a daemon thread; :meth:`poll` is also callable directly (tests)."""
+    """Polls ``registry.bundle`` in a daemon thread; :meth:`poll` is also callable directly (tests).
 
-    def __init__(self, registry: HeadRegistry, *, interval_s: float) -> None:
+    A poll that fails (the bundle directory unreadable) counts in ``failures`` and sets ``failing`` to 1
+    until a poll succeeds (both optional); its error is logged with a traceback once, repeats of the same
+    error only at DEBUG, and the recovery once.
+    """
+
+    def __init__(
+        self,
+        registry: HeadRegistry,
+        *,
+        interval_s: float,
+        failures: Counter | None = None,
+        failing: Gauge | None = None,
+    ) -> None:
         self.registry = registry
         self.interval_s = interval_s
+        self._failures = failures
+        self._failing_gauge = failing
+        self._failing: str | None = None  # the error of the last poll, while polls fail
         self._seen: dict[str, set[int]] = {}
         self._pointer: dict[str, int] = {}
         self._stop = threading.Event()
@@ -58,6 +75,12 @@ class BundleWatcher:
 
     def _poll(self) -> int:
         bundle = self.registry.bundle
+        if not (bundle.root / MANIFEST).is_file():
+            # A lost volume or a replaced directory reads as "no heads": say so instead of seeing nothing.
+            raise BundleNotFound(
+                f"bundle {bundle.root} has no {MANIFEST} any more (volume unmounted or directory replaced?); "
+                "serving what is loaded"
+            )
         actions = 0
         for task_id in bundle.task_ids():
             versions = bundle.versions(task_id)
@@ -119,8 +142,32 @@ class BundleWatcher:
         while not self._stop.wait(self.interval_s):
             try:
                 self.poll()
-            except Exception:  # a transient filesystem error must not end the watch
-                log.exception("watch: poll failed")
+            except Exception as exc:  # a transient filesystem error must not end the watch
+                self._poll_failed(exc)
+            else:
+                if self._failing is not None:
+                    log.info("watch: bundle %s readable again", self.registry.bundle.root)
+                    self._failing = None
+                    if self._failing_gauge is not None:
+                        self._failing_gauge.set(0)
+
+    def _poll_failed(self, exc: Exception) -> None:
+        if self._failures is not None:
+            self._failures.inc()
+        if self._failing_gauge is not None:
+            self._failing_gauge.set(1)
+        error = f"{type(exc).__name__}: {exc}"
+        if error == self._failing:
+            log.debug("watch: poll failed again: %s", error)
+            return
+        self._failing = error
+        log.error(
+            "watch: polling bundle %s failed (retried every %.1f s; repeats of this error are logged at "
+            "DEBUG)",
+            self.registry.bundle.root,
+            self.interval_s,
+            exc_info=exc,
+        )
 
     def stop(self) -> None:
         self._stop.set()

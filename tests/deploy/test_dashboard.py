@@ -100,6 +100,7 @@ def test_alerts_cover_the_failure_modes() -> None:
         "PolyheadHighErrorRatio",
         "PolyheadHighP99Latency",
         "PolyheadHeadLoadFailures",
+        "PolyheadBundleUnreadable",
         "PolyheadReturnRegressionAfterSwap",
         "PolyheadNoExperience",
     } <= names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_helpers import act, actions_of, new_head_version, observations
 
@@ -153,6 +155,39 @@ def test_the_watch_and_an_upload_of_the_same_version_both_succeed(
                 thread.join()
             assert errors == [], errors
             assert registry.tasks["cartpole"].active == version
+
+
+def test_an_unreadable_bundle_is_counted_logged_once_and_serving_goes_on(
+    server_settings: Callable[..., Any], bundle_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bundle volume goes away under a running server (here: the directory is moved): every failed
+    poll counts in polyhead_bundle_watch_failures_total, the error is logged once, the loaded heads keep
+    serving, and the recovery is logged once when the bundle is back."""
+    caplog.set_level(logging.INFO, logger="server.watch")
+    with (
+        BackgroundServer(server_settings(bundle=bundle_copy, watch_interval_s=0.05)) as srv,
+        grpc.insecure_channel(srv.target) as ch,
+    ):
+        stub = policy_pb2_grpc.PolicyServiceStub(ch)
+        obs = observations("cartpole", 4, seed=1)
+        failures = srv.running.metrics.watch_failures
+        assert failures._value.get() == 0
+        aside = bundle_copy.with_name(bundle_copy.name + "-unmounted")
+        bundle_copy.rename(aside)
+        try:
+            _wait_for(lambda: failures._value.get() >= 5)
+            assert srv.running.metrics.watch_failing._value.get() == 1
+            assert act(stub, "cartpole", obs).head_version == 1  # still serving what is loaded
+        finally:
+            aside.rename(bundle_copy)
+        _wait_for(lambda: any("readable again" in r.getMessage() for r in caplog.records))
+        settled = failures._value.get()
+        time.sleep(0.3)
+        assert failures._value.get() == settled  # polls succeed again
+        assert srv.running.metrics.watch_failing._value.get() == 0
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and "watch" in r.getMessage()]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "manifest.json" in errors[0].getMessage() or "manifest.json" in str(errors[0].exc_info[1])
 
 
 def _start_serve(bundle: Path, tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
