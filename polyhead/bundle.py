@@ -516,14 +516,19 @@ class Bundle:
 
 
 def _remove_stale_temp_dirs(task_dir: Path, *, older_than_s: float = STALE_TEMP_S) -> list[Path]:
-    """Delete temporary ``.vN-*`` directories left by head writers that died mid-publish."""
+    """Delete what writers that died mid-publish left in a task directory: temporary ``.vN-*`` head
+    directories and ``.active.json.*.tmp`` pointer files."""
     removed = []
     cutoff = time.time() - older_than_s
-    for entry in task_dir.glob(".v*-*"):
-        with contextlib.suppress(OSError):  # another writer may remove it first
-            if entry.is_dir() and entry.stat().st_mtime < cutoff:
-                shutil.rmtree(entry)
-                removed.append(entry)
+    for pattern in (".v*-*", f".{ACTIVE_JSON}.*.tmp"):
+        for entry in task_dir.glob(pattern):
+            with contextlib.suppress(OSError):  # another writer may remove it first
+                if entry.stat().st_mtime < cutoff:
+                    if entry.is_dir():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+                    removed.append(entry)
     return removed
 
 

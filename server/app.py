@@ -167,7 +167,8 @@ async def start_server(
         batching=settings.batching,
         inline_max_rows=settings.inline_max_rows,
         pending=inflight,
-        max_pending=settings.max_inflight_calls,
+        in_progress=inflight.handling,
+        max_in_progress=settings.max_inflight_calls,
     )
     hub = ExperienceHub(
         metrics,

@@ -78,13 +78,16 @@ class Batcher:
         batching: bool = True,
         inline_max_rows: int = 16,
         pending: Callable[[], int] | None = None,
-        max_pending: int = 0,
+        in_progress: Callable[[], int] | None = None,
+        max_in_progress: int = 0,
     ) -> None:
         """``pending``: how many act calls are in progress in the transport (accepted, not answered),
         e.g. :class:`server.inflight.InflightCounter`; without it only the queue shows arrivals.
-        ``max_pending`` (0: no limit): a request that finds more calls than this in progress is refused at
-        once, before it queues; under overload the excess waits in the transport, not in the queue, so the
-        queue bound alone would let admitted latency grow with the number of callers."""
+        ``in_progress``: how many act calls are being handled now, this one included (e.g.
+        ``InflightCounter.handling``). With ``max_in_progress`` > 0, at most that many are admitted: a
+        request (an Act call, or an ActStream step while that many Act calls run) that finds more is
+        refused at once, before it queues. This bounds what one server holds when far more callers arrive
+        than it can serve; the queue bound alone only counts requests that reached the queue."""
         self.trunk = trunk
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -92,7 +95,8 @@ class Batcher:
         self.batching = batching
         self.inline_max_rows = inline_max_rows
         self._pending = pending or (lambda: 0)
-        self.max_pending = max_pending
+        self._in_progress = in_progress or (lambda: 0)
+        self.max_in_progress = max_in_progress
         self._last_pass_end = 0.0
         self._metrics = metrics
         self._queue: collections.deque[_Work] = collections.deque()
@@ -142,11 +146,11 @@ class Batcher:
                 f"request queue is full ({self.max_queue_size} requests waiting, the server's "
                 "max_queue_size); retry with backoff"
             )
-        if self.max_pending and pending > self.max_pending:
+        if self.max_in_progress and (running := self._in_progress()) > self.max_in_progress:
             self._metrics.rejected.labels(task=head.task_id).inc()
             raise Overloaded(
-                f"{pending} Act calls in progress, more than the server's max_inflight_calls "
-                f"({self.max_pending}); retry with backoff"
+                f"{running} Act calls in progress, more than the server's max_inflight_calls "
+                f"({self.max_in_progress}); retry with backoff"
             )
         loop = asyncio.get_running_loop()
         work = _Work(head, obs, sampling, deadline, time.perf_counter(), loop.create_future())

@@ -7,6 +7,10 @@ progress a request runs at once. A server interceptor is the one place that sees
 
 A call cancelled by its client after gRPC accepted it but before its message was read never reaches its
 handler; such entries are forgotten after ``stale_after_s``, so the count heals itself.
+
+:meth:`InflightCounter.handling` counts only calls whose handler is running (decremented when it returns,
+is cancelled or fails): exact at every moment, so it is what the ``max_inflight_calls`` bound uses (a burst
+of cancelled calls cannot hold it up for ``stale_after_s``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class InflightCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._calls: dict[int, float] = {}  # call token -> time accepted
         self._next_token = 0
         self._last_purge = time.monotonic()
+        self._handling = 0
 
     def __call__(self) -> int:
         now = time.monotonic()
@@ -41,6 +46,10 @@ class InflightCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             for token in [t for t, accepted in self._calls.items() if accepted < limit]:
                 del self._calls[token]
         return len(self._calls)
+
+    def handling(self) -> int:
+        """Calls whose handler is running now (a subset of the count)."""
+        return self._handling
 
     async def intercept_service(
         self,
@@ -57,9 +66,11 @@ class InflightCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         calls = self._calls
 
         async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            self._handling += 1
             try:
                 return await behaviour(request, context)
             finally:
+                self._handling -= 1
                 calls.pop(token, None)
 
         return grpc.unary_unary_rpc_method_handler(

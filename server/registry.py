@@ -137,6 +137,7 @@ class HeadRegistry:
         self._metrics = metrics
         self._lock = threading.Lock()
         self._tasks: Mapping[str, TaskHeads] = MappingProxyType({})
+        self._activations: dict[str, int] = {}  # per task: changes of the active version (or presence)
         self._listeners: list[Listener] = []
 
     # --- readers (lock-free) ---------------------------------------------------------------------------
@@ -151,6 +152,14 @@ class HeadRegistry:
         if entry is None:
             raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
         return entry.head(version)
+
+    def activations(self, task_id: str) -> int:
+        """How often ``task_id``'s active version has changed (or the task appeared or went) so far.
+
+        Read it before deciding on a swap and pass ``still_wanted`` to :meth:`set_active_if` to swap only
+        when no other writer has activated anything for the task meanwhile.
+        """
+        return self._activations.get(task_id, 0)
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(snapshot)`` after every change (from the writer's thread)."""
@@ -304,6 +313,7 @@ class HeadRegistry:
             number = version or self._next_version(task_id)
             entry = self._tasks.get(task_id)
             concurrent = entry.versions.get(number) if entry is not None else None
+            current_active = entry.active if entry is not None else 0
             if concurrent is None:
                 head = LoadedHead(
                     task_id=task_id,
@@ -327,9 +337,7 @@ class HeadRegistry:
         if concurrent is not None:
             # Another writer (the bundle watch) loaded these very bytes while we warmed up: the load is
             # done, and activating it is all that may be left.
-            active = (
-                self.set_active(task_id, number).active_version if activate else self._tasks[task_id].active
-            )
+            active = self.set_active(task_id, number).active_version if activate else current_active
             return LoadResult(concurrent, active, time.perf_counter() - t0, already_loaded=True)
         seconds = time.perf_counter() - t0
         self._metrics.head_loads.labels(task=task_id, source=source).inc()
@@ -360,9 +368,11 @@ class HeadRegistry:
     ) -> SwapResult | None:
         """Like :meth:`set_active`, but only when ``still_wanted()`` holds under the writer lock.
 
-        The bundle watch re-reads the bundle's pointer here, so an activation that another writer made after
-        the watch's read (an updater rolling back: bundle pointer first, then ``SetActiveVersion``) is never
-        overwritten by a stale pointer. Returns None when the swap was no longer wanted.
+        ``still_wanted`` runs with the lock held, so it must be quick and in memory (no disk or network):
+        typically ``lambda: registry.activations(task) == seen``. The bundle watch uses it so that an
+        activation another writer made after the watch read the bundle's pointer (an updater rolling back:
+        bundle pointer first, then ``SetActiveVersion``) is never overwritten by that stale pointer.
+        Returns None when the swap was no longer wanted.
         """
         return self._swap(task_id, version, still_wanted=still_wanted)
 
@@ -418,6 +428,9 @@ class HeadRegistry:
     # --- internals ---------------------------------------------------------------------------------------
     def _publish(self, task_id: str, entry: TaskHeads | None) -> None:
         """Replace the state with one reference assignment (call with the lock held)."""
+        previous = self._tasks.get(task_id)
+        if previous is None or entry is None or previous.active != entry.active:
+            self._activations[task_id] = self._activations.get(task_id, 0) + 1
         tasks = dict(self._tasks)
         if entry is None:
             tasks.pop(task_id, None)

@@ -65,8 +65,8 @@ class ServerSettings(BaseSettings):
     max_inflight_calls: int = Field(
         2048,
         ge=0,
-        description="Act calls in progress (accepted by gRPC, not yet answered) beyond which a new one gets "
-        "RESOURCE_EXHAUSTED before it queues; bounds admitted latency under overload (0: no limit)",
+        description="Act calls being handled at once; one more gets RESOURCE_EXHAUSTED before it queues "
+        "(as does an ActStream step meanwhile); bounds what one server holds under overload (0: no limit)",
     )
     inline_max_rows: int = Field(
         16,

@@ -20,15 +20,11 @@ import threading
 
 from prometheus_client import Counter, Gauge
 
-from polyhead.bundle import MANIFEST, Bundle
+from polyhead.bundle import MANIFEST
 from polyhead.errors import BundleNotFound, PolyheadError
 from server.registry import HeadRegistry
 
 log = logging.getLogger(__name__)
-
-
-def _points_at(bundle: Bundle, task_id: str, version: int) -> bool:
-    return bundle.active_version(task_id) == version
 
 
 class BundleWatcher:
@@ -58,6 +54,9 @@ class BundleWatcher:
         self._thread: threading.Thread | None = None
         self._poll_lock = threading.Lock()
         self.prime()
+
+    def _unchanged(self, task_id: str, activations: int) -> bool:
+        return self.registry.activations(task_id) == activations
 
     def prime(self) -> None:
         """Record what is on disk now, so only later changes are acted on."""
@@ -103,6 +102,10 @@ class BundleWatcher:
                         type(exc).__name__,
                         exc,
                     )
+            # What this server has activated so far, read before the pointer: a writer that activates
+            # something after our read (an updater rolling back moves the pointer, then calls the server)
+            # makes the swap below stand down instead of reinstating the pointer we read.
+            activations = self.registry.activations(task_id)
             pointer = bundle.active_version(task_id)
             if self._pointer.get(task_id) == pointer:
                 continue
@@ -114,10 +117,8 @@ class BundleWatcher:
                 else:
                     if pointer not in entry.versions:
                         self.registry.load_from_bundle(task_id, pointer, activate=False, source="watch")
-                    # Checked again under the registry's writer lock: a writer that moved the pointer since
-                    # our read (and then told this server) must not be overridden by the stale value.
                     swapped = self.registry.set_active_if(
-                        task_id, pointer, functools.partial(_points_at, bundle, task_id, pointer)
+                        task_id, pointer, functools.partial(self._unchanged, task_id, activations)
                     )
                     if swapped is None:
                         self._pointer.pop(task_id, None)  # re-read on the next poll
@@ -125,6 +126,7 @@ class BundleWatcher:
                 actions += 1
                 log.info("watch: task %s now serves version %d (bundle pointer)", task_id, pointer)
             except PolyheadError as exc:
+                # A version that cannot be loaded or activated is not retried (until the pointer moves).
                 log.warning(
                     "watch: task %s: could not activate version %d: %s: %s",
                     task_id,
@@ -132,6 +134,9 @@ class BundleWatcher:
                     type(exc).__name__,
                     exc,
                 )
+            except BaseException:
+                self._pointer.pop(task_id, None)  # a filesystem error: try this pointer again next poll
+                raise
         return actions
 
     def start(self) -> None:

@@ -124,10 +124,14 @@ def test_a_publish_removes_temp_dirs_of_writers_that_died_long_ago(bundle: Bundl
     (dead / "head.onnx").write_bytes(b"half")
     old = time.time() - STALE_TEMP_S - 60
     os.utime(dead, (old, old))
+    dead_pointer = tdir / ".active.json.0123abcd.tmp"
+    dead_pointer.write_text('{"version": 1}')
+    os.utime(dead_pointer, (old, old))
     working = tdir / ".v6-stillwriting"
     working.mkdir()
     bundle.write_head(head("a", bundle.manifest.trunk_sha256), b"v2")
     assert not dead.exists()
+    assert not dead_pointer.exists()
     assert working.is_dir()
     assert bundle.versions("a") == [1, 2]
 

@@ -126,6 +126,47 @@ def test_queue_full_is_overloaded_with_the_limit(server_settings: Callable[..., 
         assert sum(o is None for o in outcomes) >= 2
 
 
+def test_calls_beyond_max_inflight_calls_are_overloaded_with_the_limit(server: Any) -> None:
+    """A batcher on the server's real trunk and head, with the in-progress count set by the test: at most
+    ``max_in_progress`` calls (the asking one included) are admitted; 0 means no limit."""
+    from prometheus_client import CollectorRegistry
+
+    from server.batcher import Batcher
+    from server.metrics import ServerMetrics
+
+    head = server.registry.resolve("cartpole")
+    obs = observations("cartpole", 1)
+    metrics = ServerMetrics(CollectorRegistry())
+
+    async def ask(running: int, limit: int) -> BaseException | None:
+        batcher = Batcher(
+            server.registry.trunk,
+            metrics=metrics,
+            max_batch_size=8,
+            max_queue_delay_s=0.0,
+            max_queue_size=8,
+            in_progress=lambda: running,
+            max_in_progress=limit,
+        )
+        try:
+            await batcher.act(head, obs, Sampling(1, True, None))
+        except Overloaded as exc:
+            return exc
+        finally:
+            batcher.shutdown()
+        return None
+
+    def outcome(running: int, limit: int) -> BaseException | None:
+        return asyncio.run_coroutine_threadsafe(ask(running, limit), server.loop).result(timeout=30)
+
+    assert outcome(4, 4) is None
+    refused = outcome(5, 4)
+    assert isinstance(refused, Overloaded)
+    assert "5 Act calls in progress" in str(refused) and "max_inflight_calls (4)" in str(refused)
+    assert outcome(1_000_000, 0) is None
+    assert metrics.rejected.labels(task="cartpole")._value.get() == 1
+
+
 def test_expired_requests_are_dropped_before_inference(server: Any) -> None:
     import time
 
@@ -170,6 +211,7 @@ def test_malformed_request_bytes_are_invalid_argument(server: Any, policy_stub: 
     while server.running.batcher._pending() != 0:  # the in-flight count is released (just after the status)
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    assert server.running.batcher._in_progress() == 0  # and so is the count of running handlers
     assert act(policy_stub, "cartpole", observations("cartpole")).head_version == 1
 
 

@@ -123,15 +123,27 @@ def test_a_stale_bundle_pointer_never_undoes_a_later_activation(
 
 
 def test_the_watch_and_an_upload_of_the_same_version_both_succeed(
-    server_settings: Callable[..., Any], bundle_copy: Path
+    server_settings: Callable[..., Any], bundle_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The updater writes a version to the bundle and uploads the same bytes; the watch may load it from
-    disk while the upload warms up. Whichever lands first, neither load fails and the upload activates."""
+    """The updater writes a version to the bundle and uploads the same bytes; the watch loads it from disk
+    while the upload warms up. Whichever lands first, neither load fails and the upload activates.
+
+    Both loads are held at their warm-up until both are there, so they always overlap."""
+    from server.runtime import HeadRuntime
+
+    warm_up = HeadRuntime.warm_up
+    both_warming = threading.Barrier(2, timeout=30)
+
+    def overlapping_warm_up(self: HeadRuntime, *args: Any, **kwargs: Any) -> None:
+        both_warming.wait()
+        warm_up(self, *args, **kwargs)
+
     with BackgroundServer(server_settings(bundle=bundle_copy, watch_bundle=False)) as srv:
         registry = srv.registry
         onnx, head_json = new_head_version(bundle_copy, "cartpole", seed=4)
         bundle = Bundle.open(bundle_copy)
-        for _ in range(6):
+        monkeypatch.setattr(HeadRuntime, "warm_up", overlapping_warm_up)
+        for _ in range(4):
             record = bundle.write_head(HeadMeta.from_json_text(head_json), onnx, activate=False)
             version = record.version
             errors: list[BaseException] = []
@@ -155,6 +167,7 @@ def test_the_watch_and_an_upload_of_the_same_version_both_succeed(
                 thread.join()
             assert errors == [], errors
             assert registry.tasks["cartpole"].active == version
+            both_warming.reset()
 
 
 def test_an_unreadable_bundle_is_counted_logged_once_and_serving_goes_on(

@@ -134,7 +134,9 @@ class HeadPublisher:
         """Serve an already published version again: the bundle's active pointer first, then the server.
 
         In this order a bundle watch (on this server or a replica) that read the old pointer cannot undo the
-        server's activation: it re-checks the pointer under its registry lock before swapping.
+        server's activation: it stands down when the server activated anything after its read. When the
+        server call fails (raised to the caller) the bundle already names ``version``: servers with a bundle
+        watch follow it, one without stays on the old version until the call is repeated.
         """
         self.bundle.set_active_version(self.task.id, version)
         if self.control is not None:
