@@ -11,11 +11,15 @@
   separate admin port, metrics port), stopped when the test ends. ``server.target`` / ``.admin_target``
   are ``"127.0.0.1:PORT"`` strings for ``grpc.insecure_channel``.
 * ``policy_stub`` / ``admin_stub`` / ``diagnostics_stub`` (function): raw gRPC stubs connected to ``server``.
+* ``pki`` (session): test certificates made with the openssl command (skips without it): ``ca.pem``,
+  ``server.pem``/``.key`` for 127.0.0.1 and localhost, ``client.pem``/``.key``, and ``rogue.pem``/``.key``
+  signed by an unrelated CA.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -99,3 +103,54 @@ def diagnostics_stub(channel: grpc.Channel) -> policy_pb2_grpc.DiagnosticsStub:
 def admin_stub(server: Any) -> Iterator[admin_pb2_grpc.HeadAdminStub]:
     with grpc.insecure_channel(server.admin_target) as ch:
         yield admin_pb2_grpc.HeadAdminStub(ch)
+
+
+def make_pki(directory: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (openssl CLI)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    key = ["-newkey", "rsa:2048", "-nodes", "-days", "2"]
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=polyhead-test-ca")
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    signed = ["-days", "2", "-extfile", "san.cnf", "-CAcreateserial"]
+    for name in ("server", "client"):
+        openssl("req", *key[:3], "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-out",
+            f"{name}.pem",
+            *signed,
+        )
+    # A second, unrelated CA and a client certificate it signed: mTLS must refuse it.
+    openssl("req", "-x509", *key, "-keyout", "rogue-ca.key", "-out", "rogue-ca.pem", "-subj", "/CN=rogue-ca")
+    openssl("req", *key[:3], "-keyout", "rogue.key", "-out", "rogue.csr", "-subj", "/CN=rogue")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "rogue.csr",
+        "-CA",
+        "rogue-ca.pem",
+        "-CAkey",
+        "rogue-ca.key",
+        "-out",
+        "rogue.pem",
+        *signed,
+    )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -134,50 +134,6 @@ def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) 
     return total
 
 
-def make_pki(directory: Path) -> Path:
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (openssl CLI)."""
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    key = ["-newkey", "rsa:2048", "-nodes", "-days", "2"]
-    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=polyhead-test-ca")
-    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    signed = ["-days", "2", "-extfile", "san.cnf", "-CAcreateserial"]
-    for name in ("server", "client"):
-        openssl("req", *key[:3], "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-out",
-            f"{name}.pem",
-            *signed,
-        )
-    # A second, unrelated CA and a client certificate it signed: mTLS must refuse it.
-    openssl("req", "-x509", *key, "-keyout", "rogue-ca.key", "-out", "rogue-ca.pem", "-subj", "/CN=rogue-ca")
-    openssl("req", *key[:3], "-keyout", "rogue.key", "-out", "rogue.csr", "-subj", "/CN=rogue")
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        "rogue.csr",
-        "-CA",
-        "rogue-ca.pem",
-        "-CAkey",
-        "rogue-ca.key",
-        "-out",
-        "rogue.pem",
-        *signed,
-    )
-    return directory
-
-
 def wait_until(predicate: object, timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

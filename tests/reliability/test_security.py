@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from reliability_helpers import admin_target, make_pki, start_serve, started, stop
+from reliability_helpers import admin_target, start_serve, started, stop
 
 from polyhead.bundle import Bundle
 from polyhead.tensors import to_proto
@@ -111,13 +110,6 @@ def test_token_is_enforced_on_every_admin_rpc(
                 ).head_version
                 == 1
             )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make test certificates")
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def credentials(pki: Path, client: str | None = None) -> grpc.ChannelCredentials:
