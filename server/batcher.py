@@ -139,7 +139,6 @@ class Batcher:
         """
         if self._closed:
             raise ShuttingDown("the server is shutting down and accepts no new requests")
-        pending = self._pending()
         if len(self._queue) >= self.max_queue_size:
             self._metrics.rejected.labels(task=head.task_id).inc()
             raise Overloaded(
@@ -163,7 +162,7 @@ class Batcher:
             # hand-off. With others in progress, requests are streaming in: it gathers them while they
             # arrive and runs the pass in the inference thread, so the loop keeps accepting meanwhile.
             self._active = True
-            busy = len(self._queue) > 1 or pending > 1
+            busy = len(self._queue) > 1 or self._pending() > 1
             self._idle.clear()
             try:
                 while not work.future.done():
