@@ -12,7 +12,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from server.process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,20 +35,8 @@ def build_bundle(out: Path, *, suite: str = "classic-mixed", seed: int = 0) -> P
     return out
 
 
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    admin_port: int | None
-    metrics_port: int | None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def admin_target(self) -> str:
-        return f"127.0.0.1:{self.admin_port}"
+class ServerProcess(ServeProcess):
+    """``server.process.ServeProcess`` plus what the benchmarks read off the server process."""
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as fh:
@@ -80,15 +69,13 @@ class ServerProcess:
 @contextlib.contextmanager
 def serve(bundle: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     """Run ``polyhead serve`` on free ports until the block ends (SIGTERM, then wait)."""
-    from server.process import ServeProcess
-
-    with ServeProcess(
+    with ServerProcess(
         bundle,
         args=("--log-level", "WARNING", *args),
         env={**os.environ, **env} if env else None,
         ready_timeout_s=120,
     ) as server:
-        yield ServerProcess(server.proc, server.port, server.admin_port, server.metrics_port)
+        yield server
 
 
 # --- clients ----------------------------------------------------------------------------------------------
