@@ -31,15 +31,15 @@ from trainer_common import machine
 
 from polyhead.envs import task_spaces
 from polyhead.taskspec import TaskSpec, load_suite
-from trainer.adapt import ADAPT_PPO
-from trainer.config import PPOConfig
-from trainer.envs import TaskEnvs
-from trainer.evaluate import evaluate
-from trainer.policy import MultiTaskPolicy, load_policy
-from trainer.ppo import TaskState, collect_rollout, compute_advantages, ppo_update
-from trainer.updater.floor import zero_shot_floor
-from trainer.updater.frozen import freeze_trunk, trunk_state_sha256
-from trainer.updater.head_ppo import HeadLearner, collect_head_rollout
+from polyhead.trainer.adapt import ADAPT_PPO
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.envs import TaskEnvs
+from polyhead.trainer.evaluate import evaluate
+from polyhead.trainer.policy import MultiTaskPolicy, load_policy
+from polyhead.trainer.ppo import TaskState, collect_rollout, compute_advantages, ppo_update
+from polyhead.trainer.updater.floor import zero_shot_floor
+from polyhead.trainer.updater.frozen import freeze_trunk, trunk_state_sha256
+from polyhead.trainer.updater.head_ppo import HeadLearner, collect_head_rollout
 
 EVAL_SEED = 123_000
 METHODS = ("head-only (fresh)", "head-only (nearest)", "from scratch", "full fine-tuning")

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 from trainer_common import machine
 
+from polyhead.server.app import BackgroundServer
+from polyhead.server.settings import ServerSettings
 from polyhead.taskspec import load_suite
-from server.app import BackgroundServer
-from server.settings import ServerSettings
-from trainer.adapt import adapt, default_config
-from trainer.updater.fleet import SimulatorFleet
-from trainer.updater.metrics import UpdaterMetrics
+from polyhead.trainer.adapt import adapt, default_config
+from polyhead.trainer.updater.fleet import SimulatorFleet
+from polyhead.trainer.updater.metrics import UpdaterMetrics
 
 
 def run_task(args: argparse.Namespace, task_id: str, seed: int) -> dict[str, Any]:

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from clients import AdminClient
-from clients.bench import BenchConfig, run_bench
-from clients.channel import ChannelConfig
+from polyhead.clients import AdminClient
+from polyhead.clients.bench import BenchConfig, run_bench
+from polyhead.clients.channel import ChannelConfig
 
 
 @contextlib.contextmanager
@@ -91,7 +91,7 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         bundle = args.bundle
         if bundle is None:
-            from trainer.export import build_random_bundle
+            from polyhead.trainer.export import build_random_bundle
 
             bundle = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "bundle"
             build_random_bundle(bundle, suite="classic-mixed", seed=0)

@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from server.process import ServeProcess
+from polyhead.server.process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def build_bundle(out: Path, *, suite: str = "classic-mixed", seed: int = 0) -> Path:
     """A small random (untrained) bundle: the serving cost does not depend on the weights' values."""
-    from trainer.export import build_random_bundle
+    from polyhead.trainer.export import build_random_bundle
 
     if not (out / "manifest.json").is_file():
         build_random_bundle(out, suite=suite, seed=seed)
@@ -36,7 +36,7 @@ def build_bundle(out: Path, *, suite: str = "classic-mixed", seed: int = 0) -> P
 
 
 class ServerProcess(ServeProcess):
-    """``server.process.ServeProcess`` plus what the benchmarks read off the server process."""
+    """``polyhead.server.process.ServeProcess`` plus what the benchmarks read off the server process."""
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as fh:
@@ -277,8 +277,8 @@ def head_variant(bundle_dir: Path, task: str, *, seed: int) -> tuple[bytes, str]
     import torch
 
     from polyhead.bundle import Bundle
-    from trainer.export import export_head
-    from trainer.policy import load_policy
+    from polyhead.trainer.export import export_head
+    from polyhead.trainer.policy import load_policy
 
     bundle = Bundle.open(bundle_dir)
     policy = load_policy(bundle)

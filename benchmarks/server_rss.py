@@ -89,8 +89,8 @@ def main() -> None:
     parser.add_argument("--no-swaps", action="store_true", help="traffic only")
     args = parser.parse_args()
 
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from polyhead.server.app import BackgroundServer
+    from polyhead.server.settings import ServerSettings
 
     bundle = build_bundle(Path(tempfile.gettempdir()) / "polyhead-bench-bundle")
     settings = ServerSettings(

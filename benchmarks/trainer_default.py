@@ -17,10 +17,10 @@ import numpy as np
 from trainer_common import machine
 
 from polyhead.taskspec import load_suite
-from trainer.config import PPOConfig
-from trainer.evaluate import evaluate
-from trainer.policy import load_policy
-from trainer.train import train
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.evaluate import evaluate
+from polyhead.trainer.policy import load_policy
+from polyhead.trainer.train import train
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 from trainer_common import machine, mean_std
 
 from polyhead.taskspec import load_suite
-from trainer.config import PPOConfig
-from trainer.policy import PolicyConfig
-from trainer.train import TrainResult, train, train_independent
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.policy import PolicyConfig
+from polyhead.trainer.train import TrainResult, train, train_independent
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import numpy as np
 from trainer_common import machine, mean_std
 
 from polyhead.taskspec import load_suite
-from trainer.config import PPOConfig
-from trainer.train import train
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.train import train
 
 
 def _mean_cosines(path: Path, tasks: list[str]) -> np.ndarray:

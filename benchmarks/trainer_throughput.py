@@ -30,8 +30,8 @@ from torch.distributions import Categorical
 from trainer_common import machine
 
 from polyhead.taskspec import Suite, TaskSpec, load_suite
-from trainer.config import PPOConfig
-from trainer.train import train
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.train import train
 
 NUM_ENVS, NUM_STEPS, EPOCHS, LR, GAMMA, LAMBDA, CLIP = 8, 32, 20, 1e-3, 0.98, 0.8, 0.2
 

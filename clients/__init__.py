@@ -1,22 +1,22 @@
 """polyhead clients: talk to a polyhead policy server from Python (``pip install 'polyhead[client]'``).
 
 * :class:`PolicyClient` / :class:`AsyncPolicyClient`: numpy in, numpy out; deadlines, retries on
-  UNAVAILABLE / RESOURCE_EXHAUSTED with jittered backoff, TLS, typed errors (:mod:`clients.errors`).
-* ``client.session(task)``: an ``ActStream`` session for one simulator loop (:mod:`clients.session`).
+  UNAVAILABLE / RESOURCE_EXHAUSTED with jittered backoff, TLS, typed errors (:mod:`polyhead.clients.errors`).
+* ``client.session(task)``: an ``ActStream`` session for one simulator loop (:mod:`polyhead.clients.session`).
 * :class:`RemotePolicy`: ``policy(obs) -> action`` for your own loops and gymnasium vector envs.
 * :class:`AdminClient`: load, activate, roll back, unload and list heads (``HeadAdmin``).
-* :mod:`clients.simulator`: drive gymnasium environments through the server (``polyhead simulate``).
-* :mod:`clients.bench`: the load generator behind ``polyhead bench``.
+* :mod:`polyhead.clients.simulator`: drive gymnasium environments through the server (``polyhead simulate``).
+* :mod:`polyhead.clients.bench`: the load generator behind ``polyhead bench``.
 
 This package imports neither torch nor onnxruntime, nor anything from ``server`` or ``trainer``.
 """
 
-from clients.admin import AdminClient
-from clients.async_policy_client import AsyncPolicyClient
-from clients.catalog import RemoteTask, TaskCatalog
-from clients.channel import ChannelConfig
-from clients.codec import ActResult, StepResult
-from clients.errors import (
+from polyhead.clients.admin import AdminClient
+from polyhead.clients.async_policy_client import AsyncPolicyClient
+from polyhead.clients.catalog import RemoteTask, TaskCatalog
+from polyhead.clients.channel import ChannelConfig
+from polyhead.clients.codec import ActResult, StepResult
+from polyhead.clients.errors import (
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
@@ -32,10 +32,10 @@ from clients.errors import (
     Unavailable,
     Unimplemented,
 )
-from clients.policy_client import PolicyClient, ReportSummary, experience_report
-from clients.remote_policy import RemotePolicy
-from clients.retry import RetryPolicy
-from clients.session import AsyncSession, Session
+from polyhead.clients.policy_client import PolicyClient, ReportSummary, experience_report
+from polyhead.clients.remote_policy import RemotePolicy
+from polyhead.clients.retry import RetryPolicy
+from polyhead.clients.session import AsyncSession, Session
 
 __all__ = [
     "ActResult",

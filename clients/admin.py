@@ -17,10 +17,10 @@ from typing import Any
 
 import grpc
 
-from clients.channel import ChannelConfig, as_config
-from clients.errors import from_rpc_error
-from clients.policy_client import DEFAULT_TIMEOUT_S
-from clients.retry import RetryPolicy, call_with_retry
+from polyhead.clients.channel import ChannelConfig, as_config
+from polyhead.clients.errors import from_rpc_error
+from polyhead.clients.policy_client import DEFAULT_TIMEOUT_S
+from polyhead.clients.retry import RetryPolicy, call_with_retry
 from polyhead.v1 import admin_pb2, admin_pb2_grpc
 
 

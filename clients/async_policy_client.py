@@ -1,4 +1,5 @@
-"""The asyncio data-plane client (``grpc.aio``): the same API as :class:`~clients.PolicyClient`, awaited.
+"""The asyncio data-plane client (``grpc.aio``): the same API as :class:`~polyhead.clients.PolicyClient`,
+awaited.
 
     async with AsyncPolicyClient("127.0.0.1:50051") as client:
         result = await client.act("cartpole", obs, deterministic=True)
@@ -17,18 +18,19 @@ from typing import Any
 import grpc
 import numpy.typing as npt
 
-from clients.catalog import RemoteTask, TaskCatalog
-from clients.channel import ChannelConfig, as_config
-from clients.codec import ActResult, act_request, act_result
-from clients.errors import Unavailable, from_rpc_error
-from clients.policy_client import DEFAULT_TIMEOUT_S, ReportSummary
-from clients.retry import RetryPolicy, acall_with_retry
-from clients.session import AsyncSession
+from polyhead.clients.catalog import RemoteTask, TaskCatalog
+from polyhead.clients.channel import ChannelConfig, as_config
+from polyhead.clients.codec import ActResult, act_request, act_result
+from polyhead.clients.errors import Unavailable, from_rpc_error
+from polyhead.clients.policy_client import DEFAULT_TIMEOUT_S, ReportSummary
+from polyhead.clients.retry import RetryPolicy, acall_with_retry
+from polyhead.clients.session import AsyncSession
 from polyhead.v1 import policy_pb2, policy_pb2_grpc
 
 
 class AsyncPolicyClient:
-    """Non-blocking client for ``PolicyService`` and ``Diagnostics`` (see :class:`~clients.PolicyClient`
+    """Non-blocking client for ``PolicyService`` and ``Diagnostics`` (see
+    :class:`~polyhead.clients.PolicyClient`
     for the meaning of every argument and the errors raised)."""
 
     def __init__(

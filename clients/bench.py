@@ -38,11 +38,11 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from clients.admin import AdminClient
-from clients.catalog import RemoteTask
-from clients.channel import ChannelConfig
-from clients.errors import PolicyClientError
-from clients.policy_client import PolicyClient
+from polyhead.clients.admin import AdminClient
+from polyhead.clients.catalog import RemoteTask
+from polyhead.clients.channel import ChannelConfig
+from polyhead.clients.errors import PolicyClientError
+from polyhead.clients.policy_client import PolicyClient
 from polyhead.spaces import BoxSpec, SpaceSpec
 from polyhead.tensors import to_proto
 from polyhead.v1 import policy_pb2, policy_pb2_grpc

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from clients.errors import TaskNotFound
+from polyhead.clients.errors import TaskNotFound
 from polyhead.errors import PolyheadError
 from polyhead.spaces import DiscreteSpec, SpaceSpec, space_from_proto, space_to_gymnasium
 from polyhead.taskspec import TaskSpec

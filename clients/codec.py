@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from clients.catalog import RemoteTask
-from clients.errors import ProtocolError
+from polyhead.clients.catalog import RemoteTask
+from polyhead.clients.errors import ProtocolError
 from polyhead.errors import InvalidArgument
 from polyhead.spaces import BoxSpec, DiscreteSpec
 from polyhead.tensors import from_proto, is_empty, to_proto

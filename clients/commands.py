@@ -1,6 +1,7 @@
 """``polyhead simulate`` and ``polyhead bench``: argument parsing and terminal output only.
 
-The work is in :mod:`clients.simulator` and :mod:`clients.bench`; these handlers turn flags into their
+The work is in :mod:`polyhead.clients.simulator` and :mod:`polyhead.clients.bench`; these handlers turn flags
+into their
 configs, show progress on stderr (rich), and print the ``--json`` summary as the last stdout line.
 """
 
@@ -14,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clients.channel import ChannelConfig
 from polyhead.cli import add_common_flags, emit_summary
+from polyhead.clients.channel import ChannelConfig
 
 log = logging.getLogger("polyhead.clients")
 
@@ -130,8 +131,8 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace, channel: ChannelConfig) -> int:
-    from clients.errors import PolicyClientError
-    from clients.simulator import EpisodeRecord, SimulationConfig, run_simulation
+    from polyhead.clients.errors import PolicyClientError
+    from polyhead.clients.simulator import EpisodeRecord, SimulationConfig, run_simulation
 
     spec = None
     if args.task_spec:
@@ -340,7 +341,7 @@ def _table(rows: list[dict[str, Any]]) -> Any:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from clients.errors import PolicyClientError
+    from polyhead.clients.errors import PolicyClientError
 
     try:
         admin_channel = (
@@ -361,7 +362,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def _bench_config(args: argparse.Namespace, admin_channel: ChannelConfig | None) -> Any:
-    from clients.bench import BenchConfig
+    from polyhead.clients.bench import BenchConfig
 
     return BenchConfig(
         channel=_channel(args),
@@ -385,8 +386,8 @@ def _bench_config(args: argparse.Namespace, admin_channel: ChannelConfig | None)
 
 
 def _bench(args: argparse.Namespace, config: Any) -> int:
-    from clients.bench import config_dict, run_bench
     from polyhead.cli import jsonable
+    from polyhead.clients.bench import config_dict, run_bench
 
     console = _console()
     with console.status("benchmarking…") as status:

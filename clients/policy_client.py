@@ -1,6 +1,6 @@
 """The synchronous data-plane client: numpy in, numpy out.
 
-    from clients import PolicyClient
+    from polyhead.clients import PolicyClient
     with PolicyClient("127.0.0.1:50051", timeout=5.0) as client:
         catalog = client.list_tasks()                    # read once, cached
         result = client.act("cartpole", obs, deterministic=True)
@@ -23,12 +23,12 @@ from typing import Any
 import grpc
 import numpy.typing as npt
 
-from clients.catalog import RemoteTask, TaskCatalog
-from clients.channel import ChannelConfig, as_config
-from clients.codec import ActResult, act_request, act_result
-from clients.errors import from_rpc_error
-from clients.retry import RetryPolicy, call_with_retry
-from clients.session import Session
+from polyhead.clients.catalog import RemoteTask, TaskCatalog
+from polyhead.clients.channel import ChannelConfig, as_config
+from polyhead.clients.codec import ActResult, act_request, act_result
+from polyhead.clients.errors import from_rpc_error
+from polyhead.clients.retry import RetryPolicy, call_with_retry
+from polyhead.clients.session import Session
 from polyhead.v1 import policy_pb2, policy_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -60,7 +60,8 @@ class PolicyClient:
     """Blocking client for ``PolicyService`` and ``Diagnostics``.
 
     ``target`` is ``HOST:PORT``, several comma-separated (client-side round robin), or a
-    :class:`~clients.channel.ChannelConfig` (TLS, client certificates, token, keepalive, message size).
+    :class:`~polyhead.clients.channel.ChannelConfig` (TLS, client certificates, token, keepalive, message
+    size).
     ``timeout`` is the default deadline of a call in seconds (retries included); None waits forever.
     """
 
@@ -173,7 +174,7 @@ class PolicyClient:
 
     def remote_policy(self, task_id: str, **kwargs: Any) -> Any:
         """A callable ``policy(obs) -> action`` (see clients/remote_policy.py)."""
-        from clients.remote_policy import RemotePolicy
+        from polyhead.clients.remote_policy import RemotePolicy
 
         return RemotePolicy(self, task_id, **kwargs)
 
@@ -201,7 +202,7 @@ class PolicyClient:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            from clients.errors import Unavailable
+            from polyhead.clients.errors import Unavailable
 
             raise Unavailable(f"no server answered at {self.config.target} within {timeout}s") from None
 

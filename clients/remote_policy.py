@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from clients.policy_client import PolicyClient
+from polyhead.clients.policy_client import PolicyClient
 
 
 class RemotePolicy:

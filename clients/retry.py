@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import grpc
 
-from clients.errors import PolicyClientError, error_for, from_rpc_error
+from polyhead.clients.errors import PolicyClientError, error_for, from_rpc_error
 
 T = TypeVar("T")
 

@@ -39,15 +39,15 @@ import grpc
 import grpc.aio
 import numpy.typing as npt
 
-from clients.codec import StepResult, step_request, step_result
-from clients.errors import Cancelled, PolicyClientError, from_rpc_error
+from polyhead.clients.codec import StepResult, step_request, step_result
+from polyhead.clients.errors import Cancelled, PolicyClientError, from_rpc_error
 from polyhead.v1 import policy_pb2
 
 # End of a grpc.aio stream (grpc-stubs does not declare it).
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 if TYPE_CHECKING:
-    from clients.catalog import RemoteTask
+    from polyhead.clients.catalog import RemoteTask
 
 
 class _Episodes:

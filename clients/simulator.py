@@ -36,14 +36,14 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from clients.async_policy_client import AsyncPolicyClient
-from clients.catalog import RemoteTask
-from clients.channel import ChannelConfig
-from clients.codec import ActResult, encode_observations
-from clients.errors import InvalidRequest, PolicyClientError
-from clients.policy_client import ReportSummary, experience_report
-from clients.retry import RetryPolicy
-from clients.session import AsyncSession
+from polyhead.clients.async_policy_client import AsyncPolicyClient
+from polyhead.clients.catalog import RemoteTask
+from polyhead.clients.channel import ChannelConfig
+from polyhead.clients.codec import ActResult, encode_observations
+from polyhead.clients.errors import InvalidRequest, PolicyClientError
+from polyhead.clients.policy_client import ReportSummary, experience_report
+from polyhead.clients.retry import RetryPolicy
+from polyhead.clients.session import AsyncSession
 from polyhead.spaces import DiscreteSpec, space_from_gymnasium
 from polyhead.taskspec import TaskSpec
 from polyhead.tensors import to_proto

@@ -27,12 +27,12 @@ ENTRY_POINT_GROUP = "polyhead.commands"
 
 # Used when the package runs from a source tree without installed metadata.
 _FALLBACK = {
-    "train": "trainer.commands:register_train",
-    "serve": "server.commands:register_serve",
-    "simulate": "clients.commands:register_simulate",
-    "bench": "clients.commands:register_bench",
-    "adapt": "trainer.adapt_commands:register_adapt",
-    "demo": "trainer.demo_commands:register_demo",
+    "train": "polyhead.trainer.commands:register_train",
+    "serve": "polyhead.server.commands:register_serve",
+    "simulate": "polyhead.clients.commands:register_simulate",
+    "bench": "polyhead.clients.commands:register_bench",
+    "adapt": "polyhead.trainer.adapt_commands:register_adapt",
+    "demo": "polyhead.trainer.demo_commands:register_demo",
 }
 _EXTRA_HINT = {
     "train": "train",

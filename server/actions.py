@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from polyhead.server.runtime import HeadOutputs
 from polyhead.spaces import DiscreteSpec, SpaceSpec, raw_to_env_action
-from server.runtime import HeadOutputs
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 

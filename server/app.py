@@ -33,19 +33,19 @@ from prometheus_client import CollectorRegistry
 
 from polyhead import __version__
 from polyhead.bundle import Bundle
+from polyhead.server.auth import BearerTokenInterceptor
+from polyhead.server.batcher import Batcher
+from polyhead.server.dataplane import DataPlane
+from polyhead.server.decoding import DecodeRequests
+from polyhead.server.experience import ExperienceHub
+from polyhead.server.inflight import InflightCounter
+from polyhead.server.metrics import MetricsHTTPServer, ServerMetrics, serve_metrics
+from polyhead.server.registry import HeadRegistry, TaskHeads
+from polyhead.server.runtime import TrunkRuntime, session_options
+from polyhead.server.servicers import DiagnosticsServicer, HeadAdminServicer, PolicyServicer, make_observer
+from polyhead.server.settings import ServerSettings
+from polyhead.server.watch import BundleWatcher
 from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
-from server.auth import BearerTokenInterceptor
-from server.batcher import Batcher
-from server.dataplane import DataPlane
-from server.decoding import DecodeRequests
-from server.experience import ExperienceHub
-from server.inflight import InflightCounter
-from server.metrics import MetricsHTTPServer, ServerMetrics, serve_metrics
-from server.registry import HeadRegistry, TaskHeads
-from server.runtime import TrunkRuntime, session_options
-from server.servicers import DiagnosticsServicer, HeadAdminServicer, PolicyServicer, make_observer
-from server.settings import ServerSettings
-from server.watch import BundleWatcher
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ runs one trunk pass over all rows, one pass per head (task, version) over that h
 selection per head group.
 
 Adaptive, from ``pending`` (the calls the transport has accepted and not answered, see
-:mod:`server.inflight`):
+:mod:`polyhead.server.inflight`):
 
 * no other call in progress (a lone client): the pass runs at once on the event-loop thread; it pays no
   window and no thread hand-off, which for a few rows costs more than the inference;
@@ -36,10 +36,10 @@ import numpy as np
 import numpy.typing as npt
 
 from polyhead.errors import DeadlineExpired, Overloaded, ShuttingDown
-from server.actions import Actions, Sampling, choose
-from server.metrics import ServerMetrics
-from server.registry import LoadedHead
-from server.runtime import TrunkRuntime
+from polyhead.server.actions import Actions, Sampling, choose
+from polyhead.server.metrics import ServerMetrics
+from polyhead.server.registry import LoadedHead
+from polyhead.server.runtime import TrunkRuntime
 
 # Consecutive event-loop turns with no new arrival after which the worker stops waiting for more.
 _IDLE_TURNS = 2
@@ -82,7 +82,7 @@ class Batcher:
         max_in_progress: int = 0,
     ) -> None:
         """``pending``: how many act calls are in progress in the transport (accepted, not answered),
-        e.g. :class:`server.inflight.InflightCounter`; without it only the queue shows arrivals.
+        e.g. :class:`polyhead.server.inflight.InflightCounter`; without it only the queue shows arrivals.
         ``in_progress``: how many act calls are being handled now, this one included (e.g.
         ``InflightCounter.handling``). With ``max_in_progress`` > 0, at most that many are admitted: a
         request (an Act call, or an ActStream step while that many Act calls run) that finds more is

@@ -1,7 +1,7 @@
 """``polyhead serve``: serve a bundle until SIGTERM/SIGINT, then drain and exit 0.
 
 Flags override ``POLYHEAD_*`` environment variables, which override the defaults of
-:class:`server.settings.ServerSettings`. ``--ready-file PATH`` writes ``{"port", "admin_port",
+:class:`polyhead.server.settings.ServerSettings`. ``--ready-file PATH`` writes ``{"port", "admin_port",
 "metrics_port", "pid"}`` as JSON once the server accepts calls (with port 0 = pick a free port, this is how
 a supervising process or a test learns the ports).
 """
@@ -118,7 +118,7 @@ def register_serve(subparsers: Any) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
-    from server.settings import ServerSettings
+    from polyhead.server.settings import ServerSettings
 
     overrides: dict[str, Any] = {"bundle": args.bundle}
     for _, dest, _, _ in _FLAGS:
@@ -147,7 +147,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Any, ready_file: Path | None) -> dict[str, Any]:
-    from server.app import start_server
+    from polyhead.server.app import start_server
 
     running = await start_server(settings)
     stop = asyncio.Event()

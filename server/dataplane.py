@@ -14,11 +14,11 @@ import numpy as np
 import numpy.typing as npt
 
 from polyhead.errors import InvalidArgument, InvalidObservation
+from polyhead.server.actions import Actions, Sampling
+from polyhead.server.batcher import Batcher
+from polyhead.server.experience import ExperienceHub, ReportOutcome, Transition
+from polyhead.server.registry import HeadRegistry, TaskHeads
 from polyhead.spaces import DiscreteSpec, SpaceSpec, validate_observations
-from server.actions import Actions, Sampling
-from server.batcher import Batcher
-from server.experience import ExperienceHub, ReportOutcome, Transition
-from server.registry import HeadRegistry, TaskHeads
 
 
 @dataclass(frozen=True)

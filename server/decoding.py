@@ -2,7 +2,8 @@
 
 gRPC decodes a unary request before the handler runs and reports a decoding failure as UNKNOWN; this
 interceptor hands the raw bytes to a wrapper that decodes them and aborts with INVALID_ARGUMENT on
-failure. Streaming requests are decoded as the servicer iterates, where ``server.status`` maps protobuf's
+failure. Streaming requests are decoded as the servicer iterates, where ``polyhead.server.status`` maps
+protobuf's
 ``DecodeError`` to INVALID_ARGUMENT.
 """
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from server.metrics import ServerMetrics
+from polyhead.server.metrics import ServerMetrics
 
 _SWEEP_EVERY_S = 1.0
 # Actions of one episode that may await their rewards (a reporting client is at most a few steps behind).

@@ -48,8 +48,8 @@ from polyhead.errors import (
     UnknownVersion,
     VersionConflict,
 )
-from server.metrics import ServerMetrics
-from server.runtime import HeadRuntime, TrunkRuntime
+from polyhead.server.metrics import ServerMetrics
+from polyhead.server.runtime import HeadRuntime, TrunkRuntime
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """gRPC servicers: translate protobuf to data-plane / registry calls and back, nothing else.
 
 Every RPC runs inside :func:`_rpc`, which turns typed polyhead errors into status codes through
-``server.status`` (the one table) and records ``polyhead_requests_total`` and
+``polyhead.server.status`` (the one table) and records ``polyhead_requests_total`` and
 ``polyhead_request_duration_seconds``. Only a server bug can yield ``INTERNAL``.
 """
 
@@ -18,14 +18,14 @@ from typing import Any, TypeVar
 import grpc
 
 from polyhead.errors import InvalidArgument
+from polyhead.server.dataplane import DataPlane
+from polyhead.server.experience import ExperienceHub, Segment, Transition
+from polyhead.server.metrics import ServerMetrics
+from polyhead.server.registry import HeadRegistry, LoadedHead, LoadResult
+from polyhead.server.status import code_label, status_for
 from polyhead.spaces import space_to_proto
 from polyhead.tensors import from_proto, is_empty, to_proto
 from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
-from server.dataplane import DataPlane
-from server.experience import ExperienceHub, Segment, Transition
-from server.metrics import ServerMetrics
-from server.registry import HeadRegistry, LoadedHead, LoadResult
-from server.status import code_label, status_for
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Every field can be set from the environment with the ``POLYHEAD_`` prefix (``POLYHEAD_PORT=6000``,
 ``POLYHEAD_ADMIN_TOKEN=...``) or passed as a keyword (the ``polyhead serve`` flags do that; keywords win
 over the environment). Port 0 everywhere means "pick a free port"; the bound ports are reported by
-:class:`server.app.RunningServer` and ``polyhead serve --ready-file``.
+:class:`polyhead.server.app.RunningServer` and ``polyhead serve --ready-file``.
 
 Admin placement (``admin_mode``):
 

@@ -22,7 +22,7 @@ from prometheus_client import Counter, Gauge
 
 from polyhead.bundle import MANIFEST
 from polyhead.errors import BundleNotFound, PolyheadError
-from server.registry import HeadRegistry
+from polyhead.server.registry import HeadRegistry
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,20 @@
 """Shared fixtures for every test package (owned by the server issue; reuse them freely).
 
 * ``tiny_bundle`` (session): a small, untrained but complete bundle of the ``classic-mixed`` suite, built
-  with ``trainer.export.build_random_bundle``: tasks ``cartpole`` (Discrete(2), obs [4]), ``acrobot``
+  with ``polyhead.trainer.export.build_random_bundle``: tasks ``cartpole`` (Discrete(2), obs [4]), ``acrobot``
   (Discrete(3), obs [6]) and ``cartpole-continuous`` (Box [1] in [-1, 1], obs [4]); trunk input size 6.
   Read-only: tests that write into a bundle use ``bundle_copy``.
 * ``bundle_copy`` (function): a private copy of ``tiny_bundle`` a test may publish heads into.
 * ``server_settings`` (function): a factory ``server_settings(bundle=None, **overrides) -> ServerSettings``
   with every port 0 (free ports), 127.0.0.1, a fast bundle watch (0.2 s) and a 1 s grace period.
-* ``server`` (function): a real :class:`server.app.BackgroundServer` on ``tiny_bundle`` (data plane,
-  separate admin port, metrics port), stopped when the test ends. ``server.target`` / ``.admin_target``
+* ``server`` (function): a real :class:`polyhead.server.app.BackgroundServer` on ``tiny_bundle`` (data plane,
+  separate admin port, metrics port), stopped when the test ends. ``server.target`` /
+  ``.admin_target``
   are ``"127.0.0.1:PORT"`` strings for ``grpc.insecure_channel``.
 * ``policy_stub`` / ``admin_stub`` / ``diagnostics_stub`` (function): raw gRPC stubs connected to ``server``.
 * ``pki`` (session): test certificates made with the openssl command (skips without it): ``ca.pem``,
-  ``server.pem``/``.key`` for 127.0.0.1 and localhost, ``client.pem``/``.key``, and ``rogue.pem``/``.key``
+  ``server.pem``/``.key`` for 127.0.0.1 and localhost, ``client.pem``/``.key``, and
+  ``rogue.pem``/``.key``
   signed by an unrelated CA.
 """
 
@@ -35,8 +37,8 @@ TINY_SUITE = "classic-mixed"
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random bundle (see the module docstring); built once per test session."""
-    from trainer.export import build_random_bundle
-    from trainer.policy import PolicyConfig
+    from polyhead.trainer.export import build_random_bundle
+    from polyhead.trainer.policy import PolicyConfig
 
     out = tmp_path_factory.mktemp("tiny") / "bundle"
     config = PolicyConfig(trunk_hidden=(32,), feature_size=16, critic_hidden=(16,))
@@ -55,7 +57,7 @@ def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def server_settings(tiny_bundle: Path) -> Callable[..., Any]:
     """Factory of ServerSettings on free ports; keyword overrides win."""
-    from server.settings import ServerSettings
+    from polyhead.server.settings import ServerSettings
 
     def make(bundle: Path | None = None, **overrides: Any) -> ServerSettings:
         values: dict[str, Any] = {
@@ -77,7 +79,7 @@ def server_settings(tiny_bundle: Path) -> Callable[..., Any]:
 @pytest.fixture
 def server(server_settings: Callable[..., Any]) -> Iterator[Any]:
     """A real server on ``tiny_bundle`` (ports 0), stopped after the test."""
-    from server.app import BackgroundServer
+    from polyhead.server.app import BackgroundServer
 
     with BackgroundServer(server_settings()) as srv:
         yield srv

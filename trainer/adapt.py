@@ -6,8 +6,9 @@ in-process). One run, in order:
 1. **Load and freeze.** Open the bundle (trunk sha256 verified), rebuild the torch policy from the trunk
    checkpoint, freeze the trunk (no gradient, normaliser only read) and fingerprint it: the sha256 of
    ``trunk.onnx``, a hash of every trunk tensor (parameters and normaliser statistics), the other heads'
-   tensors and every bundle file of the trunk and of other tasks (:mod:`trainer.updater.frozen`).
-2. **Floor.** Evaluate every old head zero-shot on the new task (:mod:`trainer.updater.floor`); the best
+   tensors and every bundle file of the trunk and of other tasks (:mod:`polyhead.trainer.updater.frozen`).
+2. **Floor.** Evaluate every old head zero-shot on the new task (:mod:`polyhead.trainer.updater.floor`); the
+best
    one is both the "nearest" starting point and the bar a new head must beat.
 3. **Train the head.**
 
@@ -18,15 +19,17 @@ in-process). One run, in order:
      its own critic, PPO on the log-probs recorded from the acting version, steps from versions older
      than ``max_version_lag`` (or rolled back) dropped. A new version is published every
      ``publish_every`` updates and judged on live returns by the guarded rollout
-     (:mod:`trainer.updater.guard`); a regression rolls it back (server and bundle pointer) and rewinds
+     (:mod:`polyhead.trainer.updater.guard`); a regression rolls it back (server and bundle pointer) and
+     rewinds
      the learner.
 
 4. **Publish only what beats the floor.** Every version is exported, parity-checked, written atomically
-   and loaded into the server (:mod:`trainer.updater.publisher`). When no trained head beats the best old
+   and loaded into the server (:mod:`polyhead.trainer.updater.publisher`). When no trained head beats the
+   best old
    head on the same evaluation episodes, the task is served by a copy of that old head, and the result
    says so.
 5. **Prove nothing else moved.** The fingerprint is taken again and must be identical (else
-   :class:`~trainer.updater.frozen.TrunkChanged`).
+   :class:`~polyhead.trainer.updater.frozen.TrunkChanged`).
 """
 
 from __future__ import annotations
@@ -46,23 +49,28 @@ from polyhead.envs import validate_task
 from polyhead.errors import IncompatibleHead, InvalidTaskSpec
 from polyhead.spaces import SpaceSpec, observation_size
 from polyhead.taskspec import TaskSpec
-from trainer.config import PPOConfig
-from trainer.envs import TaskEnvs
-from trainer.evaluate import evaluate
-from trainer.export import sample_observations
-from trainer.policy import MultiTaskPolicy, TaskHead, load_policy
-from trainer.ppo import TaskState
-from trainer.running_stats import RunningMeanStd
-from trainer.updater.config import ADAPT_PPO, AdaptConfig, Init, Source
-from trainer.updater.control import NoExperience, ServerControl
-from trainer.updater.floor import Floor, zero_shot_floor
-from trainer.updater.frozen import Fingerprint, freeze_trunk
-from trainer.updater.guard import RolloutGuard
-from trainer.updater.head_ppo import HeadLearner, SegmentData, collect_head_rollout, rollout_from_segments
-from trainer.updater.metrics import UpdaterMetrics
-from trainer.updater.publisher import HeadPublisher, Published
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.envs import TaskEnvs
+from polyhead.trainer.evaluate import evaluate
+from polyhead.trainer.export import sample_observations
+from polyhead.trainer.policy import MultiTaskPolicy, TaskHead, load_policy
+from polyhead.trainer.ppo import TaskState
+from polyhead.trainer.running_stats import RunningMeanStd
+from polyhead.trainer.updater.config import ADAPT_PPO, AdaptConfig, Init, Source
+from polyhead.trainer.updater.control import NoExperience, ServerControl
+from polyhead.trainer.updater.floor import Floor, zero_shot_floor
+from polyhead.trainer.updater.frozen import Fingerprint, freeze_trunk
+from polyhead.trainer.updater.guard import RolloutGuard
+from polyhead.trainer.updater.head_ppo import (
+    HeadLearner,
+    SegmentData,
+    collect_head_rollout,
+    rollout_from_segments,
+)
+from polyhead.trainer.updater.metrics import UpdaterMetrics
+from polyhead.trainer.updater.publisher import HeadPublisher, Published
 
-log = logging.getLogger("trainer.adapt")
+log = logging.getLogger("polyhead.trainer.adapt")
 
 FLOOR_SEED_OFFSET = 700_000  # the floor and every compared head: identical initial states
 CURVE_SEED_OFFSET = 800_000  # periodic evaluations along a learning curve
@@ -624,8 +632,8 @@ def adapt(
 
 def _served_version(target: str, task_id: str) -> int | None:
     """The task's active version as the data plane reports it (ListTasks), or None when not served."""
-    from clients.errors import PolicyClientError
-    from clients.policy_client import PolicyClient
+    from polyhead.clients.errors import PolicyClientError
+    from polyhead.clients.policy_client import PolicyClient
 
     try:
         with PolicyClient(target, timeout=10.0) as client:

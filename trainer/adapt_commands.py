@@ -1,5 +1,5 @@
 """``polyhead adapt``: the online updater's subcommand (registered through the ``polyhead.commands``
-entry point ``adapt = trainer.adapt_commands:register_adapt``)."""
+entry point ``adapt = polyhead.trainer.adapt_commands:register_adapt``)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ _ADAPT_HELP = {
 
 def register_adapt(subparsers: Any) -> None:
     """``polyhead adapt --bundle DIR --task-spec FILE [--server HOST:PORT] [--source local|remote] ...``."""
-    from trainer.config import PPOConfig
-    from trainer.options import add_dataclass_options
-    from trainer.updater.config import ADAPT_PPO
+    from polyhead.trainer.config import PPOConfig
+    from polyhead.trainer.options import add_dataclass_options
+    from polyhead.trainer.updater.config import ADAPT_PPO
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "adapt",
@@ -164,11 +164,11 @@ def register_adapt(subparsers: Any) -> None:
 
 def _adapt(args: argparse.Namespace) -> int:
     from polyhead.taskspec import load_task_spec
-    from trainer.adapt import adapt
-    from trainer.config import PPOConfig
-    from trainer.options import dataclass_from_args
-    from trainer.updater.config import AdaptConfig
-    from trainer.updater.progress import ProgressDisplay
+    from polyhead.trainer.adapt import adapt
+    from polyhead.trainer.config import PPOConfig
+    from polyhead.trainer.options import dataclass_from_args
+    from polyhead.trainer.updater.config import AdaptConfig
+    from polyhead.trainer.updater.progress import ProgressDisplay
 
     task = load_task_spec(args.task_spec)
     try:

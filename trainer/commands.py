@@ -12,9 +12,9 @@ from polyhead.taskspec import builtin_suites, load_suite
 
 def register_train(subparsers: Any) -> None:
     """``polyhead train --suite NAME_OR_FILE --out DIR [--total-steps N] [--seed S] [...]``."""
-    from trainer.config import PPOConfig
-    from trainer.options import add_dataclass_options
-    from trainer.policy import PolicyConfig
+    from polyhead.trainer.config import PPOConfig
+    from polyhead.trainer.options import add_dataclass_options
+    from polyhead.trainer.policy import PolicyConfig
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "train",
@@ -63,10 +63,10 @@ def register_train(subparsers: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import PPOConfig
-    from trainer.options import dataclass_from_args
-    from trainer.policy import PolicyConfig
-    from trainer.train import train, train_independent
+    from polyhead.trainer.config import PPOConfig
+    from polyhead.trainer.options import dataclass_from_args
+    from polyhead.trainer.policy import PolicyConfig
+    from polyhead.trainer.train import train, train_independent
 
     suite = load_suite(args.suite)
     try:

@@ -11,8 +11,9 @@
 
 Train, serve and adapt run as subprocesses (the demo is what a user would type, and the server lives in
 its own process as in production); the simulators run in threads of this process through
-:mod:`clients.simulator`. Everything lands in a report directory: ``summary.md``, ``summary.json``, PNG
-plots (:mod:`trainer.demo_report`), the bundle, and the logs of every subprocess.
+:mod:`polyhead.clients.simulator`. Everything lands in a report directory: ``summary.md``, ``summary.json``,
+PNG
+plots (:mod:`polyhead.trainer.demo_report`), the bundle, and the logs of every subprocess.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import numpy as np
 
 from polyhead.bundle import Bundle, sha256_file
 from polyhead.errors import PolyheadError
+from polyhead.server.process import ServeProcess
 from polyhead.taskspec import load_suite
-from server.process import ServeProcess
 
 log = logging.getLogger("polyhead.demo")
 
@@ -155,7 +156,7 @@ def _run_step(
 def simulate(
     target: str, task: str, *, episodes: int, envs: int, deterministic: bool, seed: int
 ) -> tuple[SimRow, list[float]]:
-    from clients.simulator import SimulationConfig, run_simulation
+    from polyhead.clients.simulator import SimulationConfig, run_simulation
 
     result = run_simulation(
         target,
@@ -181,7 +182,7 @@ def simulate(
 
 
 def _wait_for_task(target: str, task: str, proc: subprocess.Popen[str], timeout: float) -> None:
-    from clients import PolicyClient
+    from polyhead.clients import PolicyClient
 
     deadline = time.monotonic() + timeout
     with PolicyClient(target) as client:

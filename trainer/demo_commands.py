@@ -1,4 +1,4 @@
-"""``polyhead demo``: the command-line face of :mod:`trainer.demo`."""
+"""``polyhead demo``: the command-line face of :mod:`polyhead.trainer.demo`."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def register_demo(subparsers: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from trainer.demo import DemoConfig, run_demo
-    from trainer.demo_report import write_report
+    from polyhead.trainer.demo import DemoConfig, run_demo
+    from polyhead.trainer.demo_report import write_report
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     config = DemoConfig(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from polyhead.cli import jsonable
-from trainer.demo import DemoState, summary
+from polyhead.trainer.demo import DemoState, summary
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from polyhead.taskspec import TaskSpec
-from trainer.envs import TaskEnvs
-from trainer.policy import MultiTaskPolicy
+from polyhead.trainer.envs import TaskEnvs
+from polyhead.trainer.policy import MultiTaskPolicy
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from polyhead.errors import ExportParityError, InvalidTaskSpec
 from polyhead.spaces import observation_size as space_size
 from polyhead.spaces import pad_observations
 from polyhead.taskspec import TaskSpec, load_suite
-from trainer.policy import MultiTaskPolicy, PolicyConfig, TaskHead, checkpoint_bytes
+from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig, TaskHead, checkpoint_bytes
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
-log = logging.getLogger("trainer")
+log = logging.getLogger("polyhead.trainer")
 
 
 class RunLogger:

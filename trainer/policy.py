@@ -37,7 +37,7 @@ from torch.distributions import Categorical, Distribution, Normal
 from polyhead.bundle import Bundle
 from polyhead.errors import BundleError
 from polyhead.spaces import DiscreteSpec, SpaceSpec, action_dim, space_from_json, space_to_json
-from trainer.running_stats import combine_moments
+from polyhead.trainer.running_stats import combine_moments
 
 CHECKPOINT_FORMAT = "polyhead-trunk-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from polyhead.taskspec import TaskSpec
-from trainer.config import PPOConfig
-from trainer.envs import TaskEnvs
-from trainer.gae import compute_gae
-from trainer.pcgrad import cosine_matrix, pcgrad
-from trainer.policy import MultiTaskPolicy
-from trainer.running_stats import RunningMeanStd
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.envs import TaskEnvs
+from polyhead.trainer.gae import compute_gae
+from polyhead.trainer.pcgrad import cosine_matrix, pcgrad
+from polyhead.trainer.policy import MultiTaskPolicy
+from polyhead.trainer.running_stats import RunningMeanStd
 
 
 @dataclass

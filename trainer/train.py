@@ -22,15 +22,22 @@ from polyhead.envs import validate_task
 from polyhead.errors import BundleError, InvalidTaskSpec
 from polyhead.spaces import SpaceSpec, observation_size
 from polyhead.taskspec import Suite, TaskSpec
-from trainer.config import PPOConfig
-from trainer.envs import TaskEnvs
-from trainer.evaluate import evaluate
-from trainer.export import DEFAULT_EXPORTER, Exporter, export_bundle, sample_observations
-from trainer.logs import RunLogger
-from trainer.policy import MultiTaskPolicy, PolicyConfig
-from trainer.ppo import TaskState, allocate_envs, collect_rollout, compute_advantages, ppo_update, summarize
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.envs import TaskEnvs
+from polyhead.trainer.evaluate import evaluate
+from polyhead.trainer.export import DEFAULT_EXPORTER, Exporter, export_bundle, sample_observations
+from polyhead.trainer.logs import RunLogger
+from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig
+from polyhead.trainer.ppo import (
+    TaskState,
+    allocate_envs,
+    collect_rollout,
+    compute_advantages,
+    ppo_update,
+    summarize,
+)
 
-log = logging.getLogger("trainer")
+log = logging.getLogger("polyhead.trainer")
 
 EVAL_SEED_OFFSET = 100_000
 FINAL_EVAL_SEED_OFFSET = 500_000

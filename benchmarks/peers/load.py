@@ -1,13 +1,14 @@
 """A closed-loop gRPC load generator that speaks any unary protocol: pre-serialised request bytes in,
 response bytes out, so every server is driven by the same client code at the same client cost.
 
-Method (the one ``clients.bench`` uses, after Triton's perf_analyzer): at concurrency C, C callers each
+Method (the one ``polyhead.clients.bench`` uses, after Triton's perf_analyzer): at concurrency C, C callers
+each
 keep exactly one request in flight; they are spread over W long-lived worker *processes* (spawned), each
 with its own asyncio loop and one channel per target kept open across measurements, so one process's
 GIL does not cap the load. A measurement is a warm-up followed by one window ``[start_at, end_at]``;
 only requests that *finish* inside the window count, and their latencies are the client-side round trip.
 
-``clients.bench`` builds ``polyhead.v1`` messages inside its callers; the peers speak other protocols
+``polyhead.clients.bench`` builds ``polyhead.v1`` messages inside its callers; the peers speak other protocols
 (the V2 inference protocol, a Ray Serve gRPC service), so this module takes the request bytes and the
 method path from a per-protocol adapter instead (see ``servers.py``).
 """

@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = work / "bundle"
         if not (bundle / "manifest.json").is_file():
             _log(f"building an untrained classic-mixed bundle in {bundle}")
-            from trainer.export import build_random_bundle
+            from polyhead.trainer.export import build_random_bundle
 
             build_random_bundle(bundle, suite="classic-mixed", seed=0)
     model_bytes, width = fuse(bundle, args.task)

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from clients_helpers import ADMIN_TOKEN
 
-from server.app import BackgroundServer
-from server.settings import ServerSettings
+from polyhead.server.app import BackgroundServer
+from polyhead.server.settings import ServerSettings
 
 
 @pytest.fixture(scope="session")
 def clients_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """classic-mixed: CartPole and Acrobot (Discrete) and a continuous-force CartPole (Box actions)."""
-    from trainer.export import build_random_bundle
+    from polyhead.trainer.export import build_random_bundle
 
     out = tmp_path_factory.mktemp("clients") / "bundle"
     build_random_bundle(out, suite="classic-mixed", seed=0)

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clients import AdminClient
-from server.app import BackgroundServer
+from polyhead.clients import AdminClient
+from polyhead.server.app import BackgroundServer
 
 
 def test_bench_tiny_sweep_with_echo_floor_and_swaps(
@@ -91,8 +91,8 @@ def test_bench_tiny_sweep_with_echo_floor_and_swaps(
 
 
 def test_bench_stream_mode(second_server: BackgroundServer) -> None:
-    from clients.bench import BenchConfig, run_bench
-    from clients.channel import ChannelConfig
+    from polyhead.clients.bench import BenchConfig, run_bench
+    from polyhead.clients.channel import ChannelConfig
 
     report = run_bench(
         BenchConfig(

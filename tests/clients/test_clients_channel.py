@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clients import ChannelConfig
+from polyhead.clients import ChannelConfig
 
 
 def test_replica_lists_become_ip_uris_with_round_robin() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server.app import BackgroundServer
+from polyhead.server.app import BackgroundServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,8 +20,8 @@ CLIENT_SCRIPT = textwrap.dedent(
     """
     import importlib.util, json, sys
     import numpy as np
-    from clients import PolicyClient, TaskNotFound
-    from clients.simulator import SimulationConfig, run_simulation
+    from polyhead.clients import PolicyClient, TaskNotFound
+    from polyhead.clients.simulator import SimulationConfig, run_simulation
 
     target = sys.argv[1]
     with PolicyClient(target) as client:

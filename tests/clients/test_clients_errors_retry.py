@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from clients_helpers import ADMIN_TOKEN
 
-from clients import (
+from polyhead.clients import (
     AdminClient,
     DeadlineExceeded,
     InvalidRequest,
@@ -23,9 +23,9 @@ from clients import (
     Unauthenticated,
     Unavailable,
 )
-from clients.errors import RETRYABLE_CODES, STATUS_ERRORS, PolicyClientError
-from clients.retry import call_with_retry
-from server.app import BackgroundServer
+from polyhead.clients.errors import RETRYABLE_CODES, STATUS_ERRORS, PolicyClientError
+from polyhead.clients.retry import call_with_retry
+from polyhead.server.app import BackgroundServer
 
 
 def _closed_port() -> int:

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients import PolicyClient
+from polyhead.clients import PolicyClient
 from polyhead.envs import make_env
-from server.app import BackgroundServer
+from polyhead.server.app import BackgroundServer
 
 NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
 STATES = [[0.01, -0.02, 0.03, 0.01], [-0.04, 0.03, -0.02, 0.04], [0.0, 0.0, 0.0, 0.0]]

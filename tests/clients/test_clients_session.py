@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 from clients_helpers import ADMIN_TOKEN
 
-from clients import AdminClient, AsyncPolicyClient, PolicyClient, RemotePolicy
+from polyhead.clients import AdminClient, AsyncPolicyClient, PolicyClient, RemotePolicy
 from polyhead.envs import make_env
+from polyhead.server.app import BackgroundServer
 from polyhead.tensors import from_proto
-from server.app import BackgroundServer
 
 
 def _collect(admin_target: str, task: str, want: int, out: list[Any], ready: threading.Event) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from clients_inprocess import deterministic_returns
 
-from clients.simulator import SimulationConfig, run_simulation
-from server.app import BackgroundServer
+from polyhead.clients.simulator import SimulationConfig, run_simulation
+from polyhead.server.app import BackgroundServer
 
 SEED = 3
 

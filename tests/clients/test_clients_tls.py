@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients import ChannelConfig, PolicyClient, RetryPolicy, Unavailable
-from server.app import BackgroundServer
-from server.settings import ServerSettings
+from polyhead.clients import ChannelConfig, PolicyClient, RetryPolicy, Unavailable
+from polyhead.server.app import BackgroundServer
+from polyhead.server.settings import ServerSettings
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-from server.settings import ServerSettings
+from polyhead.server.settings import ServerSettings
 
 ENV_PREFIX = "POLYHEAD_"
 
@@ -56,7 +56,7 @@ def serve_settings(argv: list[str], env: Mapping[str, str]) -> ServerSettings:
     flags-over-environment rule, so an unknown flag or a refused combination fails here as it would there.
     """
     from polyhead.cli import build_parser
-    from server.commands import settings_from_args
+    from polyhead.server.commands import settings_from_args
 
     args = build_parser().parse_args(argv)
     assert args.command == "serve", argv

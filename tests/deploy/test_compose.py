@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from polyhead.cli import _load_registrars, build_parser
-from server.settings import ServerSettings
+from polyhead.server.settings import ServerSettings
 
 from .compose import COMPOSE_FILE, compose, environment, published_ports, service
 from .deployfiles import DEPLOY, REPO, load_yaml

@@ -7,7 +7,7 @@ import re
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.metrics import ServerMetrics
+from polyhead.server.metrics import ServerMetrics
 
 from .deployfiles import DEPLOY, load_yaml
 from .promql import DASHBOARD_FILE, alert_queries, dashboard, dashboard_queries, metric_names, panels
@@ -35,7 +35,7 @@ def server_series_names() -> set[str]:
 
 
 def updater_series_names() -> set[str]:
-    from trainer.updater.metrics import UpdaterMetrics
+    from polyhead.trainer.updater.metrics import UpdaterMetrics
 
     return series_names(UpdaterMetrics().registry)
 

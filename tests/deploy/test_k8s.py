@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.settings import ServerSettings
+from polyhead.server.settings import ServerSettings
 
 from .deployfiles import DEPLOY, load_yaml, load_yaml_documents
 from .settings_env import serve_settings, settings_from_env, unknown_settings

@@ -30,12 +30,12 @@ import numpy as np
 import pytest
 import yaml
 
-from clients.admin import AdminClient
-from clients.errors import PolicyClientError
-from clients.policy_client import PolicyClient, experience_report
-from clients.simulator import SimulationConfig, run_simulation
-from server.app import BackgroundServer, task_health_name
-from server.settings import ServerSettings
+from polyhead.clients.admin import AdminClient
+from polyhead.clients.errors import PolicyClientError
+from polyhead.clients.policy_client import PolicyClient, experience_report
+from polyhead.clients.simulator import SimulationConfig, run_simulation
+from polyhead.server.app import BackgroundServer, task_health_name
+from polyhead.server.settings import ServerSettings
 
 from .conftest import PrometheusTools
 from .deployfiles import DEPLOY, load_yaml

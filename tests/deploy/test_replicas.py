@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.errors import PolicyClientError
-from clients.policy_client import PolicyClient
 from polyhead.bundle import Bundle
+from polyhead.clients.errors import PolicyClientError
+from polyhead.clients.policy_client import PolicyClient
 
 pytestmark = pytest.mark.service
 

@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 from reliability_helpers import CASES, CLIENT_MISTAKE_CODES, OUTCOMES
 
 from polyhead.bundle import Bundle
+from polyhead.server.app import BackgroundServer
 from polyhead.tensors import from_proto, to_proto
 from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc, types_pb2
-from server.app import BackgroundServer
 
 TASKS = {"cartpole": 4, "acrobot": 6, "cartpole-continuous": 4}
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -72,7 +72,7 @@ REFERENCE_OBS = {
 
 @pytest.fixture(scope="module")
 def target(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    from server.settings import ServerSettings
+    from polyhead.server.settings import ServerSettings
 
     settings_ = ServerSettings(
         bundle=tiny_bundle,

@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 import pytest
 
+from polyhead.server.app import BackgroundServer
 from polyhead.v1 import admin_pb2, admin_pb2_grpc
-from server.app import BackgroundServer
 
 
 def serve_once(bundle: Path) -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,8 @@
 updater killed mid-publish, and one of two round-robin replicas stopped (SIGTERM, then kill -9) under load.
 
 Every server is a real ``polyhead serve`` subprocess on the shared bundle directory (ports from its ready
-file). Retrying clients are :class:`clients.policy_client.PolicyClient`; a second client without retries
+file). Retrying clients are :class:`polyhead.clients.policy_client.PolicyClient`; a second client without
+retries
 counts the calls that needed one. Windows and counts are printed (run with ``-s`` to see them) and
 recorded in docs/reliability.md.
 """
@@ -25,13 +26,13 @@ import numpy as np
 import pytest
 from reliability_helpers import Replica, admin_target, start_serve, started, stop, stop_all, wait_until
 
-from clients.errors import PolicyClientError
-from clients.policy_client import PolicyClient
-from clients.retry import NO_RETRY, RetryPolicy
 from polyhead.bundle import Bundle
-from server.app import BackgroundServer
-from server.settings import ServerSettings
-from trainer.updater.control import ServerControl
+from polyhead.clients.errors import PolicyClientError
+from polyhead.clients.policy_client import PolicyClient
+from polyhead.clients.retry import NO_RETRY, RetryPolicy
+from polyhead.server.app import BackgroundServer
+from polyhead.server.settings import ServerSettings
+from polyhead.trainer.updater.control import ServerControl
 
 TASK = "cartpole"
 OBS = np.zeros(4, np.float32)
@@ -193,7 +194,7 @@ def test_updater_publish_rides_out_a_server_restart(
     bundle_copy: Path, tmp_path: Path, servers: list[Replica]
 ) -> None:
     """The updater's LoadHead, sent while its server is down, succeeds once the server is back (bounded
-    retries on UNAVAILABLE in trainer.updater.control.ServerControl)."""
+    retries on UNAVAILABLE in polyhead.trainer.updater.control.ServerControl)."""
     server = started(start_serve(bundle_copy, tmp_path, "s", "--no-watch"))
     servers.append(server)
     port, admin_port = server.port, server.admin_port  # type: ignore[attr-defined]

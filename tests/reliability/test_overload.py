@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from reliability_helpers import Replica, metric_value, rss_kib, scrape, start_serve, started, stop, wait_until
 
+from polyhead.server.app import BackgroundServer
 from polyhead.tensors import to_proto
 from polyhead.v1 import policy_pb2, policy_pb2_grpc
-from server.app import BackgroundServer
 
 TTL_S = 3.0
 

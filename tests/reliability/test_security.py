@@ -22,10 +22,10 @@ import pytest
 from reliability_helpers import admin_target, start_serve, started, stop
 
 from polyhead.bundle import Bundle
+from polyhead.server.app import BackgroundServer
+from polyhead.server.settings import ServerSettings
 from polyhead.tensors import to_proto
 from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
-from server.app import BackgroundServer
-from server.settings import ServerSettings
 
 TOKEN = "tok-3f9a1c7e-never-logged"
 WRONG = "wrong-7d2b-also-never-logged"
@@ -181,7 +181,10 @@ def test_mtls_admin_refuses_a_foreign_ca_and_tls_shared_mode(
         assert reaches(srv.admin_target, rogue, "admin") == grpc.StatusCode.UNAVAILABLE
         assert reaches(srv.admin_target, credentials(pki, "client"), "admin") == grpc.StatusCode.OK
     shared = server_settings(
-        admin_mode="shared", tls_cert=pki / "server.pem", tls_key=pki / "server.key", watch_bundle=False
+        admin_mode="shared",
+        tls_cert=pki / "server.pem",
+        tls_key=pki / "server.key",
+        watch_bundle=False,
     )
     with BackgroundServer(shared) as srv:
         for service in ("policy", "echo", "admin"):

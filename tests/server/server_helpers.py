@@ -38,8 +38,8 @@ def new_head_version(bundle_dir: Path, task: str, *, seed: int = 1) -> tuple[byt
     """A different head for ``task`` on the same trunk: (head.onnx bytes, head.json text)."""
     import torch
 
-    from trainer.export import export_head
-    from trainer.policy import load_policy
+    from polyhead.trainer.export import export_head
+    from polyhead.trainer.policy import load_policy
 
     bundle = Bundle.open(bundle_dir)
     policy = load_policy(bundle)

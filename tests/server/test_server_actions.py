@@ -19,7 +19,7 @@ from polyhead.v1 import policy_pb2
 def _torch_reference(
     bundle_dir: Path, task: str, obs: np.ndarray[Any, Any]
 ) -> dict[str, np.ndarray[Any, Any]]:
-    from trainer.policy import load_policy
+    from polyhead.trainer.policy import load_policy
 
     bundle = Bundle.open(bundle_dir)
     policy = load_policy(bundle)
@@ -80,7 +80,7 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates(policy_s
 
 
 def test_sampled_log_probs_match_torch(policy_stub: Any, tiny_bundle: Path) -> None:
-    from trainer.policy import load_policy
+    from polyhead.trainer.policy import load_policy
 
     obs = observations("cartpole-continuous", 8)
     response = act(policy_stub, "cartpole-continuous", obs, deterministic=False, seed=1, return_log_prob=True)

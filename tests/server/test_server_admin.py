@@ -15,8 +15,8 @@ import pytest
 from server_helpers import TASKS, act, actions_of, new_head_version, observations
 
 from polyhead.bundle import Bundle
+from polyhead.server.app import BackgroundServer
 from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2_grpc
-from server.app import BackgroundServer
 
 
 def _load_bytes(

@@ -12,10 +12,10 @@ import pytest
 from server_helpers import act, observations
 
 from polyhead.errors import DeadlineExpired, Overloaded
+from polyhead.server.actions import Sampling
+from polyhead.server.app import BackgroundServer
 from polyhead.tensors import to_proto
 from polyhead.v1 import policy_pb2, types_pb2
-from server.actions import Sampling
-from server.app import BackgroundServer
 
 BAD_OBSERVATIONS: dict[str, Any] = {
     "wrong shape": np.zeros(5, np.float32),
@@ -131,8 +131,8 @@ def test_calls_beyond_max_inflight_calls_are_overloaded_with_the_limit(server: A
     ``max_in_progress`` calls (the asking one included) are admitted; 0 means no limit."""
     from prometheus_client import CollectorRegistry
 
-    from server.batcher import Batcher
-    from server.metrics import ServerMetrics
+    from polyhead.server.batcher import Batcher
+    from polyhead.server.metrics import ServerMetrics
 
     head = server.registry.resolve("cartpole")
     obs = observations("cartpole", 1)
@@ -216,7 +216,7 @@ def test_malformed_request_bytes_are_invalid_argument(server: Any, policy_stub: 
 
 
 def test_inflight_count_forgets_calls_that_never_reached_their_handler() -> None:
-    from server.inflight import InflightCounter
+    from polyhead.server.inflight import InflightCounter
 
     counter = InflightCounter(frozenset({"/m"}), stale_after_s=0.0)
     counter._calls[0] = 0.0  # accepted long ago, cancelled before its message was read

@@ -12,10 +12,10 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from server_helpers import act, observations
 
+from polyhead.server.experience import ExperienceHub
+from polyhead.server.metrics import ServerMetrics
 from polyhead.tensors import from_proto, to_proto
 from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2
-from server.experience import ExperienceHub
-from server.metrics import ServerMetrics
 
 
 def _subscribe(server: Any, task_ids: list[str]) -> tuple[queue.Queue[Any], Any]:

@@ -21,9 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_helpers import act, actions_of, new_head_version, observations
 
 from polyhead.bundle import Bundle, HeadMeta
+from polyhead.server.app import BackgroundServer
 from polyhead.tensors import to_proto
 from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
-from server.app import BackgroundServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,7 +100,7 @@ def test_a_stale_bundle_pointer_never_undoes_a_later_activation(
 ) -> None:
     """The updater publishes v2 (pointer 2, server 2) and rolls back to v1 (pointer 1, then server 1)
     between the watch's read of the pointer and its swap: the watch must not serve the stale 2."""
-    from server.watch import BundleWatcher
+    from polyhead.server.watch import BundleWatcher
 
     with BackgroundServer(server_settings(bundle=bundle_copy, watch_bundle=False)) as srv:
         registry = srv.registry
@@ -129,7 +129,7 @@ def test_the_watch_and_an_upload_of_the_same_version_both_succeed(
     while the upload warms up. Whichever lands first, neither load fails and the upload activates.
 
     Both loads are held at their warm-up until both are there, so they always overlap."""
-    from server.runtime import HeadRuntime
+    from polyhead.server.runtime import HeadRuntime
 
     warm_up = HeadRuntime.warm_up
     both_warming = threading.Barrier(2, timeout=30)
@@ -176,7 +176,7 @@ def test_an_unreadable_bundle_is_counted_logged_once_and_serving_goes_on(
     """The bundle volume goes away under a running server (here: the directory is moved): every failed
     poll counts in polyhead_bundle_watch_failures_total, the error is logged once, the loaded heads keep
     serving, and the recovery is logged once when the bundle is back."""
-    caplog.set_level(logging.INFO, logger="server.watch")
+    caplog.set_level(logging.INFO, logger="polyhead.server.watch")
     with (
         BackgroundServer(server_settings(bundle=bundle_copy, watch_interval_s=0.05)) as srv,
         grpc.insecure_channel(srv.target) as ch,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from server.commands import register_serve, settings_from_args
-from server.settings import ServerSettings
+from polyhead.server.commands import register_serve, settings_from_args
+from polyhead.server.settings import ServerSettings
 
 
 def test_environment_prefix_and_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

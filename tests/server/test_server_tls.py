@@ -10,8 +10,8 @@ import grpc
 import pytest
 from server_helpers import act, observations
 
+from polyhead.server.app import BackgroundServer
 from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2_grpc
-from server.app import BackgroundServer
 
 
 def test_tls_and_mtls(server_settings: Callable[..., Any], pki: Path) -> None:

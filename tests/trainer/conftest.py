@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from polyhead.bundle import Bundle
-from trainer.export import build_random_bundle
+from polyhead.trainer.export import build_random_bundle
 
 
 @pytest.fixture(autouse=True)

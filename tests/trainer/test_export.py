@@ -14,7 +14,7 @@ from polyhead.envs import task_spaces
 from polyhead.errors import ExportParityError
 from polyhead.spaces import SpaceSpec, raw_to_env_action
 from polyhead.taskspec import load_suite
-from trainer.export import (
+from polyhead.trainer.export import (
     _HeadOnFeaturesAndObs,
     build_random_bundle,
     check_parity,
@@ -22,7 +22,7 @@ from trainer.export import (
     export_head,
     sample_observations,
 )
-from trainer.policy import MultiTaskPolicy, PolicyConfig, load_policy
+from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig, load_policy
 
 
 def _session(data: bytes | Path) -> ort.InferenceSession:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.gae import compute_gae
+from polyhead.trainer.gae import compute_gae
 
 
 def test_gae_hand_computed_example() -> None:

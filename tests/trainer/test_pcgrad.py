@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.pcgrad import cosine_matrix, pcgrad
+from polyhead.trainer.pcgrad import cosine_matrix, pcgrad
 
 
 def test_conflicting_gradients_are_projected() -> None:

@@ -15,12 +15,12 @@ from polyhead.bundle import Bundle
 from polyhead.envs import task_spaces
 from polyhead.errors import BundleError
 from polyhead.taskspec import TaskSpec, load_suite
-from trainer.config import PPOConfig
-from trainer.envs import TaskEnvs
-from trainer.evaluate import evaluate
-from trainer.policy import MultiTaskPolicy, PolicyConfig, load_policy
-from trainer.ppo import TaskState, allocate_envs
-from trainer.train import train, train_independent
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.envs import TaskEnvs
+from polyhead.trainer.evaluate import evaluate
+from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig, load_policy
+from polyhead.trainer.ppo import TaskState, allocate_envs
+from polyhead.trainer.train import train, train_independent
 
 SMOKE = PPOConfig(
     total_steps=512,

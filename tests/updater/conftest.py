@@ -31,9 +31,9 @@ def _one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.config import PPOConfig
-    from trainer.policy import PolicyConfig
-    from trainer.train import train
+    from polyhead.trainer.config import PPOConfig
+    from polyhead.trainer.policy import PolicyConfig
+    from polyhead.trainer.train import train
 
     family = load_suite("cartpole-family")
     suite = Suite(name="cartpole-pair", tasks=tuple(family.task(t) for t in OLD_TASKS))
@@ -60,8 +60,8 @@ def trained_copy(trained_bundle: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.export import build_random_bundle
-    from trainer.policy import PolicyConfig
+    from polyhead.trainer.export import build_random_bundle
+    from polyhead.trainer.policy import PolicyConfig
 
     out = tmp_path_factory.mktemp("random") / "bundle"
     build_random_bundle(
@@ -84,8 +84,8 @@ def random_copy(random_bundle: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[[Path], Any]]:
     """``serve(bundle)`` starts a real BackgroundServer on free ports; every one is stopped at the end."""
-    from server.app import BackgroundServer
-    from server.settings import ServerSettings
+    from polyhead.server.app import BackgroundServer
+    from polyhead.server.settings import ServerSettings
 
     started: list[BackgroundServer] = []
 

@@ -72,7 +72,7 @@ def test_missing_bundle_fails_with_a_clear_message(tmp_path: Path) -> None:
 
 def test_admin_token_is_required_and_used(random_copy: Path, serve: Callable[..., Any]) -> None:
     from polyhead.errors import Unauthenticated
-    from trainer.updater.control import ServerControl
+    from polyhead.trainer.updater.control import ServerControl
 
     srv = serve(random_copy, admin_token="s3cret")
     without = ServerControl(srv.admin_target)

@@ -13,13 +13,13 @@ from updater_helpers import OLD_TASKS
 
 from polyhead.bundle import Bundle
 from polyhead.taskspec import load_task_spec
-from trainer.adapt import adapt, default_config
-from trainer.envs import TaskEnvs
-from trainer.policy import load_policy
-from trainer.ppo import TaskState
-from trainer.updater.frozen import freeze_trunk, trunk_state_sha256
-from trainer.updater.head_ppo import HeadLearner, collect_head_rollout
-from trainer.updater.metrics import UpdaterMetrics
+from polyhead.trainer.adapt import adapt, default_config
+from polyhead.trainer.envs import TaskEnvs
+from polyhead.trainer.policy import load_policy
+from polyhead.trainer.ppo import TaskState
+from polyhead.trainer.updater.frozen import freeze_trunk, trunk_state_sha256
+from polyhead.trainer.updater.head_ppo import HeadLearner, collect_head_rollout
+from polyhead.trainer.updater.metrics import UpdaterMetrics
 
 
 def _file_hashes(root: Path) -> dict[str, str]:
@@ -39,7 +39,7 @@ def test_head_only_updates_leave_every_trunk_tensor_bit_identical(random_bundle:
     head_before = copy.deepcopy(head.state_dict())
     hash_before = trunk_state_sha256(policy)
 
-    from trainer.adapt import ADAPT_PPO
+    from polyhead.trainer.adapt import ADAPT_PPO
 
     ppo = ADAPT_PPO
     learner = HeadLearner(policy, task.id, ppo, seed=0)

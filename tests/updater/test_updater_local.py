@@ -12,8 +12,8 @@ import pytest
 
 from polyhead.bundle import Bundle
 from polyhead.taskspec import load_task_spec
-from trainer.adapt import adapt, default_config
-from trainer.updater.metrics import UpdaterMetrics
+from polyhead.trainer.adapt import adapt, default_config
+from polyhead.trainer.updater.metrics import UpdaterMetrics
 
 SUMMARY_KEYS = [
     "task",

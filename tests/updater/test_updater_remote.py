@@ -12,19 +12,19 @@ import pytest
 import torch
 from updater_helpers import OLD_TASKS, served_actions, wait_for
 
-from clients.admin import AdminClient
 from polyhead.bundle import Bundle
+from polyhead.clients.admin import AdminClient
 from polyhead.envs import task_spaces
 from polyhead.taskspec import TaskSpec, load_task_spec
-from trainer.adapt import adapt, default_config
-from trainer.export import sample_observations
-from trainer.policy import load_policy
-from trainer.updater.control import ServerControl
-from trainer.updater.fleet import SimulatorFleet
-from trainer.updater.frozen import freeze_trunk
-from trainer.updater.guard import RolloutGuard
-from trainer.updater.metrics import UpdaterMetrics
-from trainer.updater.publisher import HeadPublisher
+from polyhead.trainer.adapt import adapt, default_config
+from polyhead.trainer.export import sample_observations
+from polyhead.trainer.policy import load_policy
+from polyhead.trainer.updater.control import ServerControl
+from polyhead.trainer.updater.fleet import SimulatorFleet
+from polyhead.trainer.updater.frozen import freeze_trunk
+from polyhead.trainer.updater.guard import RolloutGuard
+from polyhead.trainer.updater.metrics import UpdaterMetrics
+from polyhead.trainer.updater.publisher import HeadPublisher
 
 
 def _head_hashes(admin_target: str) -> dict[tuple[str, int], str]:

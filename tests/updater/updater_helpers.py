@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from clients.policy_client import PolicyClient
+from polyhead.clients.policy_client import PolicyClient
 
 #: The tasks of the test bundles (trained_bundle and random_bundle).
 OLD_TASKS = ("cartpole-long-pole", "cartpole-heavy-pole")

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 from polyhead.taskspec import TaskSpec
-from trainer.config import PPOConfig
-from trainer.export import DEFAULT_EXPORTER, Exporter
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.export import DEFAULT_EXPORTER, Exporter
 
 Source = Literal["local", "remote"]
 Init = Literal["scratch", "nearest", "both"]

@@ -1,9 +1,10 @@
 """The server's control plane as the updater uses it: load and activate head versions, roll back, and
 read the experience feed.
 
-A thin layer over :class:`clients.admin.AdminClient` that turns client errors into polyhead domain errors
+A thin layer over :class:`polyhead.clients.admin.AdminClient` that turns client errors into polyhead domain
+errors
 (so ``polyhead adapt`` exits with a clear message), and runs ``HeadAdmin.StreamExperience`` in a thread
-that decodes segments of the new task into :class:`~trainer.updater.head_ppo.SegmentData` on a queue.
+that decodes segments of the new task into :class:`~polyhead.trainer.updater.head_ppo.SegmentData` on a queue.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from clients.admin import AdminClient
-from clients.errors import (
+from polyhead import errors
+from polyhead.bundle import sha256_bytes
+from polyhead.clients.admin import AdminClient
+from polyhead.clients.errors import (
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
@@ -28,14 +31,12 @@ from clients.errors import (
     Unavailable,
     Unimplemented,
 )
-from clients.retry import RetryPolicy
-from polyhead import errors
-from polyhead.bundle import sha256_bytes
+from polyhead.clients.retry import RetryPolicy
 from polyhead.tensors import from_proto, is_empty
+from polyhead.trainer.updater.head_ppo import SegmentData
 from polyhead.v1 import admin_pb2
-from trainer.updater.head_ppo import SegmentData
 
-log = logging.getLogger("trainer.adapt")
+log = logging.getLogger("polyhead.trainer.adapt")
 
 
 class ServerUnreachable(errors.PolyheadError):

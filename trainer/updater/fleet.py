@@ -1,6 +1,7 @@
 """A fleet of simulator clients acting on one task until told to stop (tests, benchmarks, the demo).
 
-Each client is a thread running :func:`clients.simulator.run_simulation` (a real gRPC client of the data
+Each client is a thread running :func:`polyhead.clients.simulator.run_simulation` (a real gRPC client of the
+data
 plane, sampled actions, rewards reported) in rounds of a few episodes, so it keeps acting while the
 updater publishes versions. A client waits for the task to be served before its first round (the updater
 registers the task when it publishes version 1). Failed requests and every head version seen are summed
@@ -15,12 +16,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from clients.errors import PolicyClientError, TaskNotFound
-from clients.policy_client import PolicyClient
-from clients.simulator import SimulationConfig, run_simulation
+from polyhead.clients.errors import PolicyClientError, TaskNotFound
+from polyhead.clients.policy_client import PolicyClient
+from polyhead.clients.simulator import SimulationConfig, run_simulation
 from polyhead.taskspec import TaskSpec
 
-log = logging.getLogger("trainer.adapt")
+log = logging.getLogger("polyhead.trainer.adapt")
 
 
 @dataclass

@@ -22,8 +22,8 @@ import numpy as np
 
 from polyhead.spaces import SpaceSpec
 from polyhead.taskspec import TaskSpec
-from trainer.evaluate import evaluate
-from trainer.policy import MultiTaskPolicy
+from polyhead.trainer.evaluate import evaluate
+from polyhead.trainer.policy import MultiTaskPolicy
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from polyhead.bundle import Bundle, sha256_file
-from trainer.policy import MultiTaskPolicy, head_key
+from polyhead.trainer.policy import MultiTaskPolicy, head_key
 
 
 class TrunkChanged(AssertionError):

@@ -24,11 +24,11 @@ from typing import Literal
 
 import numpy as np
 
-from trainer.updater.head_ppo import SegmentData
-from trainer.updater.metrics import UpdaterMetrics
-from trainer.updater.publisher import HeadPublisher
+from polyhead.trainer.updater.head_ppo import SegmentData
+from polyhead.trainer.updater.metrics import UpdaterMetrics
+from polyhead.trainer.updater.publisher import HeadPublisher
 
-log = logging.getLogger("trainer.adapt")
+log = logging.getLogger("polyhead.trainer.adapt")
 
 Verdict = Literal["pending", "held", "regressed"]
 

@@ -1,6 +1,7 @@
 """PPO on one task's head over the frozen trunk: collect (locally), build a batch (remote), update.
 
-The same phases as :mod:`trainer.ppo` (whose ``TaskRollout``, ``compute_advantages`` and ``ppo_update``
+The same phases as :mod:`polyhead.trainer.ppo` (whose ``TaskRollout``, ``compute_advantages`` and
+``ppo_update``
 are reused), with three differences that make it *head-only*:
 
 * the optimiser holds the new head's parameters only (policy layer(s), log-std, value function), and the
@@ -23,11 +24,11 @@ import numpy.typing as npt
 import torch
 
 from polyhead.spaces import pad_observations
-from trainer.config import PPOConfig
-from trainer.gae import compute_gae
-from trainer.policy import MultiTaskPolicy
-from trainer.ppo import TaskRollout, TaskState, UpdateStats, compute_advantages, ppo_update
-from trainer.running_stats import RunningMeanStd
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.gae import compute_gae
+from polyhead.trainer.policy import MultiTaskPolicy
+from polyhead.trainer.ppo import TaskRollout, TaskState, UpdateStats, compute_advantages, ppo_update
+from polyhead.trainer.running_stats import RunningMeanStd
 
 
 # ============================================================================================================
@@ -37,7 +38,7 @@ from trainer.running_stats import RunningMeanStd
 def collect_head_rollout(policy: MultiTaskPolicy, state: TaskState, config: PPOConfig) -> TaskRollout:
     """Step every env of ``state`` ``config.num_steps`` times with actions sampled from the task's head.
 
-    Like :func:`trainer.ppo.collect_rollout` for one task, except that the observation normaliser is
+    Like :func:`polyhead.trainer.ppo.collect_rollout` for one task, except that the observation normaliser is
     only read. Rewards are scaled by the running std of the discounted return (``state.return_rms``).
     """
     task_id = state.task.id

@@ -3,9 +3,9 @@
 Every version goes through the same steps, in this order, and a failure at any step publishes nothing
 that a server could pick up:
 
-1. export the task's head to ONNX (:func:`trainer.export.export_head`);
+1. export the task's head to ONNX (:func:`polyhead.trainer.export.export_head`);
 2. check it against torch on real observations of the task passed through the frozen trunk
-   (:func:`trainer.export.check_parity`; raises ExportParityError);
+   (:func:`polyhead.trainer.export.check_parity`; raises ExportParityError);
 3. write ``heads/<task>/<version>/`` atomically with its head.json (eval return, parent, training
    summary) and point ``active.json`` at it (:meth:`polyhead.bundle.Bundle.write_head`);
 4. when a server is attached, upload it with ``HeadAdmin.LoadHead`` under the same version number and
@@ -32,12 +32,12 @@ from torch import nn
 from polyhead.bundle import Bundle, HeadRecord
 from polyhead.spaces import SpaceSpec
 from polyhead.taskspec import TaskSpec
-from trainer.export import Exporter, check_parity, export_head, head_meta
-from trainer.policy import MultiTaskPolicy, TaskHead
-from trainer.updater.control import ServerControl
-from trainer.updater.metrics import UpdaterMetrics
+from polyhead.trainer.export import Exporter, check_parity, export_head, head_meta
+from polyhead.trainer.policy import MultiTaskPolicy, TaskHead
+from polyhead.trainer.updater.control import ServerControl
+from polyhead.trainer.updater.metrics import UpdaterMetrics
 
-log = logging.getLogger("trainer.adapt")
+log = logging.getLogger("polyhead.trainer.adapt")
 
 
 class _HeadReference(nn.Module):
