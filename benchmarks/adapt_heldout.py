@@ -164,7 +164,17 @@ def main() -> None:
         action="store_true",
         help="re-analyse --out, redraw --plot, print the markdown tables",
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="combine these reports (e.g. one per task, run in parallel) into --out, then as --report-only",
+    )
     args = parser.parse_args()
+    if args.merge:
+        args.out.write_text(json.dumps(merge([json.loads(f.read_text()) for f in args.merge]), indent=1))
+        args.report_only = True
     if args.report_only:
         saved: dict[str, Any] = json.loads(args.out.read_text())
         saved["analysis"] = analyse(saved)
@@ -223,6 +233,17 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=1))
     plot(report, args.plot)
     print(markdown(report))
+
+
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs of the same bundle: runs concatenated, per-task tables united."""
+    out = dict(reports[0])
+    out["runs"] = [r for report in reports for r in report["runs"]]
+    out["machine"] = " | ".join(report["machine"] for report in reports)
+    for key in ("zero_shot", "random_returns", "target_returns"):
+        if key in out:
+            out[key] = {k: v for report in reports for k, v in report[key].items()}
+    return out
 
 
 def _mean_curve(runs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -19,8 +19,10 @@ import argparse
 import json
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from learning_common import normalise, random_return
@@ -30,6 +32,9 @@ from polyhead.taskspec import load_suite
 from polyhead.trainer.config import PPOConfig
 from polyhead.trainer.policy import PolicyConfig
 from polyhead.trainer.train import TrainResult, train, train_independent
+
+if TYPE_CHECKING:
+    from polyhead.taskspec import Suite
 
 
 def main() -> None:
@@ -49,6 +54,13 @@ def main() -> None:
         help="multi-task 'matches' independent when its mean normalised score is at most this much lower",
     )
     parser.add_argument("--random-episodes", type=int, default=20, help="episodes for the random baseline")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="processes: >1 runs the multi-task run and each independent task's run of a seed side by side "
+        "(same runs and results as sequential; the independent arm's wall time is then the sum of its runs)",
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}")
     suite = load_suite(args.suite)
@@ -60,6 +72,13 @@ def main() -> None:
     single: list[TrainResult] = []
     for seed in seeds:
         config = replace(base, seed=seed)
+        if args.jobs > 1:
+            m, s = _side_by_side(suite, config, policy_config, args.jobs)
+            multi.append(m)
+            single.append(s)
+            print(f"seed {seed} multi-task: {m.wall_seconds:.0f} s {m.eval_returns}", flush=True)
+            print(f"seed {seed} independent: {s.wall_seconds:.0f} s {s.eval_returns}", flush=True)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             multi.append(
@@ -134,6 +153,49 @@ def main() -> None:
                 indent=2,
             )
         )
+
+
+def _train(suite: Suite, config: PPOConfig, policy_config: PolicyConfig) -> TrainResult:
+    with tempfile.TemporaryDirectory() as tmp:
+        # torchscript: faster than dynamo here, and the returns do not depend on it (parity-checked).
+        return train(
+            suite,
+            Path(tmp) / "bundle",
+            config=config,
+            policy_config=policy_config,
+            progress=False,
+            exporter="torchscript",
+        )
+
+
+def _side_by_side(
+    suite: Suite, config: PPOConfig, policy_config: PolicyConfig, jobs: int
+) -> tuple[TrainResult, TrainResult]:
+    """One seed's multi-task run and the independent runs (train_independent's, one per task) in parallel."""
+    from polyhead.taskspec import Suite
+
+    tasks = suite.train_tasks
+    per_task = replace(config, total_steps=max(1, config.total_steps // len(tasks)), task_weights=())
+    singles = [Suite(name=f"{suite.name}/{t.id}", tasks=(t,), source=suite.source) for t in tasks]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        multi = pool.submit(_train, suite, config, policy_config)
+        runs = [pool.submit(_train, one, per_task, policy_config) for one in singles]
+        results = {t.id: r.result() for t, r in zip(tasks, runs, strict=True)}
+        multi_result = multi.result()
+    independent = TrainResult(
+        bundle=Path("-"),
+        suite=suite.name,
+        steps=sum(r.steps for r in results.values()),
+        wall_seconds=sum(r.wall_seconds for r in results.values()),
+        parameters=sum(r.parameters for r in results.values()),
+        policy_parameters=sum(r.policy_parameters for r in results.values()),
+        eval_returns={t: r.eval_returns[t] for t, r in results.items()},
+        eval_episodes={t: r.eval_episodes[t] for t, r in results.items()},
+        best_step=0,
+        solved={t: r.solved.get(t, False) for t, r in results.items()},
+        runs=results,
+    )
+    return multi_result, independent
 
 
 def _ms(values: list[float]) -> str:
