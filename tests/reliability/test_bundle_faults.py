@@ -63,7 +63,7 @@ def test_serve_refuses_a_broken_bundle_with_a_clear_message(bundle_copy: Path, c
     breaker, expected = BROKEN_TRUNKS[case]
     breaker(bundle_copy)
     result = serve_once(bundle_copy)
-    assert result.returncode == 1, (case, result.returncode, result.stderr[-2000:])
+    assert result.returncode == 2, (case, result.returncode, result.stderr[-2000:])
     assert expected.lower() in result.stderr.lower(), (case, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, (case, result.stderr[-3000:])
 

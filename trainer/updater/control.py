@@ -39,7 +39,7 @@ from polyhead.v1 import admin_pb2
 log = logging.getLogger("polyhead.trainer.adapt")
 
 
-class ServerUnreachable(errors.PolyheadError):
+class ServerUnreachable(errors.UsageError):
     """The server's admin endpoint did not answer (wrong address, server down, admin port off)."""
 
 
