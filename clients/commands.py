@@ -160,9 +160,11 @@ def _simulate(args: argparse.Namespace, channel: ChannelConfig) -> int:
 
     spec = None
     if args.task_spec:
+        from polyhead.envs import validate_task
         from polyhead.taskspec import load_task_spec
 
         spec = load_task_spec(args.task_spec)
+        validate_task(spec)  # a bad spec fails here, before any call to the server
     config = SimulationConfig(
         task_id=args.task,
         episodes=args.episodes,

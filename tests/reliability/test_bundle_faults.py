@@ -1,4 +1,4 @@
-"""Malformed bundles and heads: `polyhead serve` refuses a broken trunk or manifest with exit status 1 and a
+"""Malformed bundles and heads: `polyhead serve` refuses a broken trunk or manifest with exit status 2 and a
 message naming the problem; a broken head is skipped (counted) while the other tasks serve; LoadHead of a
 broken version directory is refused and changes nothing. tests/contract covers Bundle.open's errors and
 tests/server a missing bundle directory; this covers what the serving process and LoadHead do with them.
