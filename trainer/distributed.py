@@ -79,7 +79,7 @@ class Ranks:
         """The element-wise mean over ranks of a float vector (a collective)."""
         if not self.distributed:
             return values
-        tensor = torch.as_tensor(np.asarray(values, dtype=np.float64))
+        tensor = torch.tensor(values, dtype=torch.float64)  # a copy: all_reduce works in place
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         out: npt.NDArray[np.float64] = (tensor / self.world_size).numpy()
         return out
