@@ -82,8 +82,8 @@ def register_train(subparsers: Any) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="with --nproc: let torchrun restart the workers up to N times when one fails; they resume "
-        "from the last checkpoint (default: %(default)s)",
+        help="run under torchrun (also with --nproc 1) and let it restart the workers up to N times when "
+        "one fails; they resume from the last checkpoint (default: %(default)s)",
     )
     scale.add_argument(
         "--resume",
@@ -106,11 +106,13 @@ _RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 def _train(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
     if args.nproc < 1 or args.max_restarts < 0:
         raise InvalidArgument("--nproc must be at least 1 and --max-restarts at least 0")
-    if args.nproc > 1 and _WORKER_ENV not in os.environ:
-        return _launch_torchrun(args, parser)
     if args.out is None and args.resume is None:
         raise InvalidArgument("--out is required (unless --resume RUN_DIR names a run to continue)")
-    if _WORKER_ENV in os.environ and int(os.environ[_WORKER_ENV]) > 1:
+    worker = _WORKER_ENV in os.environ
+    if (args.nproc > 1 or args.max_restarts > 0) and not worker:
+        return _launch_torchrun(args, parser)
+    restarted = worker and int(os.environ.get(_RESTART_ENV, "0")) > 0
+    if worker and int(os.environ[_WORKER_ENV]) > 1:
         import torch.distributed as dist
 
         if args.independent:
@@ -118,10 +120,10 @@ def _train(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
         # gloo: the trainer's policy and rollouts live on the CPU (see docs/benchmarks.md for GPUs).
         dist.init_process_group(backend="gloo")
         try:
-            return _train_here(args, restarted=int(os.environ.get(_RESTART_ENV, "0")) > 0)
+            return _train_here(args, restarted=restarted)
         finally:
             dist.destroy_process_group()
-    return _train_here(args, restarted=False)
+    return _train_here(args, restarted=restarted)
 
 
 def _train_here(args: argparse.Namespace, *, restarted: bool) -> int:
