@@ -83,8 +83,8 @@ def collect_rollout(
 
     Updates the observation normaliser with every observation seen and each task's return statistics;
     appends finished episodes' undiscounted returns to ``TaskState.recent_returns``. Under torchrun
-    (``ranks``) all three see every rank's environments, so they stay identical on every rank (two small
-    collectives per step, one per rollout).
+    (``ranks``) all three see every rank's environments, so they stay identical on every rank (one small
+    collective per step, two more per rollout).
     """
     ranks = ranks or Ranks()
     T, D = config.num_steps, policy.observation_size
@@ -104,10 +104,14 @@ def collect_rollout(
     # (step, global env index, return) of every episode that ends, to merge the ranks' in one order.
     episodes: list[list[tuple[int, int, float]]] = [[] for _ in states]
 
+    def observations() -> npt.NDArray[np.float32]:
+        return np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
+
+    # The normaliser sees every observation the policy acts on, before it acts (every rank's).
+    mean, var, count = ranks.combine_moments(*batch_moments(torch.as_tensor(observations())))
+    policy.trunk.normalizer.update_moments(mean, var, float(count[0]))
     for step in range(T):
-        raw = np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
-        mean, var, count = ranks.combine_moments(*batch_moments(torch.as_tensor(raw)))
-        policy.trunk.normalizer.update_moments(mean, var, float(count[0]))
+        raw = observations()
         obs_norm = policy.normalize(torch.as_tensor(raw))
         features = policy.features(obs_norm)
         start = 0
@@ -132,14 +136,20 @@ def collect_rollout(
                 (step, int(i), r) for i, r in zip(ended_envs, result.episode_returns, strict=True)
             )
 
+        # One exchange per step carries each task's discounted-return statistics (for reward scaling,
+        # now) and the next observations' statistics (for the normaliser, before the next step); the
+        # last step's next observations are the next rollout's first, folded in when it starts.
+        next_raw = observations() if step < T - 1 else np.zeros((0, D), np.float32)
+        moments = [
+            batch_moments(torch.as_tensor(s.discounted_returns[idx]).reshape(-1, 1))
+            for s, idx in zip(states, active, strict=True)
+        ]
+        moments.append(batch_moments(torch.as_tensor(next_raw)))
+        mean, var, count = ranks.combine_moments(*(torch.cat(m) for m in zip(*moments, strict=True)))
+        n_tasks = len(states)
         # Per-task return normalisation: divide rewards by the running std of the discounted return
         # (gymnasium NormalizeReward; Engstrom et al. 2020 "reward scaling"), over every rank's envs.
         if config.norm_reward:
-            moments = [
-                batch_moments(torch.as_tensor(s.discounted_returns[idx]).reshape(-1, 1))
-                for s, idx in zip(states, active, strict=True)
-            ]
-            mean, var, count = ranks.combine_moments(*(torch.cat(m) for m in zip(*moments, strict=True)))
             for n, state in enumerate(states):
                 state.return_rms.update_moments(float(mean[n]), float(var[n]), float(count[n]))
         for state, idx, result in zip(states, active, results, strict=True):
@@ -157,6 +167,7 @@ def collect_rollout(
                 rewards[torch.as_tensor(cut)] += config.gamma * final_value
             b["rewards"][step] = rewards
             b["episode_ends"][step] = torch.as_tensor(ended, dtype=torch.float32)
+        policy.trunk.normalizer.update_moments(mean[n_tasks:], var[n_tasks:], float(count[n_tasks]))
 
     # Every rank's finished episodes, in the order one process would have seen them (drives gap sampling).
     everyone = ranks.gather(episodes)
