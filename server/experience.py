@@ -8,12 +8,13 @@ retried ``Act`` for an (episode, step) already recorded is not recorded twice; o
 the episode's actions in arrival order.
 
 Rewards (``ReportExperience`` or ``ActStream`` feedback) join pending steps *by step index*: a report that
-names its step joins exactly that action; one that does not answers the episode's oldest action still
-awaiting its reward. Steps leave the pending set in index order, once every earlier step has its reward, so
-a client that reports on a separate stream a few steps behind still gets every reward onto the right
-action. At most ``MAX_PENDING_STEPS`` actions of an episode may wait; beyond that the oldest is dropped
-(``missing_reward``), the completed steps before it are published as a truncated segment, and the reward
-that arrives for it later is dropped too (``stale_step``) instead of being shifted onto the next action.
+names its step joins exactly that action; one that does not answers the step after the latest one
+answered (rewards arrive in step order). Steps leave the pending set in index order, once every earlier
+step has its reward, so a client that reports on a separate stream a few steps behind still gets every
+reward onto the right action. At most ``MAX_PENDING_STEPS`` actions of an episode may wait; beyond that
+the oldest is dropped (``missing_reward``), the completed steps before it are published as a truncated
+segment, and the reward that arrives for it later is dropped too (``stale_step``) instead of being
+shifted onto the next action. A reward for a step that was never served is ``no_action``.
 Clients acting elsewhere may report full transitions instead (recorded and rewarded at once).
 
 When an episode terminates or is truncated its last segment is published to the ``StreamExperience``
@@ -106,13 +107,10 @@ class _Episode:
     steps: list[_Step] = field(default_factory=list)  # completed steps of the current segment
     pending: dict[int, _Step] = field(default_factory=dict)  # recorded, not yet moved into ``steps``
     served: int = 0  # the next step index the server assigns
+    reported: int = 0  # the step a report without a step index answers: one past the latest answered
     done_below: int = 0  # every step index below this is completed or dropped
     total_return: float = 0.0
     length: int = 0
-
-    def oldest_unanswered(self) -> int | None:
-        waiting = [i for i, s in self.pending.items() if s.reward is None]
-        return min(waiting) if waiting else None
 
 
 @dataclass(frozen=True)
@@ -228,8 +226,8 @@ class ExperienceHub:
         step: int | None = None,
         final_observation: npt.NDArray[np.float32] | None = None,
     ) -> ReportOutcome:
-        """Join a reward with the episode's action of step ``step`` (None: its oldest action awaiting a
-        reward), or record a full ``transition`` (at ``step``, or the next index) with its reward.
+        """Join a reward with the episode's action of step ``step`` (None: the step after the latest one
+        answered), or record a full ``transition`` (at ``step``, or the next index) with its reward.
 
         A truncation's ``final_observation`` becomes the last segment's ``next_observation``.
         """
@@ -254,6 +252,7 @@ class ExperienceHub:
                 transition.deterministic,
             )
             ep.served = max(ep.served, index + 1)
+            ep.reported = max(ep.reported, index + 1)
         else:
             found = self._episodes.get(key)
             if found is None:
@@ -262,11 +261,12 @@ class ExperienceHub:
             ep = found
             ep.last_seen = now
             self._episodes.move_to_end(key)
-            index = ep.oldest_unanswered() if step is None else step  # type: ignore[assignment]
-            if index is None or index not in ep.pending or ep.pending[index].reward is not None:
-                # No such action awaits a reward: answered already, dropped, or never served.
-                stale = index is not None and index < ep.served
-                self._drop(task_id, "stale_step" if stale else "unknown_episode", 1)
+            index = ep.reported if step is None else step
+            ep.reported = max(ep.reported, index + 1)
+            if index not in ep.pending or ep.pending[index].reward is not None:
+                # No action of that step awaits a reward: answered already or dropped (stale), or never
+                # served. Either way the reward must not join another action.
+                self._drop(task_id, "stale_step" if index < ep.served else "no_action", 1)
                 return ReportOutcome(accepted=False, completed=False)
         ep.pending[index].reward = float(reward)
         self._metrics.experience_steps.labels(task=task_id).inc()

@@ -120,7 +120,7 @@ def check_log_prob(log_prob: float, space: SpaceSpec, *, field: str = "log_prob"
 def check_version(version: int, served: Collection[int], task_id: str, *, field: str = "head_version") -> int:
     if version not in served:
         raise InvalidExperience(
-            f"{field} is {version}; task {task_id!r} has only served versions {sorted(served)}",
+            f"{field} is {version}; expected a version task {task_id!r} has served here: {sorted(served)}",
             reason="unknown_version",
         )
     return int(version)
