@@ -125,7 +125,7 @@ def test_a_regressing_version_is_rolled_back_automatically(
         good_state = {k: v.clone() for k, v in policy.head(task.id).state_dict().items()}
         with SimulatorFleet(srv.target, task.id, clients=3, episodes_per_round=2, seed=9) as fleet:
             deadline = time.monotonic() + 90
-            while len(guard.live.returns(1)) < 4:
+            while len(guard.live.recent(1, "sampled", 8)) < 4:
                 assert time.monotonic() < deadline, "no live episodes of version 1"
                 guard.observe(feed.drain(timeout_s=1.0))
             _negate_policy_layer(publisher)
