@@ -131,9 +131,20 @@ class ServerControl:
         return self.activate(task_id, version)
 
     def activate(self, task_id: str, version: int) -> int:
-        """``SetActiveVersion``: serve a loaded version (one reference swap on the server)."""
+        """``SetActiveVersion``: serve a published version (one reference swap on the server). A server
+        keeps only a few versions loaded (``max_loaded_versions``); one it has unloaded is loaded again from
+        the bundle it serves (``heads/<task>/<version>``) and activated."""
         try:
             return self._admin.set_active_version(task_id, version).active_version
+        except TaskNotFound:
+            pass  # the version was unloaded: its files are still in the bundle
+        except PolicyClientError as exc:
+            raise _domain_error(exc, f"activating {task_id!r} version {version}", self.target) from None
+        try:
+            resp = self._admin.load_head(
+                task_id, repository_path=f"heads/{task_id}/{version}", version=version, activate=True
+            )
+            return int(resp.active_version)
         except PolicyClientError as exc:
             raise _domain_error(exc, f"activating {task_id!r} version {version}", self.target) from None
 
