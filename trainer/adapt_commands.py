@@ -199,7 +199,8 @@ def _adapt(args: argparse.Namespace) -> int:
     lines = [
         f"{result.task}: {result.steps:,} samples ({result.source}) in {result.wall_seconds:.1f} s; "
         f"{result.versions_published} version(s) published, serving version {result.active_version} "
-        f"({result.served_by}), eval return {result.final_eval_return:.1f}",
+        f"({result.served_by}), eval return {result.start_eval_return:.1f} at 0 samples -> "
+        f"{result.final_eval_return:.1f}{'' if result.beat_start else ' (did not beat its start)'}",
         f"  best old head zero-shot: {best} {result.zero_shot.best_return:.1f}"
         if best
         else "  no old head fits the task's action space",
