@@ -564,7 +564,7 @@ def _adapt_remote(
     active = publisher.published[rs.active]
     served_by = f"trained:{start}"
     nearest = floor.best_head
-    if nearest is not None and active.eval_return <= floor.best_return:
+    if nearest is not None and rs.active != rs.copy_version and active.eval_return <= floor.best_return:
         log.warning(
             "the served version %d (%.1f) does not beat the best old head %s (%.1f): serving a copy of it",
             rs.active,
