@@ -500,7 +500,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         episodes = report.get("episodes", 5)
         if normalise:
             ax.axhline(SOLVED, color="grey", ls=":", lw=1, label=f"{SOLVED} (solved)")
-            ax.set_ylabel(f"normalised return (0 random, 1 target; {episodes} deterministic episodes)")
+            ax.set_ylabel(f"normalised return ({episodes} det. episodes)")
             ax.set_ylim(-0.1, 1.15)
         else:
             ax.set_ylabel(f"deterministic eval return ({episodes} episodes)")
