@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,12 @@ def main() -> None:
     parser.add_argument("--suite", default="cartpole-family", help="the bundle's suite (name or TOML file)")
     parser.add_argument("--tasks", nargs="+", default=None, help="new tasks (default: the held-out ones)")
     parser.add_argument(
+        "--ent-coef",
+        type=float,
+        default=ADAPT_PPO.ent_coef,
+        help="entropy bonus for every method (default: the updater's, %(default)s)",
+    )
+    parser.add_argument(
         "--random-episodes", type=int, default=20, help="random-policy episodes for the normalised scale"
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -183,7 +190,7 @@ def main() -> None:
         print(markdown(saved))
         return
     torch.set_num_threads(1)
-    ppo = ADAPT_PPO
+    ppo = replace(ADAPT_PPO, ent_coef=args.ent_coef)
     suite = load_suite(args.suite)
     base = load_policy(args.bundle)
     old_tasks = list(suite.train_tasks)
