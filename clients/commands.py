@@ -117,7 +117,10 @@ def register_simulate(subparsers: Any) -> None:
     parser.add_argument("--episodes", type=_positive_int, default=10, help="episodes to run (default: 10)")
     parser.add_argument("--envs", type=_positive_int, default=4, help="concurrent environments (default: 4)")
     parser.add_argument(
-        "--deterministic", action="store_true", help="act with the mode of the policy instead of sampling"
+        "--deterministic",
+        action="store_true",
+        help="act with the mode of the policy instead of sampling (evaluation: such episodes count in the "
+        "return metrics but never feed an online updater, which trains on sampled actions only)",
     )
     parser.add_argument(
         "--seed",
@@ -177,6 +180,11 @@ def _simulate(args: argparse.Namespace, channel: ChannelConfig) -> int:
         request_timeout_s=args.timeout,
     )
     console = _console()
+    if config.deterministic:
+        console.print(
+            "deterministic actions: these episodes are recorded for the return metrics but do not feed "
+            "training (an online updater trains on sampled actions only)"
+        )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(

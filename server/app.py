@@ -244,6 +244,7 @@ async def start_server(
         warmup_batch_sizes=settings.warmup_batch_sizes,
         metrics=metrics,
         max_head_bytes=settings.max_head_bytes,
+        max_loaded_versions=settings.max_loaded_versions,
     )
     await asyncio.to_thread(registry.load_bundle_heads)
     inflight = InflightCounter(frozenset({f"/{POLICY_SERVICE}/Act"}))
@@ -266,7 +267,13 @@ async def start_server(
         max_segment_steps=settings.max_segment_steps,
         subscriber_queue_size=settings.subscriber_queue_size,
     )
-    plane = DataPlane(registry, batcher, hub, max_batch_size=settings.max_batch_size)
+    plane = DataPlane(
+        registry,
+        batcher,
+        hub,
+        max_batch_size=settings.max_batch_size,
+        max_abs_reward=settings.max_abs_reward,
+    )
     observer = make_observer(metrics, registry)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
 

@@ -66,6 +66,18 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
         "SIGTERM: seconds health reports NOT_SERVING while new calls are still served, so load balancers "
         "move away before calls are refused (0)",
     ),
+    (
+        "--max-loaded-versions",
+        "max_loaded_versions",
+        int,
+        "versions of a task kept loaded: active, previous, newest; older ones unloaded, kept on disk (3)",
+    ),
+    (
+        "--max-abs-reward",
+        "max_abs_reward",
+        float,
+        "reported rewards beyond +/- this (or NaN/inf) are refused with INVALID_ARGUMENT (1e6)",
+    ),
     ("--grace-period", "grace_period_s", float, "SIGTERM: seconds in-flight calls may finish (10)"),
     ("--episode-ttl", "episode_ttl_s", float, "seconds before an idle episode's experience is dropped (300)"),
     ("--max-open-episodes", "max_open_episodes", int, "episodes assembled at once (10000)"),

@@ -94,6 +94,12 @@ class ServerSettings(BaseSettings):
         True, description="poll the bundle for new head versions and active.json changes, load them"
     )
     watch_interval_s: float = Field(1.0, gt=0.0, description="seconds between bundle polls")
+    max_loaded_versions: int = Field(
+        3,
+        ge=1,
+        description="versions of a task kept loaded (active, previous, newest candidate); older ones are "
+        "unloaded and stay on disk",
+    )
     warmup_batch_sizes: tuple[int, ...] = Field(
         (1, 8), description="batch sizes every session runs once before it serves"
     )
@@ -103,6 +109,12 @@ class ServerSettings(BaseSettings):
     max_open_episodes: int = Field(10_000, ge=1, description="episodes assembled at once; oldest evicted")
     max_segment_steps: int = Field(
         512, ge=1, description="an episode longer than this is sent to subscribers in segments"
+    )
+    max_abs_reward: float = Field(
+        1e6,
+        gt=0.0,
+        description="a reported reward outside [-max_abs_reward, max_abs_reward] (or NaN/inf) is refused "
+        "with INVALID_ARGUMENT and counted, never trained on",
     )
     subscriber_queue_size: int = Field(
         1024, ge=1, description="segments buffered per StreamExperience subscriber before dropping"
