@@ -114,7 +114,8 @@ def _check_free(host: str, port: int, what: str) -> None:
     own multi-line error before failing. (The port may still be taken between this and grpc's bind; grpc's
     failure is then reported the same way.)"""
     try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        name = host.strip("[]") or None  # grpc takes "[::]:P"; getaddrinfo wants "::"
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         raise UsageError(_cannot_listen(f"{host}:{port}", what) + f" ({exc})") from exc
     family, kind, proto, _, sockaddr = infos[0]
