@@ -96,11 +96,12 @@ def collect_rollout(
             "values": torch.zeros(T, k),
         }
 
+    segments = [(s.task.id, k) for s, k in zip(states, sizes, strict=True)]
     for step in range(T):
         raw = np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
-        policy.trunk.normalizer.update(raw)
-        obs_norm = policy.normalize(torch.as_tensor(raw))
-        features = policy.features(obs_norm)
+        policy.update_normalizers(raw, segments)
+        obs_norm = policy.normalize(torch.as_tensor(raw), segments)
+        features = policy.features(obs_norm, segments)
         start = 0
         for state, idx, k in zip(states, active, sizes, strict=True):
             b = buf[state.task.id]
@@ -128,8 +129,8 @@ def collect_rollout(
             # A time-limit truncation is not a failure: bootstrap γ V(s_final) (SB3's timeout handling).
             cut = result.truncated & ~result.terminated
             if cut.any():
-                final_norm = policy.normalize(torch.as_tensor(result.final_obs[cut]))
-                final_value = head.value(policy.features(final_norm), final_norm)
+                final_norm = policy.normalize(torch.as_tensor(result.final_obs[cut]), state.task.id)
+                final_value = head.value(policy.features(final_norm, state.task.id), final_norm)
                 rewards[torch.as_tensor(cut)] += config.gamma * final_value
             b["rewards"][step] = rewards
             b["episode_ends"][step] = torch.as_tensor(ended, dtype=torch.float32)
@@ -138,8 +139,8 @@ def collect_rollout(
 
     rollouts: dict[str, TaskRollout] = {}
     raw = np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
-    obs_norm = policy.normalize(torch.as_tensor(raw))
-    features = policy.features(obs_norm)
+    obs_norm = policy.normalize(torch.as_tensor(raw), segments)
+    features = policy.features(obs_norm, segments)
     start = 0
     for state, k in zip(states, sizes, strict=True):
         head = policy.head(state.task.id)
@@ -219,7 +220,7 @@ def ppo_update(
         for mb in range(config.num_minibatches):
             mb_inds = {t: chunks[t][mb] for t in task_ids}
             mb_obs = torch.cat([rollouts[t].obs[mb_inds[t]] for t in task_ids])
-            features = policy.features(mb_obs)
+            features = policy.features(mb_obs, [(t, len(mb_inds[t])) for t in task_ids])
             losses: list[torch.Tensor] = []
             start = 0
             for t in task_ids:

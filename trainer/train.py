@@ -20,14 +20,14 @@ import torch
 
 from polyhead.envs import validate_task
 from polyhead.errors import BundleError, InvalidTaskSpec
-from polyhead.spaces import SpaceSpec, observation_size
+from polyhead.spaces import SpaceSpec
 from polyhead.taskspec import Suite, TaskSpec
 from polyhead.trainer.config import PPOConfig
 from polyhead.trainer.envs import TaskEnvs
 from polyhead.trainer.evaluate import evaluate
-from polyhead.trainer.export import DEFAULT_EXPORTER, Exporter, export_bundle, sample_observations
+from polyhead.trainer.export import DEFAULT_EXPORTER, Exporter, export_bundle, sample_task_observations
 from polyhead.trainer.logs import RunLogger
-from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig
+from polyhead.trainer.policy import PolicyConfig, build_policy
 from polyhead.trainer.ppo import (
     TaskState,
     allocate_envs,
@@ -141,7 +141,6 @@ def train(
     started = time.perf_counter()
     cpu_started = time.process_time()
     tasks, spaces = validate_suite(suite)
-    D = max(observation_size(obs) for obs, _ in spaces.values())
     unknown_weights = sorted({t for t, _ in config.task_weights} - {t.id for t in tasks})
     if unknown_weights:
         raise InvalidTaskSpec(f"--task-weights names task(s) {unknown_weights} that are not training tasks")
@@ -151,7 +150,8 @@ def train(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    policy = MultiTaskPolicy(policy_config, D, {t.id: spaces[t.id][1] for t in tasks})
+    policy = build_policy(policy_config, tasks, spaces, suite.encoders)
+    D = policy.observation_size
     # foreach: one kernel per step for all the small parameter tensors instead of one per tensor.
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=1e-5, foreach=True)
     env_count = config.envs_per_task * (2 if config.task_sampling == "gap" else 1)
@@ -242,7 +242,7 @@ def train(
             "policy": policy_config.to_json(),
             "eval_episodes": config.final_eval_episodes,
         }
-        observations = sample_observations(tasks, D, steps_per_task=32, seed=config.seed)
+        observations = sample_task_observations(tasks, steps_per_task=32, seed=config.seed)
         bundle = export_bundle(
             policy,
             out_path,
@@ -297,7 +297,8 @@ def train_independent(
     per_task = replace(config, total_steps=max(1, config.total_steps // len(tasks)), task_weights=())
     runs: dict[str, TrainResult] = {}
     for task in tasks:
-        single = Suite(name=f"{suite.name}/{task.id}", tasks=(task,), source=suite.source)
+        own = replace(suite.encoder_for(task.id), tasks=(task.id,))  # its group's kind, alone
+        single = Suite(name=f"{suite.name}/{task.id}", tasks=(task,), source=suite.source, encoders=(own,))
         runs[task.id] = train(
             single,
             out_path / task.id,
