@@ -189,13 +189,20 @@ class ObsNormalizer(nn.Module):
     @torch.no_grad()
     def update(self, obs: torch.Tensor | npt.NDArray[Any]) -> None:
         x = torch.as_tensor(obs, dtype=torch.float64).reshape(-1, self.mean.shape[0])
+        self.update_moments(x.mean(0), x.var(0, unbiased=False), x.shape[0])
+
+    @torch.no_grad()
+    def update_moments(self, batch_mean: torch.Tensor, batch_var: torch.Tensor, batch_count: float) -> None:
+        """Merge a batch known by its moments (under torchrun: every rank's observations, combined)."""
+        if batch_count <= 0:
+            return
         mean, var, count = combine_moments(
             self.mean,
             self.var,
             self.count,
-            batch_mean=x.mean(0),
-            batch_var=x.var(0, unbiased=False),
-            batch_count=x.shape[0],
+            batch_mean=batch_mean.to(torch.float64),
+            batch_var=batch_var.to(torch.float64),
+            batch_count=float(batch_count),
         )
         self.mean.copy_(mean)
         self.var.copy_(var)
@@ -465,10 +472,20 @@ class MultiTaskPolicy(nn.Module):
     def encoder_of(self, task_id: str) -> TaskEncoder:
         return self.encoder(self.slots[task_id].encoder)
 
-    def add_head(self, task_id: str, action_space: SpaceSpec, slot: TaskSlot) -> TaskHead:
-        """Add a freshly initialised head on an existing encoder (the online updater's starting point)."""
+    def add_head(self, task_id: str, action_space: SpaceSpec, slot: TaskSlot | None = None) -> TaskHead:
+        """Add a freshly initialised head on an existing encoder (the online updater's starting point).
+
+        ``slot`` None: the policy's only encoder group, on observations as wide as its input."""
         if task_id in self.action_spaces:
             raise ValueError(f"task {task_id!r} already has a head")
+        if slot is None:
+            groups = {s.encoder for s in self.slots.values()}
+            if len(groups) != 1:
+                raise ValueError(
+                    f"task {task_id!r}: name its encoder; this policy has groups {sorted(groups)}"
+                )
+            name = groups.pop()
+            slot = TaskSlot(encoder=name, observation_size=self.encoder(name).input_size)
         encoder = self.encoder(slot.encoder)
         if slot.observation_size > encoder.input_size:
             raise ValueError(
@@ -526,6 +543,40 @@ class MultiTaskPolicy(nn.Module):
             encoders[id(encoder)] = encoder
         for key, parts in rows.items():
             encoders[key].normalizer.update(np.concatenate(parts))
+
+    def observation_moments(
+        self, obs: npt.NDArray[np.float32], tasks: Segments
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, population variance, count) of raw observations [N, D] for every encoder's normaliser,
+        concatenated in encoder order into float64 vectors [S] (S = the encoders' input widths summed; an
+        encoder with no rows here has count 0). Fixed S, so ranks can combine them in one collective."""
+        rows: dict[int, list[npt.NDArray[np.float32]]] = {}
+        for encoder, start, stop in self._runs(tasks, obs.shape[0]):
+            rows.setdefault(id(encoder), []).append(obs[start:stop, : encoder.input_size])
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for encoder in self._encoders():
+            w = encoder.input_size
+            x = torch.as_tensor(
+                np.concatenate(rows[id(encoder)]) if id(encoder) in rows else np.zeros((0, w))
+            )
+            x = x.to(torch.float64)
+            if x.shape[0] == 0:
+                zeros = torch.zeros(w, dtype=torch.float64)
+                parts.append((zeros, zeros.clone(), zeros.clone()))
+            else:
+                n = torch.full((w,), float(x.shape[0]), dtype=torch.float64)
+                parts.append((x.mean(0), x.var(0, unbiased=False), n))
+        mean, var, count = (torch.cat(p) for p in zip(*parts, strict=True))
+        return mean, var, count
+
+    def update_normalizer_moments(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        """Merge :meth:`observation_moments`-shaped statistics (e.g. combined over ranks) into every
+        encoder's normaliser."""
+        at = 0
+        for encoder in self._encoders():
+            w = encoder.input_size
+            encoder.normalizer.update_moments(mean[at : at + w], var[at : at + w], float(count[at]))
+            at += w
 
     def embed(self, obs_norm: torch.Tensor, tasks: str | Segments) -> torch.Tensor:
         """The shared embedding [N, E] of normalised observations [N, D] (each row by its task's encoder)."""
