@@ -122,8 +122,10 @@ def test_runs_are_split_by_version_and_stale_and_deterministic_steps_dropped(pol
     with torch.no_grad():
         from polyhead.spaces import pad_observations
 
-        obs = policy.normalize(torch.as_tensor(pad_observations(seg.observations, policy.observation_size)))
-        values = head.value(policy.features(obs), obs)
+        obs = policy.normalize(
+            torch.as_tensor(pad_observations(seg.observations, policy.observation_size)), TASK.id
+        )
+        values = head.value(policy.features(obs, TASK.id), obs)
     returns = batch.rollout.returns.numpy()
     assert returns[1] == pytest.approx(1.0 + PPO.gamma * float(values[2]), abs=1e-5)
     assert returns[3] == pytest.approx(1.0, abs=1e-6)
@@ -141,9 +143,9 @@ def test_truncation_bootstraps_from_the_final_observation_or_says_it_approximate
     def value_of(obs: np.ndarray) -> float:
         with torch.no_grad():
             x = policy.normalize(
-                torch.as_tensor(pad_observations(obs.reshape(1, -1), policy.observation_size))
+                torch.as_tensor(pad_observations(obs.reshape(1, -1), policy.observation_size)), TASK.id
             )
-            return float(head.value(policy.features(x), x)[0])
+            return float(head.value(policy.features(x, TASK.id), x)[0])
 
     exact = rollout_from_segments(
         policy, TASK.id, [cut], allowed_versions={1: True}, return_rms=RunningMeanStd(), config=PPO
@@ -195,8 +197,8 @@ def test_one_ppo_update_moves_probability_towards_the_rewarded_action(policy: Mu
     with torch.no_grad():
         from polyhead.spaces import pad_observations
 
-        x = policy.normalize(torch.as_tensor(pad_observations(obs[:1], policy.observation_size)))
-        logits = head.actor_params(policy.features(x))[0]
+        x = policy.normalize(torch.as_tensor(pad_observations(obs[:1], policy.observation_size)), TASK.id)
+        logits = head.actor_params(policy.features(x, TASK.id))[0]
         logp_before = torch.log_softmax(logits, -1)[0]
     segments = [
         SegmentData(
@@ -221,7 +223,7 @@ def test_one_ppo_update_moves_probability_towards_the_rewarded_action(policy: Mu
         batch.rollout, advantages_ready=True
     )
     with torch.no_grad():
-        logp_after = torch.log_softmax(head.actor_params(policy.features(x))[0], -1)[0]
+        logp_after = torch.log_softmax(head.actor_params(policy.features(x, TASK.id))[0], -1)[0]
     assert logp_after[1] > logp_before[1] + 1e-4
     assert logp_after[0] < logp_before[0] - 1e-4
     assert all(torch.equal(v, trunk_before[k]) for k, v in policy.trunk.state_dict().items())
