@@ -41,6 +41,7 @@ from polyhead.trainer.ppo import (
     ppo_update,
     summarize,
 )
+from polyhead.trainer.relations import write_relations
 
 log = logging.getLogger("polyhead.trainer")
 
@@ -381,6 +382,15 @@ def train(
             if logger is not None:
                 logger.evaluation(global_step, time.perf_counter() - started, final)
                 log_files = logger.files()
+            if ranks.is_main and config.relations_episodes > 0:
+                write_relations(
+                    policy,
+                    tasks,
+                    run_path,
+                    grad_cosines=last_cosines,
+                    episodes=config.relations_episodes,
+                    seed=config.seed + FINAL_EVAL_SEED_OFFSET,
+                )
         wall = time.perf_counter() - started
         training = {
             "algorithm": "multi-task PPO",
