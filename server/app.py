@@ -234,9 +234,10 @@ async def start_server(
     opts = session_options(settings.intra_op_threads)
     trunk = TrunkRuntime(
         bundle.trunk_path.read_bytes(),
-        observation_size=manifest.observation_size,
+        input_size=manifest.trunk_input_size,
         feature_size=manifest.feature_size,
         opts=opts,
+        padded=not manifest.has_encoders,
     )
     trunk.warm_up(sorted({*settings.warmup_batch_sizes, settings.max_batch_size}))
     metrics = ServerMetrics(metrics_registry if metrics_registry is not None else CollectorRegistry())

@@ -84,10 +84,10 @@ def assert_valid_bundle(path: Path, task_ids: set[str]) -> Bundle:
     bundle.verify_checkpoint()
     assert set(bundle.task_ids()) == task_ids
     policy = load_policy(bundle)
-    obs = np.random.default_rng(0).normal(size=(5, bundle.manifest.observation_size)).astype(np.float32)
-    features, _ = ort.InferenceSession(str(bundle.trunk_path)).run(None, {"obs": obs})
+    embedding = np.random.default_rng(0).normal(size=(5, bundle.manifest.embedding_size)).astype(np.float32)
+    (features,) = ort.InferenceSession(str(bundle.trunk_path)).run(None, {"embedding": embedding})
     with torch.no_grad():
-        expected, _ = policy.trunk(torch.as_tensor(obs))
+        expected = policy.trunk(torch.as_tensor(embedding))
     np.testing.assert_allclose(features, expected.numpy(), atol=1e-5)
     return bundle
 
