@@ -17,6 +17,7 @@ from typing import Any
 
 from polyhead.cli import add_common_flags, emit_summary
 from polyhead.clients.channel import ChannelConfig
+from polyhead.errors import UsageError
 
 log = logging.getLogger("polyhead.clients")
 
@@ -59,7 +60,30 @@ def _add_channel_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _readable(args: argparse.Namespace) -> None:
+    """UsageError naming the flag when a TLS file given on the command line cannot be read."""
+    for flag in ("--tls-ca", "--tls-cert", "--tls-key"):
+        path = getattr(args, flag[2:].replace("-", "_"))
+        if path is None:
+            continue
+        try:
+            Path(path).read_bytes()
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read {flag} {path}: {exc.strerror or exc}; give a readable PEM file"
+            ) from exc
+
+
+def _unreachable(exc: Exception, target: str) -> UsageError:
+    details = getattr(exc, "details", str(exc))
+    return UsageError(
+        f"no polyhead server answered at {target} ({details}); start `polyhead serve` there or fix "
+        "--target (a TLS server also needs --tls-ca)"
+    )
+
+
 def _channel(args: argparse.Namespace, target: str | None = None, token: str | None = None) -> ChannelConfig:
+    _readable(args)
     return ChannelConfig(
         target=target or args.target,
         root_certs=args.tls_ca,
@@ -134,14 +158,16 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace, channel: ChannelConfig) -> int:
-    from polyhead.clients.errors import PolicyClientError
+    from polyhead.clients.errors import PolicyClientError, Unavailable
     from polyhead.clients.simulator import EpisodeRecord, SimulationConfig, run_simulation
 
     spec = None
     if args.task_spec:
+        from polyhead.envs import validate_task
         from polyhead.taskspec import load_task_spec
 
         spec = load_task_spec(args.task_spec)
+        validate_task(spec)  # a bad spec fails here, before any call to the server
     config = SimulationConfig(
         task_id=args.task,
         episodes=args.episodes,
@@ -182,6 +208,8 @@ def _simulate(args: argparse.Namespace, channel: ChannelConfig) -> int:
 
         try:
             result = run_simulation(channel, config, progress=progress)
+        except Unavailable as exc:
+            raise _unreachable(exc, args.target) from exc
         except PolicyClientError as exc:
             console.print(f"[red]simulate failed: {type(exc).__name__}: {exc}")
             emit_summary(
@@ -349,7 +377,7 @@ def _table(rows: list[dict[str, Any]]) -> Any:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from polyhead.clients.errors import PolicyClientError
+    from polyhead.clients.errors import PolicyClientError, Unavailable
 
     try:
         admin_channel = (
@@ -361,6 +389,8 @@ def bench_command(args: argparse.Namespace) -> int:
         return 2
     try:
         return _bench(args, config)
+    except Unavailable as exc:
+        raise _unreachable(exc, args.target) from exc
     except PolicyClientError as exc:
         print(f"polyhead bench: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

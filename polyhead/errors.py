@@ -102,5 +102,12 @@ class Unauthenticated(PolyheadError):
     """An admin call without the configured bearer token."""
 
 
+# --- a command cannot use what it was given ------------------------------------------------------------
+class UsageError(PolyheadError):
+    """A command's input cannot be used: a port already taken, an unreadable file, a server that does not
+    answer. The message says what was wrong and how to fix it; ``polyhead`` prints it as one line and
+    exits with status 2 (as it does for BundleError, InvalidTaskSpec and InvalidArgument)."""
+
+
 class ExportParityError(PolyheadError):
     """An exported ONNX model disagrees with the torch module it came from."""

@@ -46,14 +46,21 @@ import torch
 
 from polyhead.bundle import Bundle
 from polyhead.envs import validate_task
-from polyhead.errors import IncompatibleHead, InvalidTaskSpec
+from polyhead.errors import InvalidTaskSpec
 from polyhead.spaces import SpaceSpec, observation_size
 from polyhead.taskspec import TaskSpec
 from polyhead.trainer.config import PPOConfig
 from polyhead.trainer.envs import TaskEnvs
 from polyhead.trainer.evaluate import evaluate
-from polyhead.trainer.export import sample_observations
-from polyhead.trainer.policy import MultiTaskPolicy, TaskHead, load_policy
+from polyhead.trainer.export import sample_observations, sample_task_observations
+from polyhead.trainer.policy import (
+    EncoderArch,
+    MultiTaskPolicy,
+    TaskAdapter,
+    TaskHead,
+    TaskSlot,
+    load_policy,
+)
 from polyhead.trainer.ppo import TaskState
 from polyhead.trainer.running_stats import RunningMeanStd
 from polyhead.trainer.updater.config import ADAPT_PPO, AdaptConfig, Init, Source
@@ -96,6 +103,7 @@ class CandidateResult:
     name: str  # "scratch" or "nearest:<old task>"
     steps: int
     final_return: float  # on the floor's episodes
+    start_return: float  # the starting head, 0 samples, on the same episodes as final_return
     curve: list[tuple[int, float]]  # (new-task samples, deterministic eval return)
     state: dict[str, torch.Tensor] = field(repr=False)
 
@@ -126,10 +134,17 @@ class AdaptResult:
     updates: int = 0
     metrics_port: int | None = None
     served_version: int | None = None  # the task's active version on --server's data plane at the end
+    # The head training started from, at 0 samples, on the same evaluation episodes as final_eval_return:
+    # a head counts as trained only when the final return beats it.
+    start_eval_return: float = math.nan
 
     @property
     def beat_floor(self) -> bool:
         return self.served_by.startswith("trained")
+
+    @property
+    def beat_start(self) -> bool:
+        return self.final_eval_return > self.start_eval_return
 
     def summary(self) -> dict[str, Any]:
         best = self.zero_shot.best_head
@@ -144,6 +159,9 @@ class AdaptResult:
             "rolled_back": self.rolled_back,
             "trunk_sha256_before": self.trunk_sha256_before,
             "trunk_sha256_after": self.trunk_sha256_after,
+            # Beyond the fixed keys above: the 0-sample start beside the final return.
+            "start_eval_return": self.start_eval_return,
+            "beat_start": self.beat_start,
             "trunk_state_sha256_before": self.trunk_state_sha256_before,
             "trunk_state_sha256_after": self.trunk_state_sha256_after,
             "rollbacks": self.rollbacks,
@@ -152,7 +170,8 @@ class AdaptResult:
             "beat_zero_shot": self.beat_floor,
             "zero_shot": self.zero_shot.returns,
             "candidates": {
-                c.name: {"final_return": c.final_return, "steps": c.steps} for c in self.candidates
+                c.name: {"start_return": c.start_return, "final_return": c.final_return, "steps": c.steps}
+                for c in self.candidates
             },
             "versions": self.versions,
             "updates": self.updates,
@@ -178,13 +197,24 @@ class _Run:
     old_tasks: list[str]
     metrics: UpdaterMetrics
     progress: Callable[[int, str], None]
+    #: The starting state of the task's own encoder (None: it shares an old group's, frozen).
+    encoder_start: dict[str, torch.Tensor] | None = None
+    #: The shared group's encoder.onnx bytes, published unchanged with every version (None: own encoder).
+    shared_encoder: bytes | None = None
 
     @property
     def ppo(self) -> PPOConfig:
         return self.config.ppo
 
-    def head(self) -> TaskHead:
-        return self.policy.head(self.task.id)
+    def head(self) -> TaskAdapter:
+        """What this run trains and publishes: the head, and the task's own encoder if it has one."""
+        return self.policy.adapter(self.task.id)
+
+    def _with_encoder(self, head_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = {f"head.{k}": v for k, v in head_state.items()}
+        if self.encoder_start is not None:
+            state.update({f"encoder.{k}": v.clone() for k, v in self.encoder_start.items()})
+        return state
 
     def evaluate_head(self) -> float:
         """The new task's head on the floor's episodes (same seeds as every old head's zero-shot)."""
@@ -200,11 +230,12 @@ class _Run:
         """A freshly initialised head's parameters (seeded, without touching the global RNG)."""
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            fresh = TaskHead(self.action_space, self.policy.observation_size, self.policy.config)
-        return fresh.state_dict()
+            critic_input = self.policy.encoder_of(self.task.id).input_size
+            fresh = TaskHead(self.action_space, critic_input, self.policy.config)
+        return self._with_encoder(fresh.state_dict())
 
     def old_state(self, old_task: str) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.policy.head(old_task).state_dict().items()}
+        return self._with_encoder({k: v.clone() for k, v in self.policy.head(old_task).state_dict().items()})
 
 
 def _prepare(config: AdaptConfig, metrics: UpdaterMetrics, progress: Callable[[int, str], None]) -> _Run:
@@ -218,15 +249,77 @@ def _prepare(config: AdaptConfig, metrics: UpdaterMetrics, progress: Callable[[i
             f"task {task.id!r} is one of the tasks the trunk was trained with ({', '.join(old_tasks)}); "
             "adapt adds a new task: give its spec another id"
         )
-    if observation_size(obs_space) > policy.observation_size:
-        raise IncompatibleHead(
-            f"task {task.id!r} observations have {observation_size(obs_space)} values; the trunk takes at "
-            f"most {policy.observation_size}"
-        )
     freeze_trunk(policy)
-    policy.add_head(task.id, act_space)
+    width = observation_size(obs_space)
+    found = _group_reading(bundle, policy, obs_space)
+    group = found[0] if found is not None else None
+    run = _Run(config, bundle, policy, task, obs_space, act_space, old_tasks, metrics, progress)
+    if found is not None and config.encoder == "share":
+        group, member = found
+        policy.add_head(task.id, act_space, TaskSlot(encoder=group, observation_size=width))
+        run.shared_encoder = _group_encoder_bytes(bundle, member)
+        log.info("%s shares encoder %r (frozen): its observation space is the group's", task.id, group)
+    else:
+        if group is not None:
+            encoder = policy.add_encoder(replace(policy.encoder(group).arch, name=task.id))
+            encoder.load_state_dict(policy.encoder(group).state_dict())
+            log.info("%s: own encoder, a copy of group %r, trained with the head", task.id, group)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(config.ppo.seed)
+                encoder = policy.add_encoder(_fresh_arch(config, task.id, width))
+            # The new normaliser's statistics come once from random-action observations and then stay
+            # fixed: every published version and the server's experience then share one input scale.
+            sample = sample_task_observations([task], steps_per_task=512, seed=config.ppo.seed)
+            encoder.normalizer.update(sample[task.id])
+            log.info(
+                "%s: unseen observation space (%d values): a fresh %s encoder, trained with the head",
+                task.id,
+                width,
+                encoder.arch.kind,
+            )
+        encoder.eval()
+        policy.add_head(task.id, act_space, TaskSlot(encoder=task.id, observation_size=width))
+        run.encoder_start = {k: v.clone() for k, v in encoder.state_dict().items()}
     metrics.init_task(task.id)
-    return _Run(config, bundle, policy, task, obs_space, act_space, old_tasks, metrics, progress)
+    return run
+
+
+def _group_reading(bundle: Bundle, policy: MultiTaskPolicy, obs_space: SpaceSpec) -> tuple[str, str] | None:
+    """(encoder group, member task) of an old task whose observation space is ``obs_space`` (None:
+    an unseen space)."""
+    served = set(bundle.task_ids())
+    for task_id, slot in policy.slots.items():
+        if (
+            task_id in served
+            and bundle.head(task_id).meta.observation_space == obs_space
+            and slot.observation_size == policy.encoder(slot.encoder).input_size
+        ):
+            return slot.encoder, task_id
+    return None
+
+
+def _group_encoder_bytes(bundle: Bundle, member: str) -> bytes:
+    """The group's encoder.onnx as training exported it (the member task's first version)."""
+    data = bundle.head(member, bundle.versions(member)[0]).read_encoder()
+    if data is None:
+        raise InvalidTaskSpec(f"bundle {bundle.root}: task {member!r} has no encoder.onnx")
+    return data
+
+
+def _fresh_arch(config: AdaptConfig, name: str, width: int) -> EncoderArch:
+    if config.encoder_kind == "mlp":
+        return EncoderArch(name=name, input_size=width)
+    try:
+        shape = tuple(int(v) for v in config.encoder_kind.removeprefix("cnn:").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or math.prod(shape) > width:
+        raise InvalidTaskSpec(
+            f"--encoder-kind {config.encoder_kind!r}: expected cnn:H,W,C with H*W*C at most the task's "
+            f"{width} observation values"
+        )
+    return EncoderArch(name=name, input_size=width, kind="cnn", image_shape=shape)
 
 
 def _training_summary(
@@ -258,6 +351,7 @@ def train_candidate(
     policy, task = run.policy, run.task
     head = run.head()
     head.load_state_dict(init_state)
+    start_return = run.evaluate_head()
     learner = HeadLearner(policy, task.id, ppo, seed=seed)
     envs = TaskEnvs(task, ppo.envs_per_task, policy.observation_size, seed=seed * 10_000 + ENV_SEED_OFFSET)
     state = TaskState(task=task, envs=envs, weight=1.0, return_rms=RunningMeanStd())
@@ -298,10 +392,14 @@ def train_candidate(
         envs.close()
     head.load_state_dict(best[1])
     final = run.evaluate_head()
-    return CandidateResult(name=name, steps=steps, final_return=final, curve=curve, state=best[1])
+    return CandidateResult(
+        name=name, steps=steps, final_return=final, start_return=start_return, curve=curve, state=best[1]
+    )
 
 
-def _adapt_local(run: _Run, floor: Floor, publisher: HeadPublisher) -> tuple[int, list[CandidateResult], str]:
+def _adapt_local(
+    run: _Run, floor: Floor, publisher: HeadPublisher
+) -> tuple[int, list[CandidateResult], str, float]:
     config, ppo = run.config, run.ppo
     starts: list[tuple[str, dict[str, torch.Tensor]]] = []
     nearest = floor.best_head
@@ -328,7 +426,12 @@ def _adapt_local(run: _Run, floor: Floor, publisher: HeadPublisher) -> tuple[int
         served_by = f"trained:{best.name}"
         publisher.publish(
             eval_return=best.final_return,
-            training=_training_summary(run, start=best.name, steps=best.steps, extra={"curve": best.curve}),
+            training=_training_summary(
+                run,
+                start=best.name,
+                steps=best.steps,
+                extra={"start_eval_return": best.start_return, "curve": best.curve},
+            ),
             parent=nearest if best.name.startswith("nearest") else None,
             note=f"trained from {best.name}",
         )
@@ -348,7 +451,7 @@ def _adapt_local(run: _Run, floor: Floor, publisher: HeadPublisher) -> tuple[int
             parent=nearest,
             note=f"copy of {nearest}: no trained head beat it",
         )
-    return steps, candidates, served_by
+    return steps, candidates, served_by, best.start_return
 
 
 # ============================================================================================================
@@ -612,6 +715,7 @@ def adapt(
             policy=run.policy,
             task=task,
             observation_space=run.observation_space,
+            shared_encoder=run.shared_encoder,
             parity_observations=sample_observations(
                 [task], run.policy.observation_size, steps_per_task=64, seed=config.ppo.seed
             ),
@@ -623,7 +727,7 @@ def adapt(
         rs = _RemoteState()
         updates = 0
         if config.source == "local":
-            steps, candidates, served_by = _adapt_local(run, floor, publisher)
+            steps, candidates, served_by, start_eval_return = _adapt_local(run, floor, publisher)
             updates = sum(
                 math.ceil(c.steps / (config.ppo.envs_per_task * config.ppo.num_steps)) for c in candidates
             )
@@ -631,6 +735,8 @@ def adapt(
         else:
             assert control is not None
             steps, updates, rs, served_by = _adapt_remote(run, floor, publisher, control)
+            # Version 1 is the starting head, published untrained and evaluated on the floor's episodes.
+            start_eval_return = publisher.published[min(publisher.published)].eval_return
         after = Fingerprint.take(run.bundle, run.policy, task.id)
         before.assert_same(after)
         active = publisher.published[rs.active]
@@ -675,6 +781,7 @@ def adapt(
             updates=updates,
             metrics_port=metrics_port,
             served_version=served_version,
+            start_eval_return=start_eval_return,
         )
     finally:
         if control is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,10 @@ def plot_latency(state: DemoState, out: Path) -> bool:
     return True
 
 
+def _yes_no(value: object) -> str:
+    return "n/a" if value is None else ("**yes**" if value else "**NO**")
+
+
 def markdown(state: DemoState, data: dict[str, Any], plots: list[str]) -> str:
     lines = [
         "# polyhead demo report",
@@ -166,6 +171,12 @@ def markdown(state: DemoState, data: dict[str, Any], plots: list[str]) -> str:
         f"Best old head zero-shot: `{best.get('head')}` with return {_fmt(best.get('return'))}. "
         f"{_fmt(new['adapt_steps'], ',')} samples, {new['versions_published']} versions published, "
         f"served by `{new['served_by']}`, rolled back: {new['rolled_back']}.",
+        "",
+        "| updater eval (deterministic, same episodes) | return |",
+        "|---|---:|",
+        f"| start: the head training began from, 0 samples | {_fmt(new.get('start_eval_return'))} |",
+        f"| final: the served version | {_fmt(new.get('final_eval_return'))} |",
+        f"| trained (final beats start) | {_yes_no(new.get('beat_start'))} |",
         "",
         "| version | samples trained | updater eval return | live return (sampled) | live episodes "
         "| rolled back |",
@@ -208,6 +219,10 @@ def write_report(state: DemoState) -> dict[str, Any]:
         plots.append("adaptation.png")
     if plot_latency(state, out / "latency_histogram.png"):
         plots.append("latency_histogram.png")
+    # The task-relationship heatmaps training wrote (transfer, gradient cosines, embedding similarity).
+    for heatmap in sorted((out / "train-logs").glob("relations_*.png")):
+        shutil.copyfile(heatmap, out / heatmap.name)
+        plots.append(heatmap.name)
     data["plots"] = [str(out / p) for p in plots]
     (out / "summary.json").write_text(json.dumps(jsonable(data), indent=2) + "\n")
     (out / "summary.md").write_text(markdown(state, data, plots))

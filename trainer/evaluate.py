@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from polyhead.taskspec import TaskSpec
+from polyhead.trainer.distributed import Ranks
 from polyhead.trainer.envs import TaskEnvs
 from polyhead.trainer.policy import MultiTaskPolicy
 
@@ -20,26 +21,43 @@ def evaluate(
     *,
     episodes: int,
     seed: int,
+    ranks: Ranks | None = None,
     deterministic: bool = True,
 ) -> dict[str, list[float]]:
     """Run ``episodes`` episodes per task (env ``i`` of task ``k`` seeded ``seed + 1000 k + i``).
 
-    ``deterministic=False`` samples actions from each head's distribution (a torch generator seeded with
-    ``seed``, so the global RNG is untouched).
+    Returns each task's undiscounted episode returns, in the order the episodes ended (then by env). The
+    trunk runs once per step on the observations of every unfinished episode of every task (after each
+    task's encoder), as a server would batch them. Under torchrun (``ranks``) each rank runs its share of
+    the episodes and every rank gets the same full lists (a collective), equal to what one process would
+    have returned.
 
-    Returns each task's undiscounted episode returns. The trunk runs once per step on the observations
-    of every unfinished episode of every task, as a server would batch them.
+    ``deterministic=False`` samples actions from each head's distribution (a torch generator seeded with
+    ``seed`` and the rank, so the global RNG is untouched).
     """
+    ranks = ranks or Ranks()
     was_training = policy.training
     policy.eval()
-    envs = [TaskEnvs(t, episodes, policy.observation_size, seed=seed + 1000 * k) for k, t in enumerate(tasks)]
-    returns: dict[str, list[float]] = {t.id: [] for t in tasks}
-    running = [np.arange(episodes) for _ in tasks]
-    generator = torch.Generator().manual_seed(seed)
+    envs = [
+        TaskEnvs(
+            t,
+            episodes,
+            policy.observation_size,
+            seed=seed + 1000 * k,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+        )
+        for k, t in enumerate(tasks)
+    ]
+    records: dict[str, list[tuple[int, int, float]]] = {t.id: [] for t in tasks}
+    running = [np.arange(len(e)) for e in envs]
+    step = 0
+    generator = torch.Generator().manual_seed(seed + 7919 * ranks.rank)
     try:
         while any(len(r) for r in running):
             obs = np.concatenate([e.obs[r] for e, r in zip(envs, running, strict=True)])
-            features, _ = policy.trunk(torch.as_tensor(obs))
+            segments = [(t.id, len(r)) for t, r in zip(tasks, running, strict=True) if len(r)]
+            features = policy.features(policy.normalize(torch.as_tensor(obs), segments), segments)
             start = 0
             for k, (task, task_envs) in enumerate(zip(tasks, envs, strict=True)):
                 active = running[k]
@@ -56,12 +74,17 @@ def evaluate(
                         noise = torch.randn(first.shape, generator=generator)
                         actions = (first + log_std.exp() * noise).numpy()
                 start += len(active)
-                step = task_envs.step(active, actions)
-                ended = step.terminated | step.truncated
-                returns[task.id].extend(step.episode_returns)
+                result = task_envs.step(active, actions)
+                ended = result.terminated | result.truncated
+                ended_envs = task_envs.indices[active[ended]]
+                records[task.id].extend(
+                    (step, int(i), r) for i, r in zip(ended_envs, result.episode_returns, strict=True)
+                )
                 running[k] = active[~ended]
+            step += 1
     finally:
         for e in envs:
             e.close()
         policy.train(was_training)
-    return returns
+    everyone = ranks.gather(records)
+    return {t.id: [r for _, _, r in sorted(x for part in everyone for x in part[t.id])] for t in tasks}

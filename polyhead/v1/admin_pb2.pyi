@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoadHeadRequest(_message.Message):
-    __slots__ = ("task_id", "version", "onnx", "repository_path", "head_json", "activate")
+    __slots__ = ("task_id", "version", "onnx", "repository_path", "head_json", "activate", "encoder_onnx")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ONNX_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_PATH_FIELD_NUMBER: _ClassVar[int]
     HEAD_JSON_FIELD_NUMBER: _ClassVar[int]
     ACTIVATE_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_ONNX_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     version: int
     onnx: bytes
     repository_path: str
     head_json: str
     activate: bool
-    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., onnx: _Optional[bytes] = ..., repository_path: _Optional[str] = ..., head_json: _Optional[str] = ..., activate: _Optional[bool] = ...) -> None: ...
+    encoder_onnx: bytes
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., onnx: _Optional[bytes] = ..., repository_path: _Optional[str] = ..., head_json: _Optional[str] = ..., activate: _Optional[bool] = ..., encoder_onnx: _Optional[bytes] = ...) -> None: ...
 
 class HeadInfo(_message.Message):
     __slots__ = ("task_id", "version", "active", "head_sha256", "trunk_sha256", "loaded_at", "eval_return", "source", "spec")
