@@ -47,7 +47,7 @@ def _bundle(root: Path) -> Path:
     from polyhead.trainer.policy import PolicyConfig
     from polyhead.trainer.train import train
 
-    out = root / "guard-live-bundle"
+    out = root / "guard-live-bundle-format2"  # trained by this polyhead (per-task encoders)
     if not (out / "manifest.json").is_file():
         family = load_suite("cartpole-family")
         train(
@@ -114,7 +114,7 @@ def main() -> None:
     policy = load_policy(bundle_dir)
     freeze_trunk(policy)
     obs_space, act_space = task_spaces(task)
-    policy.add_head(task.id, act_space)
+    policy.add_head(task.id, act_space, policy.slots[OLD_TASKS[1]])  # on the old head's encoder
     policy.head(task.id).load_state_dict(policy.head(OLD_TASKS[1]).state_dict())
     good = {k: v.clone() for k, v in policy.head(task.id).state_dict().items()}
     last = [m for m in policy.head(task.id).actor if isinstance(m, torch.nn.Linear)][-1]
