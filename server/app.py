@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from polyhead import __version__
 from polyhead.bundle import Bundle
+from polyhead.livewatch import MonitorConfig
 from polyhead.server.auth import BearerTokenInterceptor
 from polyhead.server.batcher import Batcher
 from polyhead.server.dataplane import DataPlane
@@ -40,6 +41,7 @@ from polyhead.server.decoding import DecodeRequests
 from polyhead.server.experience import ExperienceHub
 from polyhead.server.inflight import InflightCounter
 from polyhead.server.metrics import MetricsHTTPServer, ServerMetrics, serve_metrics
+from polyhead.server.monitor import LiveReturnWatch
 from polyhead.server.registry import HeadRegistry, TaskHeads
 from polyhead.server.runtime import TrunkRuntime, session_options
 from polyhead.server.servicers import DiagnosticsServicer, HeadAdminServicer, PolicyServicer, make_observer
@@ -177,7 +179,18 @@ async def start_server(
         max_segment_steps=settings.max_segment_steps,
         subscriber_queue_size=settings.subscriber_queue_size,
     )
-    plane = DataPlane(registry, batcher, hub, max_batch_size=settings.max_batch_size)
+    plane = DataPlane(registry, batcher, hub, max_batch_size=settings.max_batch_size, metrics=metrics)
+    live = LiveReturnWatch(
+        registry,
+        metrics,
+        MonitorConfig(
+            window=settings.regression_window,
+            reference_episodes=max(settings.regression_reference_episodes, settings.regression_window),
+            alpha=settings.regression_alpha,
+            margin_fraction=settings.regression_margin,
+        ),
+    )
+    hub.add_episode_listener(live.on_episode)
     observer = make_observer(metrics, registry)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
 
@@ -193,7 +206,7 @@ async def start_server(
         options=options,
         interceptors=[inflight, *(token_interceptors if shared_admin else []), DecodeRequests()],
     )
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer), main)  # type: ignore[no-untyped-call]
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer, live), main)  # type: ignore[no-untyped-call]
     policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, main)
     main_services = [POLICY_SERVICE, DIAGNOSTICS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]

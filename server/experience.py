@@ -88,6 +88,22 @@ class _Episode:
     segment_start: int = 0
     total_return: float = 0.0
     length: int = 0
+    first_version: int = 0  # the head version of the episode's first served action (canary stickiness)
+    versions: set[int] = field(default_factory=set)  # versions of the steps that got their rewards
+
+
+@dataclass(frozen=True)
+class EpisodeEnd:
+    """A completed episode, for episode listeners (per-version returns, the live-return monitor)."""
+
+    task_id: str
+    episode_id: str
+    versions: frozenset[int]  # every head version that acted in it (one: a single-version episode)
+    episode_return: float
+    length: int
+
+
+EpisodeListener = Callable[[EpisodeEnd], None]
 
 
 @dataclass(frozen=True)
@@ -139,6 +155,7 @@ class ExperienceHub:
         self._clock = clock
         self._episodes: collections.OrderedDict[tuple[str, str], _Episode] = collections.OrderedDict()
         self._subscribers: list[Subscription] = []
+        self._episode_listeners: list[EpisodeListener] = []
         self._last_sweep = clock()
 
     @property
@@ -149,6 +166,15 @@ class ExperienceHub:
         """Expire idle episodes now (at most once a second). Recording sweeps too, but abandoned episodes
         must also be freed when no further experience call comes: the server calls this periodically."""
         self._maybe_sweep(self._clock())
+
+    def add_episode_listener(self, listener: EpisodeListener) -> None:
+        """Call ``listener(end)`` for every completed episode (on the event loop; it must not block)."""
+        self._episode_listeners.append(listener)
+
+    def episode_version(self, task_id: str, episode_id: str) -> int:
+        """The head version of an open episode's first served action; 0 when the episode is not open."""
+        ep = self._episodes.get((task_id, episode_id))
+        return 0 if ep is None else ep.first_version
 
     # --- recording -------------------------------------------------------------------------------------
     def record_action(
@@ -174,6 +200,8 @@ class ExperienceHub:
         if len(ep.pending) >= MAX_PENDING_STEPS:
             self._drop_pending(ep)
         ep.pending.append(_Step(obs=obs, action=action, log_prob=float(log_prob), version=version))
+        if not ep.first_version:
+            ep.first_version = version
         step = ep.served
         ep.served += 1
         return step
@@ -218,6 +246,7 @@ class ExperienceHub:
             step = ep.pending.popleft()
         step.reward = float(reward)
         ep.steps.append(step)
+        ep.versions.add(step.version)
         ep.total_return += step.reward
         ep.length += 1
         self._metrics.experience_steps.labels(task=task_id).inc()
@@ -232,6 +261,9 @@ class ExperienceHub:
             self._metrics.episode_return_last.labels(task=task_id).set(ep.total_return)
             self._metrics.episode_length.labels(task=task_id).observe(ep.length)
             self._metrics.open_episodes.set(len(self._episodes))
+            end = EpisodeEnd(task_id, episode_id, frozenset(ep.versions), ep.total_return, ep.length)
+            for listener in self._episode_listeners:
+                listener(end)
             return ReportOutcome(accepted=True, completed=True)
         return ReportOutcome(accepted=True, completed=False)
 
