@@ -81,6 +81,8 @@ def test_dashboard_layout_is_well_formed() -> None:
         r"polyhead_head_load_failures_total",
         r"polyhead_episode_return_sum",
         r"polyhead_updater_versions_published_total",
+        r"max by \(task\) \(polyhead_task_regressed",
+        r"polyhead_version_episode_return_sum",
     ],
 )
 def test_dashboard_shows_what_operators_need(needle: str) -> None:
@@ -103,4 +105,5 @@ def test_alerts_cover_the_failure_modes() -> None:
         "PolyheadBundleUnreadable",
         "PolyheadReturnRegressionAfterSwap",
         "PolyheadNoExperience",
+        "PolyheadTaskRegressed",
     } <= names
