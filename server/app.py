@@ -188,6 +188,7 @@ async def start_server(
             reference_episodes=max(settings.regression_reference_episodes, settings.regression_window),
             alpha=settings.regression_alpha,
             margin_fraction=settings.regression_margin,
+            eval_margin_fraction=settings.regression_eval_margin,
         ),
     )
     hub.add_episode_listener(live.on_episode)

@@ -110,6 +110,12 @@ class ServerSettings(BaseSettings):
     regression_margin: float = Field(
         0.2, ge=0.0, description="a drop below this fraction of the reference mean is tolerated"
     )
+    regression_eval_margin: float = Field(
+        0.8,
+        ge=0.0,
+        description="the tolerated drop against the head's (deterministic) eval return, used until the "
+        "stable version has a live reference; wide because live traffic usually samples",
+    )
 
     # --- transport ---------------------------------------------------------------------------------------
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest gRPC message accepted")

@@ -90,6 +90,10 @@ def test_monitor_quiet_over_a_long_stationary_run_and_fires_on_a_drop() -> None:
 def test_monitor_uses_the_eval_return_until_it_has_live_reference_and_resets_per_version() -> None:
     task = TaskMonitor("t", MonitorConfig(window=10, reference_episodes=20, alpha=0.01))
     task.set_stable(3, eval_return=200.0)
+    # Sampled live play well below the deterministic eval return is not a regression...
+    assert _feed(task, 3, [110.0 + i % 7 for i in range(10)]) == []
+    task.set_stable(2, eval_return=200.0)
+    task.set_stable(3, eval_return=200.0)
     # The very first block is already bad: judged against the eval return (sign test), no reference yet.
     assert _feed(task, 3, [20.0] * 10) == [True]
     assert task.reference == []

@@ -89,8 +89,14 @@ def test_dashboard_shows_what_operators_need(needle: str) -> None:
     assert any(re.search(needle, q.expr) for q in dashboard_queries()), needle
 
 
+def operate_series_names() -> set[str]:
+    from polyhead.trainer.operate import OperateMetrics
+
+    return series_names(OperateMetrics().registry)
+
+
 def test_every_series_named_by_dashboard_and_alerts_exists() -> None:
-    known = server_series_names() | updater_series_names()
+    known = server_series_names() | updater_series_names() | operate_series_names()
     for query in dashboard_queries() + alert_queries():
         unknown = metric_names(query.expr) - known
         assert not unknown, f"{query.where} names series no component exports: {sorted(unknown)}"
@@ -106,4 +112,5 @@ def test_alerts_cover_the_failure_modes() -> None:
         "PolyheadReturnRegressionAfterSwap",
         "PolyheadNoExperience",
         "PolyheadTaskRegressed",
+        "PolyheadOperateGaveUp",
     } <= names

@@ -82,9 +82,18 @@ class HeadPublisher:
     published: dict[int, Published] = field(default_factory=dict)
 
     def publish(
-        self, *, eval_return: float, training: Mapping[str, Any], parent: str | None, note: str = ""
+        self,
+        *,
+        eval_return: float,
+        training: Mapping[str, Any],
+        parent: str | None,
+        note: str = "",
+        activate: bool = True,
     ) -> Published:
-        """Export, check, write and load the current head as the next version; returns what was published."""
+        """Export, check, write and load the current head as the next version; returns what was published.
+
+        ``activate`` False stages it: written to the bundle and loaded into the server without moving the
+        bundle's active pointer or the served version (``polyhead operate`` then makes it a canary)."""
         task_id = self.task.id
         head = self.policy.head(task_id)
         head.eval()
@@ -103,10 +112,10 @@ class HeadPublisher:
             training=dict(training),
             parent=parent,
         )
-        record = self.bundle.write_head(meta, onnx_bytes, activate=True)
+        record = self.bundle.write_head(meta, onnx_bytes, activate=activate)
         if self.control is not None:
             head_json = record.path.joinpath("head.json").read_text(encoding="utf-8")
-            self.control.load(task_id, record.version, onnx_bytes, head_json, activate=True)
+            self.control.load(task_id, record.version, onnx_bytes, head_json, activate=activate)
         now = time.time()
         published = Published(
             version=record.version,
