@@ -136,7 +136,12 @@ def step_request(
     seed: int | None = None,
     return_log_prob: bool = False,
     return_value: bool = False,
+    feedback_step: int | None = None,
+    final_observation: npt.ArrayLike | None = None,
 ) -> policy_pb2.StepRequest:
+    """One ``ActStream`` message. ``feedback_step`` names the action the reward answers;
+    ``final_observation`` (on truncation) lets the updater bootstrap from the state the episode was cut in.
+    """
     req = policy_pb2.StepRequest(
         task_id=task_id,
         episode_id=episode_id,
@@ -150,6 +155,10 @@ def step_request(
         req.feedback.reward = 0.0 if reward is None else float(reward)
         req.feedback.terminated = terminated
         req.feedback.truncated = truncated
+        if feedback_step is not None:
+            req.feedback.step = feedback_step
+        if final_observation is not None:
+            req.feedback.final_observation.CopyFrom(encode_observations(final_observation))
     if seed is not None:
         req.seed = seed
     return req

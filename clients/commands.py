@@ -17,6 +17,7 @@ from typing import Any
 
 from polyhead.cli import add_common_flags, emit_summary
 from polyhead.clients.channel import ChannelConfig
+from polyhead.errors import UsageError
 
 log = logging.getLogger("polyhead.clients")
 
@@ -59,7 +60,30 @@ def _add_channel_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _readable(args: argparse.Namespace) -> None:
+    """UsageError naming the flag when a TLS file given on the command line cannot be read."""
+    for flag in ("--tls-ca", "--tls-cert", "--tls-key"):
+        path = getattr(args, flag[2:].replace("-", "_"))
+        if path is None:
+            continue
+        try:
+            Path(path).read_bytes()
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read {flag} {path}: {exc.strerror or exc}; give a readable PEM file"
+            ) from exc
+
+
+def _unreachable(exc: Exception, target: str) -> UsageError:
+    details = getattr(exc, "details", str(exc))
+    return UsageError(
+        f"no polyhead server answered at {target} ({details}); start `polyhead serve` there or fix "
+        "--target (a TLS server also needs --tls-ca)"
+    )
+
+
 def _channel(args: argparse.Namespace, target: str | None = None, token: str | None = None) -> ChannelConfig:
+    _readable(args)
     return ChannelConfig(
         target=target or args.target,
         root_certs=args.tls_ca,
@@ -93,7 +117,10 @@ def register_simulate(subparsers: Any) -> None:
     parser.add_argument("--episodes", type=_positive_int, default=10, help="episodes to run (default: 10)")
     parser.add_argument("--envs", type=_positive_int, default=4, help="concurrent environments (default: 4)")
     parser.add_argument(
-        "--deterministic", action="store_true", help="act with the mode of the policy instead of sampling"
+        "--deterministic",
+        action="store_true",
+        help="act with the mode of the policy instead of sampling (evaluation: such episodes count in the "
+        "return metrics but never feed an online updater, which trains on sampled actions only)",
     )
     parser.add_argument(
         "--seed",
@@ -131,14 +158,16 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace, channel: ChannelConfig) -> int:
-    from polyhead.clients.errors import PolicyClientError
+    from polyhead.clients.errors import PolicyClientError, Unavailable
     from polyhead.clients.simulator import EpisodeRecord, SimulationConfig, run_simulation
 
     spec = None
     if args.task_spec:
+        from polyhead.envs import validate_task
         from polyhead.taskspec import load_task_spec
 
         spec = load_task_spec(args.task_spec)
+        validate_task(spec)  # a bad spec fails here, before any call to the server
     config = SimulationConfig(
         task_id=args.task,
         episodes=args.episodes,
@@ -151,6 +180,11 @@ def _simulate(args: argparse.Namespace, channel: ChannelConfig) -> int:
         request_timeout_s=args.timeout,
     )
     console = _console()
+    if config.deterministic:
+        console.print(
+            "deterministic actions: these episodes are recorded for the return metrics but do not feed "
+            "training (an online updater trains on sampled actions only)"
+        )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -174,6 +208,8 @@ def _simulate(args: argparse.Namespace, channel: ChannelConfig) -> int:
 
         try:
             result = run_simulation(channel, config, progress=progress)
+        except Unavailable as exc:
+            raise _unreachable(exc, args.target) from exc
         except PolicyClientError as exc:
             console.print(f"[red]simulate failed: {type(exc).__name__}: {exc}")
             emit_summary(
@@ -341,7 +377,7 @@ def _table(rows: list[dict[str, Any]]) -> Any:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from polyhead.clients.errors import PolicyClientError
+    from polyhead.clients.errors import PolicyClientError, Unavailable
 
     try:
         admin_channel = (
@@ -353,6 +389,8 @@ def bench_command(args: argparse.Namespace) -> int:
         return 2
     try:
         return _bench(args, config)
+    except Unavailable as exc:
+        raise _unreachable(exc, args.target) from exc
     except PolicyClientError as exc:
         print(f"polyhead bench: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -139,19 +139,26 @@ class _SessionBase:
         return (self.seed * 1_000_003 + self._episodes.count * 10_007 + self._episodes.steps) % (1 << 63)
 
     def _final_request(
-        self, reward: float | None, terminated: bool, truncated: bool
+        self,
+        reward: float | None,
+        terminated: bool,
+        truncated: bool,
+        final_observation: npt.ArrayLike | None = None,
     ) -> policy_pb2.StepRequest:
         episodes = self._episodes
         if episodes.episode_id is None:
             raise ValueError("no open episode to end")
         episodes.add_reward(reward)
+        cut = truncated or not terminated
         return step_request(
             self.task.task_id,
             episodes.episode_id,
             None,
             reward=0.0 if reward is None else reward,
             terminated=terminated,
-            truncated=truncated or not terminated,
+            truncated=cut,
+            # A terminated episode has no future to bootstrap; only a cut one needs its last state.
+            final_observation=final_observation if cut and not terminated else None,
         )
 
     def _step_request(self, obs: npt.ArrayLike, reward: float | None) -> policy_pb2.StepRequest:
@@ -254,11 +261,17 @@ class Session(_SessionBase):
             self._pending = reward
 
     def end_episode(
-        self, reward: float | None = None, *, terminated: bool = True, truncated: bool = False
+        self,
+        reward: float | None = None,
+        *,
+        terminated: bool = True,
+        truncated: bool = False,
+        final_observation: npt.ArrayLike | None = None,
     ) -> float:
         """Send the last action's reward (given here or recorded) with the episode's end; returns the
-        episode's return."""
-        self._roundtrip(self._final_request(self._take(reward), terminated, truncated))
+        episode's return. On truncation pass ``final_observation`` (the observation ``env.step`` returned):
+        the updater bootstraps from it (without it, it has to approximate)."""
+        self._roundtrip(self._final_request(self._take(reward), terminated, truncated, final_observation))
         self._episodes.finish()
         return self._episodes.returns[-1]
 
@@ -366,9 +379,16 @@ class AsyncSession(_SessionBase):
             self._pending = reward
 
     async def end_episode(
-        self, reward: float | None = None, *, terminated: bool = True, truncated: bool = False
+        self,
+        reward: float | None = None,
+        *,
+        terminated: bool = True,
+        truncated: bool = False,
+        final_observation: npt.ArrayLike | None = None,
     ) -> float:
-        await self._roundtrip(self._final_request(self._take(reward), terminated, truncated))
+        await self._roundtrip(
+            self._final_request(self._take(reward), terminated, truncated, final_observation)
+        )
         self._episodes.finish()
         return self._episodes.returns[-1]
 

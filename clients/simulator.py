@@ -71,6 +71,12 @@ class SimulationConfig:
     request_timeout_s: float = 10.0
     max_consecutive_failures: int = 5
 
+    @property
+    def feeds_training(self) -> bool:
+        """Whether the run's experience can train an online updater: only sampled actions train (the
+        server marks deterministic steps and the updater leaves them out), and only reported ones."""
+        return self.report_rewards and not self.deterministic
+
     def __post_init__(self) -> None:
         if self.episodes < 1:
             raise ValueError("episodes must be >= 1")
@@ -103,6 +109,7 @@ class SimulationResult:
     completed: bool
     report: ReportSummary | None = None
     error_messages: list[str] = field(default_factory=list)
+    feeds_training: bool = True
 
     @property
     def returns(self) -> list[float]:
@@ -131,6 +138,7 @@ class SimulationResult:
             "errors": self.errors,
             "completed": self.completed,
             "duration_s": self.duration_s,
+            "feeds_training": self.feeds_training,
             "reported": None
             if self.report is None
             else {
@@ -370,7 +378,10 @@ async def _stream_worker(client: AsyncPolicyClient, run: _Run, env: Any, prefix:
                     started = time.perf_counter()
                     try:
                         await session.end_episode(
-                            reward, terminated=bool(terminated), truncated=bool(truncated) and not terminated
+                            reward,
+                            terminated=bool(terminated),
+                            truncated=bool(truncated) and not terminated,
+                            final_observation=obs,
                         )
                         run.ok(started, result.head_version)
                     except PolicyClientError as exc:
@@ -433,6 +444,7 @@ async def arun_simulation(
             completed=not run.aborted and len(records) == config.episodes,
             report=report,
             error_messages=run.messages,
+            feeds_training=config.feeds_training,
         )
     finally:
         for env in envs:

@@ -148,7 +148,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 why = f"unavailable in this install ({exc}); pip install 'polyhead[{extra}]'"
         p = sub.add_parser(name, help=f"[{why}]")
         add_common_flags(p)
-        p.set_defaults(func=_unavailable(name, why))
+        p.set_defaults(func=_unavailable(name, why), unavailable=True)
     return parser
 
 
@@ -168,23 +168,73 @@ def configure_logging(level: str) -> None:
     )
 
 
+def _usage_hint(exc: BaseException) -> str:
+    """How to fix the usual mistakes whose messages say only what was wrong."""
+    from polyhead.errors import BundleNotFound, InvalidTaskSpec, UnsupportedBundleVersion
+
+    if isinstance(exc, BundleNotFound):
+        return "; a bundle is the directory `polyhead train --out DIR` writes (manifest.json, trunk.onnx, …)"
+    if isinstance(exc, UnsupportedBundleVersion):
+        return "; upgrade polyhead, or serve a bundle written by this version"
+    if isinstance(exc, InvalidTaskSpec):
+        return (
+            "; a task spec is a TOML file with [[task]] tables (env, kwargs, attrs, wrappers) or SUITE:TASK "
+            "for a built-in suite's task"
+        )
+    return ""
+
+
+def _fail(command: str, exc: BaseException, status: int, *, debug: bool) -> int:
+    """Report a failed command as one line on stderr (the traceback too, with ``--log-level DEBUG``)."""
+    from polyhead.errors import UsageError
+
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if type(exc) is not UsageError:  # the class says what kind of problem (BundleNotFound, InvalidTaskSpec)
+        message = f"{type(exc).__name__}: {message}"
+    if debug:
+        logging.getLogger("polyhead").debug("%s failed", command, exc_info=exc)
+    print(f"polyhead {command}: error: {message}{_usage_hint(exc)}", file=sys.stderr, flush=True)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns its exit status.
+
+    Exit status 2, with one line on stderr that says what was wrong and how to fix it (no traceback
+    unless ``--log-level DEBUG``): bad flags, a UsageError (a port in use, an unreadable file, a server
+    that does not answer), a missing or malformed bundle, a bad task spec or argument. Status 1: any other
+    polyhead error. Anything else is a bug and keeps its traceback.
+    """
     words = list(sys.argv[1:] if argv is None else argv)
     # The subcommand is the first word that is not an option (the top level takes no option values).
     command = next((w for w in words if not w.startswith("-")), None)
     parser = build_parser(only=command or "")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    configure_logging(getattr(args, "log_level", "INFO"))
-    from polyhead.errors import PolyheadError
+    if getattr(args, "unavailable", None):  # its part is not installed: say so whatever the flags were
+        return int(args.func(args))
+    if unknown:
+        parser.parse_args(argv)  # argparse's own message and exit status 2
+    level = getattr(args, "log_level", "INFO")
+    configure_logging(level)
+    from polyhead.errors import (
+        BundleError,
+        InvalidArgument,
+        InvalidTaskSpec,
+        PolyheadError,
+        Unauthenticated,
+        UsageError,
+    )
 
+    name = str(args.command)
     try:
         return int(args.func(args))
+    except (UsageError, BundleError, InvalidTaskSpec, InvalidArgument, Unauthenticated) as exc:
+        return _fail(name, exc, 2, debug=level == "DEBUG")
     except PolyheadError as exc:
-        logging.getLogger("polyhead").error("%s: %s", type(exc).__name__, exc)
-        return 1
+        return _fail(name, exc, 1, debug=level == "DEBUG")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

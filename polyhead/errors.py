@@ -34,6 +34,19 @@ class BatchTooLarge(InvalidArgument):
     """More observations in one request than the server's max batch size."""
 
 
+class InvalidExperience(InvalidArgument):
+    """A reported reward, action, log-prob, head version or observation that must not reach training.
+
+    ``reason`` is the ``polyhead_experience_dropped_total`` label it is counted under (``invalid_reward``,
+    ``invalid_action``, ``invalid_log_prob``, ``unknown_version``, ``invalid_observation``,
+    ``invalid_step``).
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class InvalidTaskSpec(PolyheadError):
     """A task spec or suite file that cannot describe a buildable environment."""
 
@@ -91,6 +104,13 @@ class ShuttingDown(PolyheadError):
 
 class Unauthenticated(PolyheadError):
     """An admin call without the configured bearer token."""
+
+
+# --- a command cannot use what it was given ------------------------------------------------------------
+class UsageError(PolyheadError):
+    """A command's input cannot be used: a port already taken, an unreadable file, a server that does not
+    answer. The message says what was wrong and how to fix it; ``polyhead`` prints it as one line and
+    exits with status 2 (as it does for BundleError, InvalidTaskSpec and InvalidArgument)."""
 
 
 class ExportParityError(PolyheadError):

@@ -83,7 +83,9 @@ def rankdata(values: Sequence[float] | npt.NDArray[np.float64]) -> npt.NDArray[n
     return ranks
 
 
-def mann_whitney_less(x: Sequence[float], y: Sequence[float]) -> float:
+def mann_whitney_less(
+    x: Sequence[float] | npt.NDArray[np.float64], y: Sequence[float] | npt.NDArray[np.float64]
+) -> float:
     """One-sided p-value of the Mann-Whitney U test for H1: ``x`` is stochastically smaller than ``y``.
 
     Normal approximation with tie and continuity corrections; 1.0 when every value is tied (no evidence).
@@ -117,14 +119,18 @@ def worse_than(new: Sequence[float], reference: Sequence[float], *, margin: floa
     """
     _check_alpha(alpha)
     shifted = np.asarray(new, np.float64) + margin
-    p = mann_whitney_less(shifted.tolist(), reference)
+    p = mann_whitney_less(shifted, reference)
     return ShiftTest(
         p, alpha, float(np.mean(new)), float(np.mean(reference)), margin, len(new), len(reference)
     )
 
 
 def better_than(
-    new: Sequence[float], reference: Sequence[float], *, margin: float, alpha: float
+    new: Sequence[float] | npt.NDArray[np.float64],
+    reference: Sequence[float] | npt.NDArray[np.float64],
+    *,
+    margin: float,
+    alpha: float,
 ) -> ShiftTest:
     """Test whether ``new`` returns are better than ``reference`` by more than ``margin`` (absolute).
 
@@ -133,7 +139,7 @@ def better_than(
     """
     _check_alpha(alpha)
     shifted = np.asarray(new, np.float64) - margin
-    p = mann_whitney_less(list(reference), shifted.tolist())
+    p = mann_whitney_less(reference, shifted)
     return ShiftTest(
         p, alpha, float(np.mean(new)), float(np.mean(reference)), margin, len(new), len(reference)
     )
@@ -160,7 +166,7 @@ def below_level(new: Sequence[float], level: float, *, margin: float, alpha: flo
     return ShiftTest(p, alpha, float(values.mean()), float(level), margin, len(values), 0)
 
 
-def relative_margin(reference: Sequence[float] | float, fraction: float) -> float:
+def relative_margin(reference: Sequence[float] | npt.NDArray[np.float64] | float, fraction: float) -> float:
     """``fraction`` of the reference's mean magnitude (at least ``fraction`` x 1), so one setting fits
     tasks whose returns are near 1 and near 500."""
     mean = float(np.mean(reference)) if not isinstance(reference, float | int) else float(reference)

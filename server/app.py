@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -33,6 +35,7 @@ from prometheus_client import CollectorRegistry
 
 from polyhead import __version__
 from polyhead.bundle import Bundle
+from polyhead.errors import UsageError
 from polyhead.livewatch import MonitorConfig
 from polyhead.server.auth import BearerTokenInterceptor
 from polyhead.server.batcher import Batcher
@@ -62,19 +65,75 @@ def task_health_name(task_id: str) -> str:
     return f"{POLICY_SERVICE}/{task_id}"
 
 
-def _credentials(cert: Any, key: Any, client_ca: Any) -> grpc.ServerCredentials:
-    ca = client_ca.read_bytes() if client_ca is not None else None
-    return grpc.ssl_server_credentials(
-        [(key.read_bytes(), cert.read_bytes())], root_certificates=ca, require_client_auth=ca is not None
+def _read_pem(path: Path, setting: str, marker: str) -> bytes:
+    """The bytes of a PEM file named by ``setting``; UsageError naming the setting when unreadable."""
+    flag = "--" + setting.replace("_", "-")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read {setting} ({flag}) {path}: {exc.strerror or exc}; "
+            "give a readable PEM file or leave the setting out"
+        ) from exc
+    if marker.encode() not in data:
+        raise UsageError(
+            f"{setting} ({flag}) {path} is not a PEM {marker.strip('- ').lower()} "
+            f"(no '{marker}' line); give the PEM file"
+        )
+    return data
+
+
+def _credentials(prefix: str, cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
+    """Server credentials from the ``<prefix>tls_*`` settings; UsageError for an unreadable file."""
+    ca = _read_pem(client_ca, f"{prefix}tls_client_ca", "-----BEGIN CERTIFICATE") if client_ca else None
+    pair = (
+        _read_pem(key, f"{prefix}tls_key", "PRIVATE KEY-----"),
+        _read_pem(cert, f"{prefix}tls_cert", "-----BEGIN CERTIFICATE"),
     )
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int, creds: grpc.ServerCredentials | None) -> int:
+def _bind(
+    server: grpc.aio.Server, host: str, port: int, creds: grpc.ServerCredentials | None, what: str
+) -> int:
+    """Listen on ``host:port``; UsageError naming the settings of ``what`` (``""`` for the data plane,
+    ``"admin_"``) when the address cannot be bound."""
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+    _check_free(host, port, what)
+    try:
+        bound = (
+            server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+        )
+    except RuntimeError:  # grpc: "Failed to bind to address"
+        bound = 0
     if bound == 0:
-        raise OSError(f"could not bind {address}")
+        raise UsageError(_cannot_listen(address, what))
     return bound
+
+
+def _check_free(host: str, port: int, what: str) -> None:
+    """UsageError when ``host:port`` is taken, found by binding a plain socket first: grpc would log its
+    own multi-line error before failing. (The port may still be taken between this and grpc's bind; grpc's
+    failure is then reported the same way.)"""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise UsageError(_cannot_listen(f"{host}:{port}", what) + f" ({exc})") from exc
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise UsageError(_cannot_listen(f"{host}:{port}", what) + f" ({exc.strerror or exc})") from exc
+
+
+def _cannot_listen(address: str, what: str) -> str:
+    flags = f"--{what.replace('_', '-')}port / --{what.replace('_', '-')}host"
+    return (
+        f"cannot listen on {address} ({flags}): the port is already in use or the address is not one of "
+        "this machine's; stop what holds the port or choose another (0 picks a free port)"
+    )
 
 
 @dataclass
@@ -102,16 +161,27 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, let in-flight calls finish within ``grace`` seconds
-        (default: the settings' grace period), then release everything. Idempotent."""
+        """Shut down in three steps, in this order (the README states it):
+
+        1. health reports NOT_SERVING for every service name (then, for ``shutdown_delay_s`` seconds,
+           new calls are still served, so load balancers and health watchers move away first);
+        2. new calls are refused (UNAVAILABLE);
+        3. in-flight calls finish within ``grace`` seconds (default: the settings' grace period), the rest
+           are cancelled, then everything is released.
+
+        Idempotent."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.settings.grace_period_s if grace is None else grace
-        log.info("shutting down: refusing new calls, draining in-flight calls for up to %.1f s", grace)
-        # Refuse new calls first (grpc's stop does at once), then tell health watchers, then wait.
-        stopping = [asyncio.ensure_future(server.stop(grace)) for server in self._servers]
         await self.health.enter_graceful_shutdown()
+        log.info("shutdown 1/3: health NOT_SERVING")
+        if self.settings.shutdown_delay_s > 0:
+            log.info("serving new calls for %.1f s more (shutdown delay)", self.settings.shutdown_delay_s)
+            await asyncio.sleep(self.settings.shutdown_delay_s)
+        stopping = [asyncio.ensure_future(server.stop(grace)) for server in self._servers]
+        await asyncio.sleep(0)  # let each server's stop begin: it refuses new calls at once
+        log.info("shutdown 2/3: new calls refused; draining in-flight calls for up to %.1f s", grace)
         self.hub.close()  # experience subscribers are endless calls: end them so the drain can finish
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -123,7 +193,7 @@ class RunningServer:
         await asyncio.to_thread(self.batcher.shutdown)
         if self._metrics_http is not None:
             await asyncio.to_thread(self._metrics_http.close)
-        log.info("stopped")
+        log.info("shutdown 3/3: in-flight calls drained, stopped")
 
     async def wait_for_termination(self) -> None:
         await self._servers[0].wait_for_termination()
@@ -134,10 +204,29 @@ async def start_server(
 ) -> RunningServer:
     """Build and start everything ``settings`` describes; returns once the server accepts calls.
 
-    Raises BundleError (and subclasses) for an unreadable bundle, CorruptHead for a bad trunk, OSError
-    when a port cannot be bound.
+    Raises BundleError (and subclasses) for an unreadable bundle, CorruptHead for a bad trunk, UsageError
+    (naming the setting) when a port cannot be bound or a TLS file cannot be read; nothing is left running
+    then.
     """
     loop = asyncio.get_running_loop()
+    creds = (
+        _credentials("", settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.tls_cert and settings.tls_key
+        else None
+    )
+    admin_creds = (
+        _credentials("admin_", settings.admin_tls_cert, settings.admin_tls_key, settings.admin_tls_client_ca)
+        if settings.admin_tls_cert and settings.admin_tls_key and settings.admin_mode == "separate"
+        else None
+    )
+    if (
+        settings.exposed_admin_address is not None
+    ):  # only with insecure_admin: the settings refuse it otherwise
+        log.warning(
+            "HeadAdmin is reachable from other hosts at %s with neither a token nor mTLS (insecure_admin): "
+            "anyone who reaches it can load, swap and unload heads",
+            settings.exposed_admin_address,
+        )
     bundle = await asyncio.to_thread(Bundle.open, settings.bundle)
     manifest = bundle.manifest
     opts = session_options(settings.intra_op_threads)
@@ -157,6 +246,7 @@ async def start_server(
         warmup_batch_sizes=settings.warmup_batch_sizes,
         metrics=metrics,
         max_head_bytes=settings.max_head_bytes,
+        max_loaded_versions=settings.max_loaded_versions,
     )
     await asyncio.to_thread(registry.load_bundle_heads)
     inflight = InflightCounter(frozenset({f"/{POLICY_SERVICE}/Act"}))
@@ -179,7 +269,14 @@ async def start_server(
         max_segment_steps=settings.max_segment_steps,
         subscriber_queue_size=settings.subscriber_queue_size,
     )
-    plane = DataPlane(registry, batcher, hub, max_batch_size=settings.max_batch_size, metrics=metrics)
+    plane = DataPlane(
+        registry,
+        batcher,
+        hub,
+        max_batch_size=settings.max_batch_size,
+        max_abs_reward=settings.max_abs_reward,
+        metrics=metrics,
+    )
     live = LiveReturnWatch(
         registry,
         metrics,
@@ -202,68 +299,75 @@ async def start_server(
     ]
     token_interceptors = [BearerTokenInterceptor(settings.admin_token)] if settings.admin_token else []
     shared_admin = settings.admin_mode == "shared"
-    # Order: count the call, check the token, then decode the request inside the handler.
-    main = grpc.aio.server(
-        options=options,
-        interceptors=[inflight, *(token_interceptors if shared_admin else []), DecodeRequests()],
-    )
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer, live), main)  # type: ignore[no-untyped-call]
-    policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)  # type: ignore[no-untyped-call]
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, main)
-    main_services = [POLICY_SERVICE, DIAGNOSTICS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
-    admin_servicer = HeadAdminServicer(registry, hub, observer)
-    if shared_admin:
-        admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, main)  # type: ignore[no-untyped-call]
-        main_services.append(ADMIN_SERVICE)
-    reflection.enable_server_reflection(main_services, main)
-    creds = (
-        _credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-        if settings.tls_cert
-        else None
-    )
-    port = _bind(main, settings.host, settings.port, creds)
-    servers = [main]
-
-    admin_port: int | None = port if shared_admin else None
-    if settings.admin_mode == "separate":
-        admin = grpc.aio.server(options=options, interceptors=[*token_interceptors, DecodeRequests()])
-        admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, admin)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
-        reflection.enable_server_reflection([ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], admin)
-        admin_creds = (
-            _credentials(settings.admin_tls_cert, settings.admin_tls_key, settings.admin_tls_client_ca)
-            if settings.admin_tls_cert
-            else None
+    servers: list[grpc.aio.Server] = []
+    metrics_http: MetricsHTTPServer | None = None
+    try:
+        # Order: count the call, check the token, then decode the request inside the handler.
+        main = grpc.aio.server(
+            options=options,
+            interceptors=[inflight, *(token_interceptors if shared_admin else []), DecodeRequests()],
         )
-        admin_port = _bind(admin, settings.admin_host, settings.admin_port, admin_creds)
-        servers.append(admin)
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer, live), main)  # type: ignore[no-untyped-call]
+        policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, main)
+        main_services = [POLICY_SERVICE, DIAGNOSTICS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
+        admin_servicer = HeadAdminServicer(registry, hub, observer)
+        if shared_admin:
+            admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, main)  # type: ignore[no-untyped-call]
+            main_services.append(ADMIN_SERVICE)
+        reflection.enable_server_reflection(main_services, main)
+        servers.append(main)
+        port = _bind(main, settings.host, settings.port, creds, "")
 
-    # Health follows the registry: a task is SERVING while it has an active head.
-    served: set[str] = set()
+        admin_port: int | None = port if shared_admin else None
+        if settings.admin_mode == "separate":
+            admin = grpc.aio.server(options=options, interceptors=[*token_interceptors, DecodeRequests()])
+            admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, admin)  # type: ignore[no-untyped-call]
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
+            reflection.enable_server_reflection(
+                [ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], admin
+            )
+            servers.append(admin)
+            admin_port = _bind(admin, settings.admin_host, settings.admin_port, admin_creds, "admin_")
 
-    async def sync_health(tasks: Mapping[str, TaskHeads]) -> None:
-        for task_id in sorted(set(tasks) - served):
-            await health_servicer.set(task_health_name(task_id), health_pb2.HealthCheckResponse.SERVING)
-        for task_id in sorted(served - set(tasks)):
-            await health_servicer.set(task_health_name(task_id), health_pb2.HealthCheckResponse.NOT_SERVING)
-        served.clear()
-        served.update(tasks)
+        # Health follows the registry: a task is SERVING while it has an active head.
+        served: set[str] = set()
 
-    def on_registry_change(_snapshot: Mapping[str, TaskHeads]) -> None:
-        loop.call_soon_threadsafe(lambda: loop.create_task(sync_health(registry.tasks)))
+        async def sync_health(tasks: Mapping[str, TaskHeads]) -> None:
+            for task_id in sorted(set(tasks) - served):
+                await health_servicer.set(task_health_name(task_id), health_pb2.HealthCheckResponse.SERVING)
+            for task_id in sorted(served - set(tasks)):
+                await health_servicer.set(
+                    task_health_name(task_id), health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+            served.clear()
+            served.update(tasks)
 
-    await sync_health(registry.tasks)
-    registry.add_listener(on_registry_change)
-    for name in ("", POLICY_SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        def on_registry_change(_snapshot: Mapping[str, TaskHeads]) -> None:
+            loop.call_soon_threadsafe(lambda: loop.create_task(sync_health(registry.tasks)))
 
-    for server in servers:
-        await server.start()
-    metrics_http = (
-        serve_metrics(metrics.registry, settings.metrics_host, settings.metrics_port)
-        if settings.metrics_port is not None
-        else None
-    )
+        await sync_health(registry.tasks)
+        registry.add_listener(on_registry_change)
+        for name in ("", POLICY_SERVICE):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        if settings.metrics_port is not None:
+            try:
+                metrics_http = serve_metrics(metrics.registry, settings.metrics_host, settings.metrics_port)
+            except OSError as exc:
+                address = f"{settings.metrics_host}:{settings.metrics_port}"
+                raise UsageError(_cannot_listen(address, "metrics_") + f" ({exc.strerror or exc})") from exc
+        for server in servers:
+            await server.start()
+    except BaseException:
+        # A port taken or a file unreadable: release what was built, so the caller sees only the error.
+        for server in servers:
+            await server.stop(None)
+        if metrics_http is not None:
+            metrics_http.close()
+        batcher.close()
+        await asyncio.to_thread(batcher.shutdown)
+        raise
 
     async def sweep_episodes() -> None:
         # Without this, episodes abandoned by their clients would stay until the next experience call.

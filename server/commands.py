@@ -19,6 +19,7 @@ from typing import Any
 
 from polyhead.bundle import atomic_write_json
 from polyhead.cli import add_common_flags, emit_summary
+from polyhead.errors import UsageError
 
 log = logging.getLogger("polyhead.serve")
 
@@ -58,6 +59,25 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ),
     ("--intra-op-threads", "intra_op_threads", int, "onnxruntime threads per session (1)"),
     ("--watch-interval", "watch_interval_s", float, "seconds between bundle polls (1.0)"),
+    (
+        "--shutdown-delay",
+        "shutdown_delay_s",
+        float,
+        "SIGTERM: seconds health reports NOT_SERVING while new calls are still served, so load balancers "
+        "move away before calls are refused (0)",
+    ),
+    (
+        "--max-loaded-versions",
+        "max_loaded_versions",
+        int,
+        "versions of a task kept loaded: active, previous, newest; older ones unloaded, kept on disk (3)",
+    ),
+    (
+        "--max-abs-reward",
+        "max_abs_reward",
+        float,
+        "reported rewards beyond +/- this (or NaN/inf) are refused with INVALID_ARGUMENT (1e6)",
+    ),
     ("--grace-period", "grace_period_s", float, "SIGTERM: seconds in-flight calls may finish (10)"),
     ("--episode-ttl", "episode_ttl_s", float, "seconds before an idle episode's experience is dropped (300)"),
     ("--max-open-episodes", "max_open_episodes", int, "episodes assembled at once (10000)"),
@@ -79,8 +99,10 @@ def register_serve(subparsers: Any) -> None:
         description=(
             "Serve a bundle: PolicyService (Act, ActStream, ListTasks, ReportExperience) and Diagnostics on "
             "--port, HeadAdmin on --admin-port, Prometheus metrics on --metrics-port. Every option can also "
-            "be set as POLYHEAD_<FIELD> in the environment (e.g. POLYHEAD_ADMIN_TOKEN). SIGTERM drains "
-            "in-flight calls within the grace period and exits 0."
+            "be set as POLYHEAD_<FIELD> in the environment (e.g. POLYHEAD_ADMIN_TOKEN). HeadAdmin reachable "
+            "from other hosts needs --admin-token or mTLS (or an explicit --insecure-admin). SIGTERM: health "
+            "goes NOT_SERVING, then new calls are refused, then in-flight calls drain within the grace "
+            "period; exit 0."
         ),
     )
     parser.add_argument("--bundle", required=True, type=Path, help="bundle directory to serve")
@@ -101,6 +123,16 @@ def register_serve(subparsers: Any) -> None:
         const=False,
         default=None,
         help="do not poll the bundle for newly published head versions",
+    )
+    parser.add_argument(
+        "--insecure-admin",
+        dest="insecure_admin",
+        action="store_const",
+        const=True,
+        default=None,
+        help="start even though HeadAdmin is reachable from other hosts (a non-loopback --admin-host, or "
+        "--admin-mode shared on a non-loopback --host) with neither --admin-token nor mTLS; without it "
+        "polyhead serve refuses such settings (POLYHEAD_INSECURE_ADMIN)",
     )
     parser.add_argument(
         "--no-metrics",
@@ -125,12 +157,22 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, dest)
         if value is not None:
             overrides[dest] = value
-    for dest in ("batching", "watch_bundle"):
+    for dest in ("batching", "watch_bundle", "insecure_admin"):
         if getattr(args, dest) is not None:
             overrides[dest] = getattr(args, dest)
     if args.no_metrics:
         overrides["metrics_port"] = None
     return ServerSettings(**overrides)
+
+
+def one_line(exc: Any) -> str:
+    """A pydantic ValidationError as one line: ``field: message; field: message``."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -139,8 +181,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        log.error("invalid settings: %s", exc)
-        return 2
+        raise UsageError(f"invalid settings: {one_line(exc)}") from exc
     summary = asyncio.run(_serve(settings, args.ready_file))
     emit_summary(summary, as_json=args.json, human="polyhead serve: stopped cleanly")
     return 0

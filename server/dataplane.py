@@ -16,20 +16,23 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from polyhead.errors import InvalidArgument, InvalidObservation
+from polyhead.errors import InvalidArgument, InvalidExperience, InvalidObservation
+from polyhead.server import experience_checks as checks
 from polyhead.server.actions import Actions, Sampling
 from polyhead.server.batcher import Batcher
 from polyhead.server.experience import ExperienceHub, ReportOutcome, Transition
 from polyhead.server.metrics import ServerMetrics
 from polyhead.server.registry import HeadRegistry, LoadedHead, TaskHeads
 from polyhead.spaces import DiscreteSpec, SpaceSpec, validate_observations
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,14 @@ class DataPlane:
         hub: ExperienceHub,
         *,
         max_batch_size: int,
+        max_abs_reward: float = 1e6,
         metrics: ServerMetrics | None = None,
     ):
         self.registry = registry
         self.batcher = batcher
         self.hub = hub
         self.max_batch_size = max_batch_size
+        self.max_abs_reward = max_abs_reward
         self._metrics = metrics
         self._latency: dict[tuple[str, int], Any] = {}  # (task, version) -> histogram child
         self._draw = random.Random().random  # per-request canary draws (no episode id)
@@ -111,11 +116,15 @@ class DataPlane:
         seed: int | None = None,
         version: int = 0,
         episode_ids: Sequence[str] = (),
+        steps: Sequence[int] = (),
         want_log_prob: bool = True,
         deadline: float | None = None,
     ) -> ActOutcome:
         """Actions for one observation or a batch. Raises UnknownTask, UnknownVersion, InvalidObservation,
-        BatchTooLarge, InvalidArgument, Overloaded, DeadlineExpired, ShuttingDown."""
+        BatchTooLarge, InvalidArgument, Overloaded, DeadlineExpired, ShuttingDown.
+
+        With ``episode_ids`` each action is recorded for the experience feed (``steps``: the client's step
+        index of each, so a retried call records nothing twice); deterministic actions are marked so."""
         head = self.registry.resolve(task_id, version)
         space = head.meta.observation_space
         flat, batched = validate_observations(obs, space, max_batch=self.max_batch_size)
@@ -124,6 +133,14 @@ class DataPlane:
             raise InvalidArgument(
                 f"{len(episode_ids)} episode_ids for {rows} observations; give one per observation"
             )
+        if steps:
+            if len(steps) != len(episode_ids):
+                raise InvalidArgument(
+                    f"{len(steps)} steps for {len(episode_ids)} episode_ids; give one step index per "
+                    "episode id (or none)"
+                )
+            for i, s in enumerate(steps):
+                self._checked(task_id, checks.check_step, s, field=f"steps[{i}]")
         want = want_log_prob or bool(episode_ids)
         entry = self.registry.tasks.get(task_id)
         heads = [head] * rows
@@ -152,6 +169,8 @@ class DataPlane:
                         action=actions.raw[i],
                         log_prob=float(actions.log_prob[i]),
                         version=heads[i].version,
+                        deterministic=deterministic,
+                        step=int(steps[i]) if steps else None,
                     )
         row_versions = tuple(h.version for h in heads) if episode_ids else ()
         uniform = all(h is heads[0] for h in heads)
@@ -208,13 +227,27 @@ class DataPlane:
         deterministic: bool,
         seed: int | None = None,
         deadline: float | None = None,
+        feedback_step: int | None = None,
+        final_observation: npt.NDArray[np.generic] | None = None,
     ) -> StepOutcome:
-        """One ActStream message: report the previous action's outcome (if given), then act on ``obs``."""
+        """One ActStream message: report the previous action's outcome (if given), then act on ``obs``.
+
+        The feedback is validated like a ``ReportExperience`` message (InvalidExperience) before it joins
+        anything; ``feedback_step`` names the action it answers (None: the oldest awaiting a reward)."""
         if not episode_id:
             raise InvalidArgument("ActStream messages need an episode_id")
         head = self.registry.resolve(task_id)
         if reward is not None:
-            self.hub.report(task_id, episode_id, reward=reward, terminated=terminated, truncated=truncated)
+            self.report(
+                task_id,
+                episode_id,
+                reward=reward,
+                terminated=terminated,
+                truncated=truncated,
+                step=feedback_step,
+                final_observation=final_observation,
+                prefix="feedback.",
+            )
         entry = self.registry.tasks.get(task_id)
         if entry is not None and entry.canary:
             head = self._route(entry, episode_id)
@@ -236,6 +269,7 @@ class DataPlane:
             action=actions.raw[0],
             log_prob=float(actions.log_prob[0]),
             version=head.version,
+            deterministic=deterministic,
         )
         return StepOutcome(head.version, actions, step)
 
@@ -248,22 +282,47 @@ class DataPlane:
         terminated: bool,
         truncated: bool,
         transition: Transition | None = None,
+        step: int | None = None,
+        final_observation: npt.NDArray[np.generic] | None = None,
+        prefix: str = "",
     ) -> ReportOutcome:
-        """One ReportExperience message. Raises UnknownTask, InvalidArgument."""
+        """One ReportExperience message (or ActStream feedback). Raises UnknownTask, InvalidArgument, and
+        InvalidExperience (counted under its reason) before anything of the report joins an episode."""
         if not episode_id:
             raise InvalidArgument("experience reports need an episode_id")
-        if task_id not in self.registry.tasks:
-            self.registry.resolve(task_id)  # raises UnknownTask with the served tasks listed
+        head = self.registry.resolve(task_id)  # raises UnknownTask with the served tasks listed
+        meta = head.meta
+        reward = self._checked(
+            task_id, checks.check_reward, reward, max_abs_reward=self.max_abs_reward, field=f"{prefix}reward"
+        )
+        if step is not None:
+            step = self._checked(task_id, checks.check_step, step, field=f"{prefix}step")
+        final = None
+        if final_observation is not None:
+            final = self._checked(
+                task_id,
+                checks.check_observation,
+                final_observation,
+                meta.observation_space,
+                field=f"{prefix}final_observation",
+            )
         if transition is not None:
-            space = self.registry.resolve(task_id).meta.observation_space
-            flat, batched = validate_observations(transition.observation, space, max_batch=1)
-            if batched:
-                raise InvalidObservation("a reported transition carries one observation")
             transition = Transition(
-                flat[0].reshape(_obs_shape(space)),
-                transition.action,
-                transition.log_prob,
-                transition.head_version,
+                observation=self._checked(
+                    task_id, checks.check_observation, transition.observation, meta.observation_space
+                ),
+                action=self._checked(task_id, checks.check_action, transition.action, meta.action_space),
+                log_prob=self._checked(
+                    task_id, checks.check_log_prob, transition.log_prob, meta.action_space
+                ),
+                head_version=self._checked(
+                    task_id,
+                    checks.check_version,
+                    transition.head_version,
+                    self.registry.served_versions(task_id),
+                    task_id,
+                ),
+                deterministic=transition.deterministic,
             )
         return self.hub.report(
             task_id,
@@ -272,7 +331,17 @@ class DataPlane:
             terminated=terminated,
             truncated=truncated,
             transition=transition,
+            step=step,
+            final_observation=final,
         )
+
+    def _checked(self, task_id: str, check: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one experience check; a refusal is counted under its reason, then raised."""
+        try:
+            return check(*args, **kwargs)
+        except InvalidExperience as exc:
+            self.hub.refuse(task_id, exc.reason)
+            raise
 
     def tasks(self) -> list[TaskHeads]:
         return [entry for _, entry in sorted(self.registry.tasks.items())]

@@ -13,6 +13,13 @@ Rules: the first version loaded for a task becomes active whatever ``activate`` 
 has a serving version); the active version cannot be unloaded alone (``ActiveVersionInUse``); a version
 number loaded with other bytes is a ``VersionConflict``; the same bytes again is a no-op.
 
+Bounded memory: at most ``max_loaded_versions`` versions of a task stay loaded (default 3: the active one,
+the one it replaced, and the newest candidate; the canary too, when there is one). Loading one more unloads
+the oldest version that is none of those; its files stay in the bundle (a later load or a bundle-pointer
+change brings it back). An unloaded version stops being resolvable at once, and its session is freed when
+the last in-flight request holding it finishes (readers keep their ``LoadedHead``; nothing else references
+it).
+
 Stable and canary labels: the active version is the task's *stable* version; a task may also have a
 *canary*, another loaded version that takes ``canary_percent`` of the traffic (:meth:`TaskHeads.route`:
 by a hash of the episode id, so every replica sends an episode to the same version, or per request when
@@ -88,6 +95,7 @@ class TaskHeads:
     task_id: str
     versions: Mapping[int, LoadedHead]
     active: int
+    previous: int = 0  # the version active before ``active`` (kept loaded for a rollback), 0 if none
     canary: int = 0  # a loaded version other than ``active`` taking ``canary_percent`` of traffic; 0: none
     canary_percent: float = 0.0
 
@@ -161,9 +169,13 @@ class HeadRegistry:
         warmup_batch_sizes: tuple[int, ...],
         metrics: ServerMetrics,
         max_head_bytes: int | None = None,
+        max_loaded_versions: int = 3,
     ) -> None:
+        if max_loaded_versions < 1:
+            raise ValueError(f"max_loaded_versions must be at least 1, got {max_loaded_versions}")
         self.bundle = bundle
         self.max_head_bytes = max_head_bytes
+        self.max_loaded_versions = max_loaded_versions
         self.trunk = trunk
         self.manifest = bundle.manifest
         self._opts = session_options
@@ -172,6 +184,7 @@ class HeadRegistry:
         self._lock = threading.Lock()
         self._tasks: Mapping[str, TaskHeads] = MappingProxyType({})
         self._activations: dict[str, int] = {}  # per task: changes of the active version (or presence)
+        self._served: dict[str, frozenset[int]] = {}  # per task: every version ever loaded here
         self._listeners: list[Listener] = []
 
     # --- readers (lock-free) ---------------------------------------------------------------------------
@@ -186,6 +199,11 @@ class HeadRegistry:
         if entry is None:
             raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
         return entry.head(version)
+
+    def served_versions(self, task_id: str) -> frozenset[int]:
+        """Every version of ``task_id`` this server has loaded (and so may have served), unloaded ones too:
+        experience acted by any of them may still arrive."""
+        return self._served.get(task_id, frozenset())
 
     def activations(self, task_id: str) -> int:
         """How often ``task_id``'s active version has changed (or the task appeared or went) so far.
@@ -362,8 +380,12 @@ class HeadRegistry:
                 versions = dict(entry.versions) if entry is not None else {}
                 versions[number] = head
                 active = number if (activate or entry is None) else entry.active
+                previous = (entry.active if active != entry.active else entry.previous) if entry else 0
+                canary = entry.canary if entry is not None and entry.canary != active else 0
+                unloaded = self._bound(versions, keep={active, previous, number, canary})
                 self._publish(
-                    task_id, _with_canary(entry, TaskHeads(task_id, MappingProxyType(versions), active))
+                    task_id,
+                    _with_canary(entry, TaskHeads(task_id, MappingProxyType(versions), active, previous)),
                 )
                 swap_seconds = time.perf_counter() - t_swap
             elif not version or concurrent.head_sha256 != sha:
@@ -382,12 +404,15 @@ class HeadRegistry:
             self._metrics.head_swaps.labels(task=task_id).inc()
             self._metrics.head_swap_seconds.labels(task=task_id).observe(swap_seconds)
         log.info(
-            "task %s: loaded version %d from %s in %.1f ms (active %d)",
+            "task %s: loaded version %d from %s in %.1f ms (active %d)%s",
             task_id,
             number,
             source,
             seconds * 1e3,
             active,
+            f"; unloaded {unloaded} (at most {self.max_loaded_versions} loaded, files stay on disk)"
+            if unloaded
+            else "",
         )
         self._notify()
         return LoadResult(head, active, seconds, already_loaded=False)
@@ -429,7 +454,7 @@ class HeadRegistry:
             previous = entry.active
             if version != previous:
                 # Activating the canary promotes it: it is no longer a canary of itself.
-                self._publish(task_id, _with_canary(entry, replace(entry, active=version)))
+                self._publish(task_id, _with_canary(entry, replace(entry, active=version, previous=previous)))
             seconds = time.perf_counter() - t0
         if version != previous:
             self._metrics.head_swaps.labels(task=task_id).inc()
@@ -531,6 +556,17 @@ class HeadRegistry:
             raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
         return entry
 
+    def _bound(self, versions: dict[int, LoadedHead], *, keep: set[int]) -> list[int]:
+        """Drop the oldest versions beyond ``max_loaded_versions`` that are not in ``keep`` (in place)."""
+        removed: list[int] = []
+        for version in sorted(versions):
+            if len(versions) <= self.max_loaded_versions:
+                break
+            if version not in keep:
+                del versions[version]
+                removed.append(version)
+        return removed
+
     def _publish(self, task_id: str, entry: TaskHeads | None) -> None:
         """Replace the state with one reference assignment (call with the lock held)."""
         previous = self._tasks.get(task_id)
@@ -551,6 +587,7 @@ class HeadRegistry:
             if task_id not in tasks:
                 self._metrics.init_task(task_id)
             tasks[task_id] = entry
+            self._served[task_id] = self._served.get(task_id, frozenset()) | frozenset(entry.versions)
             self._metrics.active_head_version.labels(task=task_id).set(entry.active)
             self._metrics.canary_version.labels(task=task_id).set(entry.canary)
             self._metrics.canary_percent.labels(task=task_id).set(entry.canary_percent)

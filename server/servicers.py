@@ -125,6 +125,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             seed=request.seed if request.HasField("seed") else None,
             version=request.version,
             episode_ids=request.episode_ids,
+            steps=request.steps,
             want_log_prob=request.return_log_prob,
             deadline=_deadline(context),
         )
@@ -178,6 +179,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             deterministic=request.deterministic,
             seed=request.seed if request.HasField("seed") else None,
             deadline=_deadline(context),
+            feedback_step=feedback.step if feedback is not None and feedback.HasField("step") else None,
+            final_observation=_final_observation(feedback.final_observation, "feedback.final_observation")
+            if feedback is not None
+            else None,
         )
         response = policy_pb2.StepResponse(
             task_id=request.task_id, episode_id=request.episode_id, head_version=out.version, step=out.step
@@ -236,6 +241,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     action=from_proto(report.action, field="action"),
                     log_prob=report.log_prob,
                     head_version=report.head_version,
+                    deterministic=report.deterministic,
                 )
             outcome = self._plane.report(
                 report.task_id,
@@ -244,6 +250,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 terminated=report.terminated,
                 truncated=report.truncated,
                 transition=transition,
+                step=report.step if report.HasField("step") else None,
+                final_observation=_final_observation(report.final_observation, "final_observation"),
             )
             accepted += outcome.accepted
             dropped += not outcome.accepted
@@ -251,6 +259,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         return policy_pb2.ReportExperienceResponse(
             accepted=accepted, dropped=dropped, episodes_completed=completed
         )
+
+
+def _final_observation(tensor: Any, field: str) -> Any:
+    """A truncation's final observation (None when the message carries none)."""
+    return None if is_empty(tensor) else from_proto(tensor, field=field)
 
 
 class DiagnosticsServicer(policy_pb2_grpc.DiagnosticsServicer):
@@ -288,6 +301,8 @@ def segment_to_proto(segment: Segment) -> admin_pb2.EpisodeSegment:
         start_step=segment.start_step,
         episode_return=segment.episode_return if not math.isnan(segment.episode_return) else 0.0,
         episode_length=segment.episode_length,
+        deterministic=segment.deterministic,
+        episode_ordinal=segment.episode_ordinal,
     )
     to_proto(segment.observations, msg.observations)
     to_proto(segment.actions, msg.actions)

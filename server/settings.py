@@ -11,10 +11,16 @@ Admin placement (``admin_mode``):
   (127.0.0.1:50052), so the control plane is not reachable from where simulators connect.
 * ``"shared"``: ``HeadAdmin`` on the data-plane port (one port to expose; protect it with a token).
 * ``"off"``: no ``HeadAdmin`` at all (the bundle watch still follows published versions).
+
+Fail closed: HeadAdmin reachable from other hosts (``admin_host`` not a loopback address in ``separate``
+mode, or ``host`` not a loopback address in ``shared`` mode) must require a token (``admin_token``) or a
+client certificate (``admin_tls_client_ca``, or ``tls_client_ca`` when shared); otherwise the settings are
+refused, unless ``insecure_admin`` says the operator accepts an open control plane.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +48,11 @@ class ServerSettings(BaseSettings):
     admin_port: int = Field(50052, ge=0, le=65535, description="admin port (0: pick a free one)")
     admin_token: str | None = Field(
         None, description="when set, every HeadAdmin call needs `authorization: Bearer <token>` metadata"
+    )
+    insecure_admin: bool = Field(
+        False,
+        description="allow HeadAdmin to be reachable from other hosts with neither a token nor mTLS "
+        "(anyone who reaches it can load, swap and unload heads); refused without this",
     )
 
     # --- metrics -----------------------------------------------------------------------------------------
@@ -83,6 +94,12 @@ class ServerSettings(BaseSettings):
         True, description="poll the bundle for new head versions and active.json changes, load them"
     )
     watch_interval_s: float = Field(1.0, gt=0.0, description="seconds between bundle polls")
+    max_loaded_versions: int = Field(
+        3,
+        ge=1,
+        description="versions of a task kept loaded (active, previous, newest candidate); older ones are "
+        "unloaded and stay on disk",
+    )
     warmup_batch_sizes: tuple[int, ...] = Field(
         (1, 8), description="batch sizes every session runs once before it serves"
     )
@@ -92,6 +109,12 @@ class ServerSettings(BaseSettings):
     max_open_episodes: int = Field(10_000, ge=1, description="episodes assembled at once; oldest evicted")
     max_segment_steps: int = Field(
         512, ge=1, description="an episode longer than this is sent to subscribers in segments"
+    )
+    max_abs_reward: float = Field(
+        1e6,
+        gt=0.0,
+        description="a reported reward outside [-max_abs_reward, max_abs_reward] (or NaN/inf) is refused "
+        "with INVALID_ARGUMENT and counted, never trained on",
     )
     subscriber_queue_size: int = Field(
         1024, ge=1, description="segments buffered per StreamExperience subscriber before dropping"
@@ -124,6 +147,12 @@ class ServerSettings(BaseSettings):
         ge=1024,
         description="largest head a LoadHead upload may carry (onnx + head_json); more is INVALID_ARGUMENT",
     )
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0.0,
+        description="SIGTERM: seconds health reports NOT_SERVING while new calls are still served, so load "
+        "balancers and health watchers move away before calls are refused",
+    )
     grace_period_s: float = Field(10.0, ge=0.0, description="SIGTERM: seconds in-flight calls may finish")
     tls_cert: Path | None = Field(None, description="PEM certificate of the data plane (enables TLS)")
     tls_key: Path | None = Field(None, description="PEM private key of the data plane")
@@ -151,8 +180,47 @@ class ServerSettings(BaseSettings):
             )
         if any(b < 1 for b in self.warmup_batch_sizes):
             raise ValueError("warmup_batch_sizes must be positive")
+        exposed = self.exposed_admin_address
+        if exposed is not None and not self.insecure_admin:
+            client_ca = (
+                "tls_client_ca (--tls-client-ca)"
+                if self.admin_mode == "shared"
+                else ("admin_tls_client_ca (--admin-tls-client-ca)")
+            )
+            where = "admin_host (--admin-host)" if self.admin_mode == "separate" else "host (--host)"
+            raise ValueError(
+                f"HeadAdmin would be reachable from other hosts at {exposed} with neither a token nor mTLS: "
+                f"set admin_token (POLYHEAD_ADMIN_TOKEN) or {client_ca}, bind {where} to 127.0.0.1, or "
+                "pass --insecure-admin (POLYHEAD_INSECURE_ADMIN=true) to accept an open control plane"
+            )
         return self
+
+    @property
+    def exposed_admin_address(self) -> str | None:
+        """``host:port`` where HeadAdmin listens on a non-loopback address with neither a token nor a
+        client certificate required; None when it is not reachable from other hosts or is protected."""
+        if self.admin_mode == "off" or self.admin_token:
+            return None
+        if self.admin_mode == "shared":
+            host, port, client_ca = self.host, self.port, self.tls_client_ca
+        else:
+            host, port, client_ca = self.admin_host, self.admin_port, self.admin_tls_client_ca
+        if client_ca is not None or is_loopback(host):
+            return None
+        return f"{host}:{port}"
 
     @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` listens on loopback only (``127.0.0.0/8``, ``::1``, ``localhost``).
+    Wildcards (``0.0.0.0``, ``::``), other addresses and other host names count as reachable."""
+    name = host.strip().strip("[]").lower()
+    if name in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

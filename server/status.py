@@ -16,7 +16,7 @@ STATUS_TABLE: tuple[tuple[type[errors.PolyheadError], grpc.StatusCode], ...] = (
     (errors.UnknownTask, grpc.StatusCode.NOT_FOUND),
     (errors.UnknownVersion, grpc.StatusCode.NOT_FOUND),
     (errors.BundleNotFound, grpc.StatusCode.NOT_FOUND),
-    # InvalidObservation, BatchTooLarge and CorruptHead are InvalidArgument subclasses.
+    # InvalidObservation, InvalidExperience, BatchTooLarge and CorruptHead are InvalidArgument subclasses.
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.InvalidTaskSpec, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.IncompatibleHead, grpc.StatusCode.FAILED_PRECONDITION),

@@ -12,6 +12,9 @@
   ``.admin_target``
   are ``"127.0.0.1:PORT"`` strings for ``grpc.insecure_channel``.
 * ``policy_stub`` / ``admin_stub`` / ``diagnostics_stub`` (function): raw gRPC stubs connected to ``server``.
+* A guard: a test (or test module) that would be *skipped* because one of polyhead's own modules failed to
+  import fails instead (``pytest.importorskip("polyhead...")``, or ``pytest.skip`` inside an
+  ``except ImportError`` of a polyhead module). A broken import is a bug, not a missing optional tool.
 * ``pki`` (session): test certificates made with the openssl command (skips without it): ``ca.pem``,
   ``server.pem``/``.key`` for 127.0.0.1 and localhost, ``client.pem``/``.key``, and
   ``rogue.pem``/``.key``
@@ -20,9 +23,10 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,61 @@ import pytest
 from polyhead.v1 import admin_pb2_grpc, policy_pb2_grpc
 
 TINY_SUITE = "classic-mixed"
+
+# importorskip's own reason ("could not import 'polyhead.server.app': ...") at module level, where only the
+# report's text is left to read.
+_IMPORTORSKIP_REASON = re.compile(r"could not import '(polyhead(?:\.[\w.]+)?)'")
+
+
+def _own_module_import_failure(exc: BaseException | None, reason: str) -> str | None:
+    """The polyhead module whose failed import caused this skip, or None when the skip has another cause."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "polyhead":
+            return str(exc.name)
+        exc = exc.__cause__ or exc.__context__
+    found = _IMPORTORSKIP_REASON.search(reason)
+    return found.group(1) if found else None
+
+
+def _fail_instead(report: pytest.TestReport | pytest.CollectReport, module: str, reason: str) -> None:
+    report.outcome = "failed"
+    report.longrepr = (
+        f"skipped because polyhead's own module {module!r} failed to import; that is a bug, not a missing "
+        f"optional dependency, so the skip counts as a failure ({reason})"
+    )
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    return str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.skipped and call.excinfo is not None:
+        reason = _skip_reason(report)
+        module = _own_module_import_failure(call.excinfo.value, reason)
+        if module is not None:
+            _fail_instead(report, module, reason)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    report = yield
+    if report.skipped:
+        reason = _skip_reason(report)
+        module = _own_module_import_failure(None, reason)
+        if module is not None:
+            _fail_instead(report, module, reason)
+    return report
 
 
 @pytest.fixture(scope="session")

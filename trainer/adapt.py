@@ -62,6 +62,7 @@ from polyhead.trainer.updater.floor import Floor, zero_shot_floor
 from polyhead.trainer.updater.frozen import Fingerprint, freeze_trunk
 from polyhead.trainer.updater.guard import RolloutGuard
 from polyhead.trainer.updater.head_ppo import (
+    DROP_REASONS,
     HeadLearner,
     SegmentData,
     collect_head_rollout,
@@ -121,6 +122,7 @@ class AdaptResult:
     candidates: list[CandidateResult] = field(default_factory=list)
     versions: list[dict[str, Any]] = field(default_factory=list)
     dropped_steps: dict[str, int] = field(default_factory=dict)
+    bootstraps: dict[str, int] = field(default_factory=dict)
     updates: int = 0
     metrics_port: int | None = None
     served_version: int | None = None  # the task's active version on --server's data plane at the end
@@ -155,6 +157,7 @@ class AdaptResult:
             "versions": self.versions,
             "updates": self.updates,
             "dropped_steps": self.dropped_steps,
+            "truncation_bootstraps": self.bootstraps,
             "served_version": self.served_version,
         }
 
@@ -357,7 +360,9 @@ class _RemoteState:
     rolled_back: set[int] = field(default_factory=set)
     active: int = 0
     rollbacks: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: {"stale": 0, "unknown_version": 0})
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    bootstraps: dict[str, int] = field(default_factory=lambda: {"next_observation": 0, "last_observation": 0})
+    copy_version: int | None = None  # the published copy of the best old head, once one was needed
 
     def allowed(self, lag: int) -> dict[int, bool]:
         recent = set(self.lineage[-(lag + 1) :])
@@ -393,8 +398,28 @@ def _adapt_remote(
     start, state = _remote_start(run, floor)
     run.head().load_state_dict(state)
     learner = HeadLearner(run.policy, task.id, ppo, seed=ppo.seed)
+    nearest = floor.best_head
+    floor_live: tuple[float, ...] = ()
+    if nearest is not None:
+        # The bar a live version must clear, measured like live traffic: the best old head, sampled.
+        probe = replace(task, id=nearest)
+        floor_live = tuple(
+            evaluate(
+                run.policy,
+                [probe],
+                episodes=max(config.zero_shot_episodes, 2 * config.guard_episodes),
+                seed=ppo.seed + FLOOR_SEED_OFFSET,
+                deterministic=False,
+            )[nearest]
+        )
+        log.info("floor for the guard: %s sampled, mean return %.1f", nearest, float(np.mean(floor_live)))
     guard = RolloutGuard(
-        publisher, run.metrics, margin=config.rollback_margin, min_episodes=config.guard_episodes
+        publisher,
+        run.metrics,
+        margin=config.rollback_margin,
+        min_episodes=config.guard_episodes,
+        alpha=config.guard_alpha,
+        floor=floor_live,
     )
     rs = _RemoteState()
     return_rms = RunningMeanStd()
@@ -417,15 +442,32 @@ def _adapt_remote(
 
     def judge() -> None:
         decision = guard.check()
-        if decision is not None and decision.verdict == "regressed":
-            rs.lineage.remove(decision.new_version)
-            rs.rolled_back.add(decision.new_version)
+        if decision is None or decision.verdict in ("held", "pending"):
+            return
+        rs.lineage.remove(decision.new_version)
+        rs.rolled_back.add(decision.new_version)
+        rs.rollbacks += 1
+        learner.optimizer.state.clear()  # Adam's moments belong to the discarded parameters
+        if decision.verdict == "regressed":
             rs.active = decision.previous_version
-            rs.rollbacks += 1
-            learner.optimizer.state.clear()  # Adam's moments belong to the discarded parameters
+            return
+        # below_floor: serve the best old head instead (a copy under this task) and learn on from it.
+        assert nearest is not None
+        run.metrics.rollbacks.labels(task=task.id).inc()
+        if rs.copy_version is None:
+            run.head().load_state_dict(run.old_state(nearest))
+            rs.copy_version = publish(
+                f"copy of {nearest}: version {decision.new_version} was below it on live episodes"
+            ).version
+        else:
+            publisher.activate(rs.copy_version)
+            publisher.restore(rs.copy_version)
+            rs.lineage.append(rs.copy_version)
+            rs.active = rs.copy_version
 
     try:
-        publish(f"initial head ({start})")
+        first = publish(f"initial head ({start})")
+        guard.watch(first.version, 0)
         last_data = time.monotonic()
         pending: list[SegmentData] = []
         while steps < ppo.total_steps:
@@ -454,7 +496,17 @@ def _adapt_remote(
             pending = []
             for reason, n in batch.dropped.items():
                 rs.dropped[reason] += n
-                run.metrics.dropped.labels(task=task.id, reason=reason).inc(n)
+                if n:
+                    run.metrics.dropped.labels(task=task.id, reason=reason).inc(n)
+            if batch.bootstraps["last_observation"] and not rs.bootstraps["last_observation"]:
+                log.warning(
+                    "%s: truncated episodes arrive without their final observation; bootstrapping from "
+                    "V(last observation) instead of V(final observation) (an approximation; clients "
+                    "should send Feedback.final_observation)",
+                    task.id,
+                )
+            for how, n in batch.bootstraps.items():
+                rs.bootstraps[how] += n
             if batch.steps < 2:
                 continue
             learner.set_lr_fraction(1.0 - steps / ppo.total_steps)
@@ -485,6 +537,7 @@ def _adapt_remote(
     finally:
         feed.close()
         rs.dropped["lost_in_feed"] = feed.lost
+        rs.dropped["malformed"] += feed.malformed
 
     active = publisher.published[rs.active]
     served_by = f"trained:{start}"
@@ -618,6 +671,7 @@ def adapt(
                 for p in publisher.published.values()
             ],
             dropped_steps=rs.dropped,
+            bootstraps=rs.bootstraps,
             updates=updates,
             metrics_port=metrics_port,
             served_version=served_version,

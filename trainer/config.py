@@ -89,8 +89,19 @@ class PPOConfig:
     torch_threads: int = field(
         default=1, metadata={"help": "torch CPU threads (1 is fastest for small MLPs)"}
     )
+    checkpoint_interval: int = field(
+        default=50_000,
+        metadata={
+            "help": "write a resumable checkpoint to RUN_DIR/checkpoints/last.pt every this many total "
+            "steps (0: never); --resume RUN_DIR and torchrun restarts continue from it"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.checkpoint_interval < 0:
+            raise ValueError(
+                f"checkpoint_interval must be 0 (never) or positive, got {self.checkpoint_interval}"
+            )
         positive = ("total_steps", "envs_per_task", "num_steps", "update_epochs", "num_minibatches")
         for name in positive:
             if getattr(self, name) < 1:
@@ -103,6 +114,9 @@ class PPOConfig:
             raise ValueError(f"grad_surgery must be 'none' or 'pcgrad', got {self.grad_surgery!r}")
         if any(w < 0 for _, w in self.task_weights):
             raise ValueError("task weights must be non-negative")
+
+    # Settings that may change between a run and its resumption (they do not change the maths).
+    RESUMABLE_CHANGES = ("checkpoint_interval", "torch_threads")
 
     def weight(self, task_id: str) -> float:
         return dict(self.task_weights).get(task_id, 1.0)

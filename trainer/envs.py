@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from polyhead.envs import make_env
+from polyhead.envs import make_env, task_spaces
 from polyhead.errors import InvalidObservation
 from polyhead.spaces import SpaceSpec, pad_observations, raw_to_env_action, space_from_gymnasium
 from polyhead.spaces import observation_size as space_size
@@ -36,25 +36,42 @@ class StepResult:
 
 
 class TaskEnvs:
-    """``count`` environments of one task, seeded ``seed, seed + 1, ...``; actions are raw policy outputs."""
+    """``count`` environments of one task, env ``i`` seeded ``seed + i``; actions are raw policy outputs.
 
-    def __init__(self, task: TaskSpec, count: int, observation_size: int, *, seed: int) -> None:
+    Sharded (under torchrun): only the envs of global indices ``rank, rank + world_size, ... < count``
+    are built here (``indices``); every method takes local positions ``0 .. len(self) - 1``.
+    """
+
+    def __init__(
+        self,
+        task: TaskSpec,
+        count: int,
+        observation_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.task = task
         self.observation_size = observation_size
-        self.envs = [make_env(task) for _ in range(count)]
-        self.observation_space: SpaceSpec = space_from_gymnasium(self.envs[0].observation_space)
-        self.action_space: SpaceSpec = space_from_gymnasium(self.envs[0].action_space)
+        self.indices = np.arange(rank, count, world_size, dtype=np.int64)
+        self.envs = [make_env(task) for _ in self.indices]
+        if self.envs:
+            self.observation_space: SpaceSpec = space_from_gymnasium(self.envs[0].observation_space)
+            self.action_space: SpaceSpec = space_from_gymnasium(self.envs[0].action_space)
+        else:  # a rank that owns none of this task's envs (count < world_size) still knows its spaces
+            self.observation_space, self.action_space = task_spaces(task)
         self.width = space_size(self.observation_space)
         if self.width > observation_size:
             raise InvalidObservation(
                 f"task {task.id!r}: observations have {self.width} values; the trunk takes {observation_size}"
             )
-        self._returns = np.zeros(count)
-        self._lengths = np.zeros(count, dtype=np.int64)
-        self.obs = np.zeros((count, observation_size), dtype=np.float32)
-        for i, env in enumerate(self.envs):
-            env.action_space.seed(seed + i)
-            obs, _ = env.reset(seed=seed + i)
+        self._returns = np.zeros(len(self.envs))
+        self._lengths = np.zeros(len(self.envs), dtype=np.int64)
+        self.obs = np.zeros((len(self.envs), observation_size), dtype=np.float32)
+        for i, (env, g) in enumerate(zip(self.envs, self.indices, strict=True)):
+            env.action_space.seed(seed + int(g))
+            obs, _ = env.reset(seed=seed + int(g))
             self.obs[i] = self._pad(obs)
 
     def __len__(self) -> int:

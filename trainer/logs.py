@@ -26,28 +26,65 @@ import numpy.typing as npt
 log = logging.getLogger("polyhead.trainer")
 
 
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep a CSV log's header and its rows up to ``step`` (the first column)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with path.open("w", newline="") as fh:
+        csv.writer(fh).writerows(kept)
+
+
 class RunLogger:
     """Writes the run directory's logs and drives the progress bar (rich, on stderr when it is a TTY;
     otherwise one log line per evaluation)."""
 
     def __init__(
-        self, run_dir: Path, task_ids: Sequence[str], total_steps: int, *, progress: bool = True
+        self,
+        run_dir: Path,
+        task_ids: Sequence[str],
+        total_steps: int,
+        *,
+        progress: bool = True,
+        resume_step: int | None = None,
     ) -> None:
+        """``resume_step``: continue the logs of a run resumed from its checkpoint at that step (rows
+        logged after it, by the attempt that did not reach the next checkpoint, are dropped)."""
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.task_ids = list(task_ids)
         self.total_steps = total_steps
         self._metrics_file: TextIO | None = None
         self._metrics: csv.DictWriter[str] | None = None
-        self._eval_file = (run_dir / "eval.csv").open("w", newline="")
-        self._eval = csv.writer(self._eval_file)
-        self._eval.writerow(
-            ["step", "wall_seconds", "task", "eval_return_mean", "eval_return_std", "episodes"]
-        )
         self._cos_file: TextIO | None = None
+        eval_path = run_dir / "eval.csv"
+        if resume_step is not None and eval_path.is_file():
+            for name in ("metrics.csv", "eval.csv", "grad_cosines.csv"):
+                _truncate_after(run_dir / name, resume_step)
+            self._eval_file = eval_path.open("a", newline="")
+            self._eval = csv.writer(self._eval_file)
+            metrics_path = run_dir / "metrics.csv"
+            if metrics_path.is_file():
+                with metrics_path.open(newline="") as fh:
+                    fieldnames = next(csv.reader(fh))
+                self._metrics_file = metrics_path.open("a", newline="")
+                self._metrics = csv.DictWriter(self._metrics_file, fieldnames=fieldnames)
+            if (run_dir / "grad_cosines.csv").is_file():
+                self._cos_file = (run_dir / "grad_cosines.csv").open("a", newline="")
+        else:
+            self._eval_file = eval_path.open("w", newline="")
+            self._eval = csv.writer(self._eval_file)
+            self._eval.writerow(
+                ["step", "wall_seconds", "task", "eval_return_mean", "eval_return_std", "episodes"]
+            )
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=str(run_dir))
+        # purge_step: TensorBoard hides the resumed-over events after the checkpoint's step.
+        self.tb = SummaryWriter(
+            log_dir=str(run_dir), purge_step=None if resume_step is None else resume_step + 1
+        )
         self._progress: Any = None
         self._bar: Any = None
         if progress and sys.stderr.isatty():

@@ -143,13 +143,20 @@ class ObsNormalizer(nn.Module):
     @torch.no_grad()
     def update(self, obs: torch.Tensor | npt.NDArray[Any]) -> None:
         x = torch.as_tensor(obs, dtype=torch.float64).reshape(-1, self.mean.shape[0])
+        self.update_moments(x.mean(0), x.var(0, unbiased=False), x.shape[0])
+
+    @torch.no_grad()
+    def update_moments(self, batch_mean: torch.Tensor, batch_var: torch.Tensor, batch_count: float) -> None:
+        """Merge a batch known by its moments (under torchrun: every rank's observations, combined)."""
+        if batch_count <= 0:
+            return
         mean, var, count = combine_moments(
             self.mean,
             self.var,
             self.count,
-            batch_mean=x.mean(0),
-            batch_var=x.var(0, unbiased=False),
-            batch_count=x.shape[0],
+            batch_mean=batch_mean.to(torch.float64),
+            batch_var=batch_var.to(torch.float64),
+            batch_count=float(batch_count),
         )
         self.mean.copy_(mean)
         self.var.copy_(var)

@@ -24,7 +24,8 @@ from torch import nn
 
 from polyhead.taskspec import TaskSpec
 from polyhead.trainer.config import PPOConfig
-from polyhead.trainer.envs import TaskEnvs
+from polyhead.trainer.distributed import Ranks, batch_moments
+from polyhead.trainer.envs import StepResult, TaskEnvs
 from polyhead.trainer.gae import compute_gae
 from polyhead.trainer.pcgrad import cosine_matrix, pcgrad
 from polyhead.trainer.policy import MultiTaskPolicy
@@ -75,12 +76,17 @@ def collect_rollout(
     states: list[TaskState],
     active: list[npt.NDArray[np.int64]],
     config: PPOConfig,
+    *,
+    ranks: Ranks | None = None,
 ) -> dict[str, TaskRollout]:
-    """Step ``active[k]`` envs of each task ``config.num_steps`` times with sampled actions.
+    """Step ``active[k]`` envs (local positions) of each task ``config.num_steps`` times with sampled actions.
 
     Updates the observation normaliser with every observation seen and each task's return statistics;
-    appends finished episodes' undiscounted returns to ``TaskState.recent_returns``.
+    appends finished episodes' undiscounted returns to ``TaskState.recent_returns``. Under torchrun
+    (``ranks``) all three see every rank's environments, so they stay identical on every rank (one small
+    collective per step, two more per rollout).
     """
+    ranks = ranks or Ranks()
     T, D = config.num_steps, policy.observation_size
     sizes = [len(a) for a in active]
     buf: dict[str, dict[str, torch.Tensor]] = {}
@@ -95,14 +101,22 @@ def collect_rollout(
             "episode_ends": torch.zeros(T, k),
             "values": torch.zeros(T, k),
         }
+    # (step, global env index, return) of every episode that ends, to merge the ranks' in one order.
+    episodes: list[list[tuple[int, int, float]]] = [[] for _ in states]
 
+    def observations() -> npt.NDArray[np.float32]:
+        return np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
+
+    # The normaliser sees every observation the policy acts on, before it acts (every rank's).
+    mean, var, count = ranks.combine_moments(*batch_moments(torch.as_tensor(observations())))
+    policy.trunk.normalizer.update_moments(mean, var, float(count[0]))
     for step in range(T):
-        raw = np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
-        policy.trunk.normalizer.update(raw)
+        raw = observations()
         obs_norm = policy.normalize(torch.as_tensor(raw))
         features = policy.features(obs_norm)
         start = 0
-        for state, idx, k in zip(states, active, sizes, strict=True):
+        results: list[StepResult] = []
+        for n, (state, idx, k) in enumerate(zip(states, active, sizes, strict=True)):
             b = buf[state.task.id]
             head = policy.head(state.task.id)
             f, o = features[start : start + k], obs_norm[start : start + k]
@@ -115,14 +129,34 @@ def collect_rollout(
             b["values"][step] = head.value(f, o)
 
             result = state.envs.step(idx, action.numpy())
-            ended = result.terminated | result.truncated
-            # Per-task return normalisation: divide rewards by the running std of the discounted return
-            # (gymnasium NormalizeReward; Engstrom et al. 2020 "reward scaling").
+            results.append(result)
             state.discounted_returns[idx] = state.discounted_returns[idx] * config.gamma + result.rewards
-            scale = 1.0
-            if config.norm_reward:
-                state.return_rms.update(state.discounted_returns[idx])
-                scale = state.return_rms.std
+            ended_envs = state.envs.indices[idx[result.terminated | result.truncated]]
+            episodes[n].extend(
+                (step, int(i), r) for i, r in zip(ended_envs, result.episode_returns, strict=True)
+            )
+
+        # One exchange per step carries each task's discounted-return statistics (for reward scaling,
+        # now) and the next observations' statistics (for the normaliser, before the next step); the
+        # last step's next observations are the next rollout's first, folded in when it starts.
+        next_raw = observations() if step < T - 1 else np.zeros((0, D), np.float32)
+        moments = [
+            batch_moments(torch.as_tensor(s.discounted_returns[idx]).reshape(-1, 1))
+            for s, idx in zip(states, active, strict=True)
+        ]
+        moments.append(batch_moments(torch.as_tensor(next_raw)))
+        mean, var, count = ranks.combine_moments(*(torch.cat(m) for m in zip(*moments, strict=True)))
+        n_tasks = len(states)
+        # Per-task return normalisation: divide rewards by the running std of the discounted return
+        # (gymnasium NormalizeReward; Engstrom et al. 2020 "reward scaling"), over every rank's envs.
+        if config.norm_reward:
+            for n, state in enumerate(states):
+                state.return_rms.update_moments(float(mean[n]), float(var[n]), float(count[n]))
+        for state, idx, result in zip(states, active, results, strict=True):
+            b = buf[state.task.id]
+            head = policy.head(state.task.id)
+            ended = result.terminated | result.truncated
+            scale = state.return_rms.std if config.norm_reward else 1.0
             state.discounted_returns[idx[ended]] = 0.0
             rewards = torch.as_tensor(result.rewards / scale, dtype=torch.float32)
             # A time-limit truncation is not a failure: bootstrap γ V(s_final) (SB3's timeout handling).
@@ -133,8 +167,14 @@ def collect_rollout(
                 rewards[torch.as_tensor(cut)] += config.gamma * final_value
             b["rewards"][step] = rewards
             b["episode_ends"][step] = torch.as_tensor(ended, dtype=torch.float32)
-            state.recent_returns.extend(result.episode_returns)
-            state.episodes += len(result.episode_returns)
+        policy.trunk.normalizer.update_moments(mean[n_tasks:], var[n_tasks:], float(count[n_tasks]))
+
+    # Every rank's finished episodes, in the order one process would have seen them (drives gap sampling).
+    everyone = ranks.gather(episodes)
+    for n, state in enumerate(states):
+        merged = sorted(record for part in everyone for record in part[n])
+        state.recent_returns.extend(r for _, _, r in merged)
+        state.episodes += len(merged)
 
     rollouts: dict[str, TaskRollout] = {}
     raw = np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
@@ -152,8 +192,15 @@ def collect_rollout(
 # ============================================================================================================
 # Phase 2: advantages (GAE) and per-task normalisation
 # ============================================================================================================
-def compute_advantages(rollouts: dict[str, TaskRollout], config: PPOConfig) -> None:
-    """Fill each rollout's ``advantages`` and ``returns`` and flatten every array to its batch ``[T*k]``."""
+def compute_advantages(
+    rollouts: dict[str, TaskRollout], config: PPOConfig, *, ranks: Ranks | None = None
+) -> None:
+    """Fill each rollout's ``advantages`` and ``returns`` and flatten every array to its batch ``[T*k]``.
+
+    Under torchrun (``ranks``) a task's advantages are normalised with the mean and std of every rank's
+    share of its batch (a collective).
+    """
+    ranks = ranks or Ranks()
     for r in rollouts.values():
         advantages, returns = compute_gae(
             r.rewards,
@@ -170,9 +217,15 @@ def compute_advantages(rollouts: dict[str, TaskRollout], config: PPOConfig) -> N
         r.values = r.values.reshape(-1)
         r.returns = returns.reshape(-1)
         r.advantages = advantages.reshape(-1)
-        if config.norm_adv and r.advantages.numel() > 1:
-            # Per task, so a task with large advantages does not drown the others' policy gradient.
-            r.advantages = (r.advantages - r.advantages.mean()) / (r.advantages.std() + 1e-8)
+    if config.norm_adv:
+        # Per task, so a task with large advantages does not drown the others' policy gradient.
+        moments = [batch_moments(r.advantages.reshape(-1, 1)) for r in rollouts.values()]
+        mean, var, count = ranks.combine_moments(*(torch.cat(m) for m in zip(*moments, strict=True)))
+        for n, r in enumerate(rollouts.values()):
+            total = float(count[n])
+            if total > 1:
+                std = float(torch.sqrt(var[n] * total / (total - 1)))  # unbiased, as Tensor.std()
+                r.advantages = (r.advantages - float(mean[n])) / (std + 1e-8)
 
 
 # ============================================================================================================
@@ -187,6 +240,34 @@ class UpdateStats:
     epochs: int
 
 
+class MinibatchForward(nn.Module):
+    """The update's forward pass as a module, so DistributedDataParallel can wrap it.
+
+    ``forward(obs, actions)``: a minibatch of normalised observations holding every task, task after task
+    in the order of ``actions`` (task id -> that task's actions); returns each task's new log-probs,
+    entropies and values. DDP all-reduces the gradients of what ran through its wrapped ``forward`` (and
+    only that), so the update calls the policy through here.
+    """
+
+    def __init__(self, policy: MultiTaskPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(
+        self, obs: torch.Tensor, actions: dict[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        features = self.policy.features(obs)
+        out = {}
+        start = 0
+        for t, action in actions.items():
+            head, n = self.policy.head(t), len(action)
+            f, o = features[start : start + n], obs[start : start + n]
+            start += n
+            dist = head.dist(f)
+            out[t] = (head.log_prob(dist, action), head.entropy(dist), head.value(f, o))
+        return out
+
+
 def ppo_update(
     policy: MultiTaskPolicy,
     optimizer: torch.optim.Optimizer,
@@ -195,9 +276,23 @@ def ppo_update(
     config: PPOConfig,
     *,
     generator: torch.Generator,
+    forward: nn.Module | None = None,
+    ranks: Ranks | None = None,
 ) -> UpdateStats:
-    """``config.update_epochs`` epochs of clipped-surrogate PPO over minibatches holding every task."""
+    """``config.update_epochs`` epochs of clipped-surrogate PPO over minibatches holding every task.
+
+    ``forward`` evaluates minibatches (default ``MinibatchForward(policy)``); under torchrun it is that
+    module wrapped in DistributedDataParallel, and every rank calls this with its share of the batch.
+    The ranks' gradients are averaged, so each rank's task loss is weighted by its share of the task's
+    samples (``n_local * world_size / n_total``, 1 when the shards are equal) to give the gradient of the
+    loss over the whole batch. The early stop on ``target_kl`` uses the mean KL over ranks, so every rank
+    runs the same number of epochs; the returned statistics are means over ranks.
+    """
+    ranks = ranks or Ranks()
+    forward = forward or MinibatchForward(policy)
     task_ids = list(rollouts)
+    local_sizes = np.array([len(rollouts[t].logprobs) for t in task_ids], dtype=np.float64)
+    share = dict(zip(task_ids, local_sizes / np.maximum(ranks.average(local_sizes), 1.0), strict=True))
     trunk_params = list(policy.trunk.parameters())
     all_params = list(policy.parameters())
     surgery = config.grad_surgery == "pcgrad"
@@ -219,18 +314,11 @@ def ppo_update(
         for mb in range(config.num_minibatches):
             mb_inds = {t: chunks[t][mb] for t in task_ids}
             mb_obs = torch.cat([rollouts[t].obs[mb_inds[t]] for t in task_ids])
-            features = policy.features(mb_obs)
+            outputs = forward(mb_obs, {t: rollouts[t].actions[mb_inds[t]] for t in task_ids})
             losses: list[torch.Tensor] = []
-            start = 0
             for t in task_ids:
-                r, inds, head = rollouts[t], mb_inds[t], policy.head(t)
-                n = len(inds)
-                f, o = features[start : start + n], mb_obs[start : start + n]
-                start += n
-                dist = head.dist(f)
-                newlogprob = head.log_prob(dist, r.actions[inds])
-                entropy = head.entropy(dist)
-                newvalue = head.value(f, o)
+                r, inds = rollouts[t], mb_inds[t]
+                newlogprob, entropy, newvalue = outputs[t]
                 logratio = newlogprob - r.logprobs[inds]
                 ratio = logratio.exp()
                 with torch.no_grad():
@@ -258,7 +346,7 @@ def ppo_update(
 
                 entropy_loss = entropy.mean()
                 loss = pg_loss - config.ent_coef * entropy_loss + v_loss * config.vf_coef
-                losses.append(weights[t] * loss)
+                losses.append(weights[t] * share[t] * loss)
                 epoch_kl.append(float(approx_kl))
                 for key, value in (
                     ("policy_loss", pg_loss),
@@ -284,12 +372,19 @@ def ppo_update(
             nn.utils.clip_grad_norm_(all_params, config.max_grad_norm, foreach=True)
             optimizer.step()
 
-        if config.target_kl is not None and float(np.mean(epoch_kl)) > config.target_kl:
-            break
+        if config.target_kl is not None:
+            mean_kl = float(ranks.average(np.array([np.mean(epoch_kl)]))[0])
+            if mean_kl > config.target_kl:
+                break
 
     per_task = {t: {k: v / max(count, 1) for k, v in s.items()} for t, s in sums.items()}
     for t, r in rollouts.items():
         per_task[t]["explained_variance"] = _explained_variance(r.values, r.returns)
+    if ranks.distributed:
+        keys = [(t, k) for t in task_ids for k in per_task[t]]
+        means = ranks.average(np.array([per_task[t][k] for t, k in keys]))
+        for (t, k), value in zip(keys, means, strict=True):
+            per_task[t][k] = float(value)
     return UpdateStats(
         per_task=per_task, grad_cosines=cos_sum / cos_count if cos_count else None, epochs=epochs_done
     )
@@ -318,13 +413,15 @@ def _explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     return float("nan") if var_y == 0 else 1.0 - float((returns - values).var()) / var_y
 
 
-def allocate_envs(states: list[TaskState], config: PPOConfig) -> list[npt.NDArray[np.int64]]:
-    """Which envs of each task step in the next rollout.
+def allocate_envs(
+    states: list[TaskState], config: PPOConfig, *, min_envs: int = 1
+) -> list[npt.NDArray[np.int64]]:
+    """Which envs (global indices) of each task step in the next rollout.
 
     ``uniform``: all ``envs_per_task``. ``gap``: the same total, shared in proportion to each task's
     normalised gap to its target return (plus a floor, so a solved task keeps practising), each task
-    between 1 and ``2 * envs_per_task`` envs. A task without episodes yet or without a target counts as
-    far from it.
+    between ``min_envs`` (under torchrun: the number of ranks, so every rank steps every task) and
+    ``2 * envs_per_task`` envs. A task without episodes yet or without a target counts as far from it.
     """
     n = config.envs_per_task
     if config.task_sampling == "uniform":
@@ -338,11 +435,11 @@ def allocate_envs(states: list[TaskState], config: PPOConfig) -> list[npt.NDArra
             gaps.append(max(0.0, target - recent) / max(abs(target), 1.0))
     weights = np.asarray(gaps) + 0.1
     budget = n * len(states)
-    counts = np.clip(np.round(weights / weights.sum() * budget), 1, 2 * n).astype(np.int64)
+    counts = np.clip(np.round(weights / weights.sum() * budget), min_envs, 2 * n).astype(np.int64)
     # Make the counts add up to the budget: adjust the tasks with the most (or fewest) envs first.
     while counts.sum() != budget:
         if counts.sum() > budget:
-            i = int(np.argmax(np.where(counts > 1, counts, -1)))
+            i = int(np.argmax(np.where(counts > min_envs, counts, -1)))
             counts[i] -= 1
         else:
             i = int(np.argmin(np.where(counts < 2 * n, counts, np.iinfo(np.int64).max)))

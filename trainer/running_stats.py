@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 
 def combine_moments(
@@ -23,6 +24,26 @@ def combine_moments(
     return new_mean, m2 / total, total
 
 
+def fold_moments(
+    means: torch.Tensor, variances: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Combine P parts' statistics ``[P, S]`` (mean, population variance, count per statistic) into the
+    union's ``[S]``, with :func:`combine_moments` applied part after part (so in a fixed order).
+
+    Parts with count 0 leave a statistic unchanged; a statistic no part has seen comes out as (0, 0, 0).
+    """
+    mean, var, count = means[0], variances[0], counts[0]
+    for p in range(1, means.shape[0]):
+        new_mean, new_var, total = combine_moments(
+            mean, var, count, batch_mean=means[p], batch_var=variances[p], batch_count=counts[p]
+        )
+        seen = total > 0  # 0/0 where neither side has seen anything yet
+        mean = torch.where(seen, new_mean, mean)
+        var = torch.where(seen, new_var, var)
+        count = total
+    return mean, var, count
+
+
 class RunningMeanStd:
     """Mean and variance of every value passed to :meth:`update` (the scalar case of gymnasium's)."""
 
@@ -35,14 +56,26 @@ class RunningMeanStd:
         x = np.asarray(values, dtype=np.float64).ravel()
         if x.size == 0:
             return
+        self.update_moments(float(x.mean()), float(x.var()), x.size)
+
+    def update_moments(self, batch_mean: float, batch_var: float, batch_count: float) -> None:
+        """Merge a batch known only by its moments (e.g. every rank's batch, combined); count 0 is a no-op."""
+        if batch_count <= 0:
+            return
         self.mean, self.var, self.count = combine_moments(
             self.mean,
             self.var,
             self.count,
-            batch_mean=float(x.mean()),
-            batch_var=float(x.var()),
-            batch_count=x.size,
+            batch_mean=float(batch_mean),
+            batch_var=float(batch_var),
+            batch_count=float(batch_count),
         )
+
+    def state(self) -> tuple[float, float, float]:
+        return float(self.mean), float(self.var), float(self.count)
+
+    def load_state(self, state: tuple[float, float, float]) -> None:
+        self.mean, self.var, self.count = (float(v) for v in state)
 
     @property
     def std(self) -> float:

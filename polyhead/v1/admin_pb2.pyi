@@ -152,7 +152,7 @@ class StreamExperienceRequest(_message.Message):
     def __init__(self, task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EpisodeSegment(_message.Message):
-    __slots__ = ("task_id", "episode_id", "observations", "actions", "log_probs", "rewards", "head_versions", "terminated", "truncated", "start_step", "episode_return", "episode_length", "next_observation")
+    __slots__ = ("task_id", "episode_id", "observations", "actions", "log_probs", "rewards", "head_versions", "terminated", "truncated", "start_step", "episode_return", "episode_length", "next_observation", "deterministic", "episode_ordinal")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,8 @@ class EpisodeSegment(_message.Message):
     EPISODE_RETURN_FIELD_NUMBER: _ClassVar[int]
     EPISODE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     NEXT_OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
+    EPISODE_ORDINAL_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     episode_id: str
     observations: _types_pb2.Tensor
@@ -179,4 +181,6 @@ class EpisodeSegment(_message.Message):
     episode_return: float
     episode_length: int
     next_observation: _types_pb2.Tensor
-    def __init__(self, task_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., observations: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., actions: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., log_probs: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., rewards: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., head_versions: _Optional[_Iterable[int]] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., start_step: _Optional[int] = ..., episode_return: _Optional[float] = ..., episode_length: _Optional[int] = ..., next_observation: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    deterministic: _containers.RepeatedScalarFieldContainer[bool]
+    episode_ordinal: int
+    def __init__(self, task_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., observations: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., actions: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., log_probs: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., rewards: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., head_versions: _Optional[_Iterable[int]] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., start_step: _Optional[int] = ..., episode_return: _Optional[float] = ..., episode_length: _Optional[int] = ..., next_observation: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., deterministic: _Optional[_Iterable[bool]] = ..., episode_ordinal: _Optional[int] = ...) -> None: ...

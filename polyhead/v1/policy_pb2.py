@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from polyhead.v1 import types_pb2 as polyhead_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18polyhead/v1/policy.proto\x12\x0bpolyhead.v1\x1a\x17polyhead/v1/types.proto\"\xd0\x01\n\nActRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12)\n\x0cobservations\x18\x02 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x15\n\rdeterministic\x18\x03 \x01(\x08\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0freturn_log_prob\x18\x05 \x01(\x08\x12\x14\n\x0creturn_value\x18\x06 \x01(\x08\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12\x13\n\x0b\x65pisode_ids\x18\x08 \x03(\tB\x07\n\x05_seed\"\xe8\x01\n\x0b\x41\x63tResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0chead_version\x18\x02 \x01(\x03\x12$\n\x07\x61\x63tions\x18\x03 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12&\n\tlog_probs\x18\x04 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12#\n\x06values\x18\x05 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12(\n\x0braw_actions\x18\x06 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x15\n\rhead_versions\x18\x07 \x03(\x03\"A\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x0e\n\x06reward\x18\x01 \x01(\x02\x12\x12\n\nterminated\x18\x02 \x01(\x08\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"\xf9\x01\n\x0bStepRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12(\n\x0bobservation\x18\x03 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12,\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x04 \x01(\x0b\x32\x15.polyhead.v1.FeedbackH\x00\x88\x01\x01\x12\x15\n\rdeterministic\x18\x05 \x01(\x08\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\x0freturn_log_prob\x18\x07 \x01(\x08\x12\x14\n\x0creturn_value\x18\x08 \x01(\x08\x42\x0b\n\t_feedbackB\x07\n\x05_seed\"\xc7\x01\n\x0cStepResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x14\n\x0chead_version\x18\x03 \x01(\x03\x12#\n\x06\x61\x63tion\x18\x04 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12%\n\x08log_prob\x18\x05 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\"\n\x05value\x18\x06 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x0c\n\x04step\x18\x07 \x01(\x03\"\x12\n\x10ListTasksRequest\"\xa8\x02\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.polyhead.v1.TaskSpec\x12-\n\x11observation_space\x18\x03 \x01(\x0b\x32\x12.polyhead.v1.Space\x12(\n\x0c\x61\x63tion_space\x18\x04 \x01(\x0b\x32\x12.polyhead.v1.Space\x12\x16\n\x0e\x61\x63tive_version\x18\x05 \x01(\x03\x12\x17\n\x0floaded_versions\x18\x06 \x03(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x07 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x08 \x01(\x01\x12\x11\n\tregressed\x18\t \x01(\x08\x12\x19\n\x11regression_detail\x18\n \x01(\t\"\x81\x01\n\x11ListTasksResponse\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.polyhead.v1.TaskInfo\x12\x14\n\x0ctrunk_sha256\x18\x02 \x01(\t\x12\x18\n\x10observation_size\x18\x03 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x03\"\xe5\x01\n\x10\x45xperienceReport\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x12\n\nterminated\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12(\n\x0bobservation\x18\x06 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12#\n\x06\x61\x63tion\x18\x07 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x10\n\x08log_prob\x18\x08 \x01(\x02\x12\x14\n\x0chead_version\x18\t \x01(\x03\"Y\n\x18ReportExperienceResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x03\x12\x1a\n\x12\x65pisodes_completed\x18\x03 \x01(\x03\"\x1e\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1f\n\x0c\x45\x63hoResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xb7\x02\n\rPolicyService\x12\x38\n\x03\x41\x63t\x12\x17.polyhead.v1.ActRequest\x1a\x18.polyhead.v1.ActResponse\x12\x44\n\tActStream\x12\x18.polyhead.v1.StepRequest\x1a\x19.polyhead.v1.StepResponse(\x01\x30\x01\x12J\n\tListTasks\x12\x1d.polyhead.v1.ListTasksRequest\x1a\x1e.polyhead.v1.ListTasksResponse\x12Z\n\x10ReportExperience\x12\x1d.polyhead.v1.ExperienceReport\x1a%.polyhead.v1.ReportExperienceResponse(\x01\x32J\n\x0b\x44iagnostics\x12;\n\x04\x45\x63ho\x12\x18.polyhead.v1.EchoRequest\x1a\x19.polyhead.v1.EchoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18polyhead/v1/policy.proto\x12\x0bpolyhead.v1\x1a\x17polyhead/v1/types.proto\"\xdf\x01\n\nActRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12)\n\x0cobservations\x18\x02 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x15\n\rdeterministic\x18\x03 \x01(\x08\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0freturn_log_prob\x18\x05 \x01(\x08\x12\x14\n\x0creturn_value\x18\x06 \x01(\x08\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12\x13\n\x0b\x65pisode_ids\x18\x08 \x03(\t\x12\r\n\x05steps\x18\t \x03(\x03\x42\x07\n\x05_seed\"\xe8\x01\n\x0b\x41\x63tResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0chead_version\x18\x02 \x01(\x03\x12$\n\x07\x61\x63tions\x18\x03 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12&\n\tlog_probs\x18\x04 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12#\n\x06values\x18\x05 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12(\n\x0braw_actions\x18\x06 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x15\n\rhead_versions\x18\x07 \x03(\x03\"\x8d\x01\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x0e\n\x06reward\x18\x01 \x01(\x02\x12\x12\n\nterminated\x18\x02 \x01(\x08\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x11\n\x04step\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12.\n\x11\x66inal_observation\x18\x05 \x01(\x0b\x32\x13.polyhead.v1.TensorB\x07\n\x05_step\"\xf9\x01\n\x0bStepRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12(\n\x0bobservation\x18\x03 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12,\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x04 \x01(\x0b\x32\x15.polyhead.v1.FeedbackH\x00\x88\x01\x01\x12\x15\n\rdeterministic\x18\x05 \x01(\x08\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\x0freturn_log_prob\x18\x07 \x01(\x08\x12\x14\n\x0creturn_value\x18\x08 \x01(\x08\x42\x0b\n\t_feedbackB\x07\n\x05_seed\"\xc7\x01\n\x0cStepResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x14\n\x0chead_version\x18\x03 \x01(\x03\x12#\n\x06\x61\x63tion\x18\x04 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12%\n\x08log_prob\x18\x05 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\"\n\x05value\x18\x06 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x0c\n\x04step\x18\x07 \x01(\x03\"\x12\n\x10ListTasksRequest\"\xa8\x02\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.polyhead.v1.TaskSpec\x12-\n\x11observation_space\x18\x03 \x01(\x0b\x32\x12.polyhead.v1.Space\x12(\n\x0c\x61\x63tion_space\x18\x04 \x01(\x0b\x32\x12.polyhead.v1.Space\x12\x16\n\x0e\x61\x63tive_version\x18\x05 \x01(\x03\x12\x17\n\x0floaded_versions\x18\x06 \x03(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x07 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x08 \x01(\x01\x12\x11\n\tregressed\x18\t \x01(\x08\x12\x19\n\x11regression_detail\x18\n \x01(\t\"\x81\x01\n\x11ListTasksResponse\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.polyhead.v1.TaskInfo\x12\x14\n\x0ctrunk_sha256\x18\x02 \x01(\t\x12\x18\n\x10observation_size\x18\x03 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x03\"\xc8\x02\n\x10\x45xperienceReport\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x12\n\nterminated\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12(\n\x0bobservation\x18\x06 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12#\n\x06\x61\x63tion\x18\x07 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x10\n\x08log_prob\x18\x08 \x01(\x02\x12\x14\n\x0chead_version\x18\t \x01(\x03\x12\x11\n\x04step\x18\n \x01(\x03H\x00\x88\x01\x01\x12.\n\x11\x66inal_observation\x18\x0b \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x15\n\rdeterministic\x18\x0c \x01(\x08\x42\x07\n\x05_step\"Y\n\x18ReportExperienceResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x03\x12\x1a\n\x12\x65pisodes_completed\x18\x03 \x01(\x03\"\x1e\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1f\n\x0c\x45\x63hoResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xb7\x02\n\rPolicyService\x12\x38\n\x03\x41\x63t\x12\x17.polyhead.v1.ActRequest\x1a\x18.polyhead.v1.ActResponse\x12\x44\n\tActStream\x12\x18.polyhead.v1.StepRequest\x1a\x19.polyhead.v1.StepResponse(\x01\x30\x01\x12J\n\tListTasks\x12\x1d.polyhead.v1.ListTasksRequest\x1a\x1e.polyhead.v1.ListTasksResponse\x12Z\n\x10ReportExperience\x12\x1d.polyhead.v1.ExperienceReport\x1a%.polyhead.v1.ReportExperienceResponse(\x01\x32J\n\x0b\x44iagnostics\x12;\n\x04\x45\x63ho\x12\x18.polyhead.v1.EchoRequest\x1a\x19.polyhead.v1.EchoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'polyhead.v1.policy_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ACTREQUEST']._serialized_start=67
-  _globals['_ACTREQUEST']._serialized_end=275
-  _globals['_ACTRESPONSE']._serialized_start=278
-  _globals['_ACTRESPONSE']._serialized_end=510
-  _globals['_FEEDBACK']._serialized_start=512
-  _globals['_FEEDBACK']._serialized_end=577
-  _globals['_STEPREQUEST']._serialized_start=580
-  _globals['_STEPREQUEST']._serialized_end=829
-  _globals['_STEPRESPONSE']._serialized_start=832
-  _globals['_STEPRESPONSE']._serialized_end=1031
-  _globals['_LISTTASKSREQUEST']._serialized_start=1033
-  _globals['_LISTTASKSREQUEST']._serialized_end=1051
-  _globals['_TASKINFO']._serialized_start=1054
-  _globals['_TASKINFO']._serialized_end=1350
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1353
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1482
-  _globals['_EXPERIENCEREPORT']._serialized_start=1485
-  _globals['_EXPERIENCEREPORT']._serialized_end=1714
-  _globals['_REPORTEXPERIENCERESPONSE']._serialized_start=1716
-  _globals['_REPORTEXPERIENCERESPONSE']._serialized_end=1805
-  _globals['_ECHOREQUEST']._serialized_start=1807
-  _globals['_ECHOREQUEST']._serialized_end=1837
-  _globals['_ECHORESPONSE']._serialized_start=1839
-  _globals['_ECHORESPONSE']._serialized_end=1870
-  _globals['_POLICYSERVICE']._serialized_start=1873
-  _globals['_POLICYSERVICE']._serialized_end=2184
-  _globals['_DIAGNOSTICS']._serialized_start=2186
-  _globals['_DIAGNOSTICS']._serialized_end=2260
+  _globals['_ACTREQUEST']._serialized_end=290
+  _globals['_ACTRESPONSE']._serialized_start=293
+  _globals['_ACTRESPONSE']._serialized_end=525
+  _globals['_FEEDBACK']._serialized_start=528
+  _globals['_FEEDBACK']._serialized_end=669
+  _globals['_STEPREQUEST']._serialized_start=672
+  _globals['_STEPREQUEST']._serialized_end=921
+  _globals['_STEPRESPONSE']._serialized_start=924
+  _globals['_STEPRESPONSE']._serialized_end=1123
+  _globals['_LISTTASKSREQUEST']._serialized_start=1125
+  _globals['_LISTTASKSREQUEST']._serialized_end=1143
+  _globals['_TASKINFO']._serialized_start=1146
+  _globals['_TASKINFO']._serialized_end=1442
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1445
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1574
+  _globals['_EXPERIENCEREPORT']._serialized_start=1577
+  _globals['_EXPERIENCEREPORT']._serialized_end=1905
+  _globals['_REPORTEXPERIENCERESPONSE']._serialized_start=1907
+  _globals['_REPORTEXPERIENCERESPONSE']._serialized_end=1996
+  _globals['_ECHOREQUEST']._serialized_start=1998
+  _globals['_ECHOREQUEST']._serialized_end=2028
+  _globals['_ECHORESPONSE']._serialized_start=2030
+  _globals['_ECHORESPONSE']._serialized_end=2061
+  _globals['_POLICYSERVICE']._serialized_start=2064
+  _globals['_POLICYSERVICE']._serialized_end=2375
+  _globals['_DIAGNOSTICS']._serialized_start=2377
+  _globals['_DIAGNOSTICS']._serialized_end=2451
 # @@protoc_insertion_point(module_scope)

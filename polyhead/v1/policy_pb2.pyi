@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ActRequest(_message.Message):
-    __slots__ = ("task_id", "observations", "deterministic", "seed", "return_log_prob", "return_value", "version", "episode_ids")
+    __slots__ = ("task_id", "observations", "deterministic", "seed", "return_log_prob", "return_value", "version", "episode_ids", "steps")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class ActRequest(_message.Message):
     RETURN_VALUE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EPISODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     observations: _types_pb2.Tensor
     deterministic: bool
@@ -25,7 +26,8 @@ class ActRequest(_message.Message):
     return_value: bool
     version: int
     episode_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_id: _Optional[str] = ..., observations: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., deterministic: _Optional[bool] = ..., seed: _Optional[int] = ..., return_log_prob: _Optional[bool] = ..., return_value: _Optional[bool] = ..., version: _Optional[int] = ..., episode_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, task_id: _Optional[str] = ..., observations: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., deterministic: _Optional[bool] = ..., seed: _Optional[int] = ..., return_log_prob: _Optional[bool] = ..., return_value: _Optional[bool] = ..., version: _Optional[int] = ..., episode_ids: _Optional[_Iterable[str]] = ..., steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ActResponse(_message.Message):
     __slots__ = ("task_id", "head_version", "actions", "log_probs", "values", "raw_actions", "head_versions")
@@ -46,14 +48,18 @@ class ActResponse(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., head_version: _Optional[int] = ..., actions: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., log_probs: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., raw_actions: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., head_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Feedback(_message.Message):
-    __slots__ = ("reward", "terminated", "truncated")
+    __slots__ = ("reward", "terminated", "truncated", "step", "final_observation")
     REWARD_FIELD_NUMBER: _ClassVar[int]
     TERMINATED_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    FINAL_OBSERVATION_FIELD_NUMBER: _ClassVar[int]
     reward: float
     terminated: bool
     truncated: bool
-    def __init__(self, reward: _Optional[float] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    step: int
+    final_observation: _types_pb2.Tensor
+    def __init__(self, reward: _Optional[float] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., step: _Optional[int] = ..., final_observation: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("task_id", "episode_id", "observation", "feedback", "deterministic", "seed", "return_log_prob", "return_value")
@@ -134,7 +140,7 @@ class ListTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ..., trunk_sha256: _Optional[str] = ..., observation_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
 
 class ExperienceReport(_message.Message):
-    __slots__ = ("task_id", "episode_id", "reward", "terminated", "truncated", "observation", "action", "log_prob", "head_version")
+    __slots__ = ("task_id", "episode_id", "reward", "terminated", "truncated", "observation", "action", "log_prob", "head_version", "step", "final_observation", "deterministic")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +150,9 @@ class ExperienceReport(_message.Message):
     ACTION_FIELD_NUMBER: _ClassVar[int]
     LOG_PROB_FIELD_NUMBER: _ClassVar[int]
     HEAD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    FINAL_OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     episode_id: str
     reward: float
@@ -153,7 +162,10 @@ class ExperienceReport(_message.Message):
     action: _types_pb2.Tensor
     log_prob: float
     head_version: int
-    def __init__(self, task_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., reward: _Optional[float] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., observation: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., action: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., log_prob: _Optional[float] = ..., head_version: _Optional[int] = ...) -> None: ...
+    step: int
+    final_observation: _types_pb2.Tensor
+    deterministic: bool
+    def __init__(self, task_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., reward: _Optional[float] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., observation: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., action: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., log_prob: _Optional[float] = ..., head_version: _Optional[int] = ..., step: _Optional[int] = ..., final_observation: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., deterministic: _Optional[bool] = ...) -> None: ...
 
 class ReportExperienceResponse(_message.Message):
     __slots__ = ("accepted", "dropped", "episodes_completed")

@@ -1,5 +1,6 @@
 """``polyhead simulate`` and the simulator engine against a real server: deterministic returns equal an
-in-process onnxruntime evaluation of the bundle; rewards reach the server; failures give exit status 1."""
+in-process onnxruntime evaluation of the bundle; rewards reach the server; failed requests give exit status 1,
+no server at all exit status 2."""
 
 from __future__ import annotations
 
@@ -95,16 +96,17 @@ def test_simulate_with_a_users_task_spec(clients_server: BackgroundServer, tmp_p
     assert json.loads(proc.stdout.strip().splitlines()[-1])["episodes"] == 2
 
 
-def test_simulate_exits_non_zero_on_failed_requests() -> None:
+def test_simulate_without_a_server_fails_in_one_line() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = _simulate(
         "--target", f"127.0.0.1:{port}", "--task", "cartpole", "--episodes", "1", "--timeout", "0.5"
     )
-    assert proc.returncode == 1
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["failed_requests"] >= 1
+    assert proc.returncode == 2
+    (line,) = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert line.startswith(f"polyhead simulate: error: no polyhead server answered at 127.0.0.1:{port}")
+    assert proc.stdout.strip() == ""  # no summary for a run that never started
 
 
 def test_unknown_task_fails_with_the_served_list(clients_server: BackgroundServer) -> None:

@@ -3,6 +3,7 @@ CPU torch, both non-root, multi-stage, from files that exist and are not ignored
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import re
 import tomllib
@@ -74,7 +75,7 @@ def test_multi_stage_non_root_and_copies_exist(name: str) -> None:
 def test_serving_image_has_no_torch() -> None:
     dockerfile = DOCKER / "Dockerfile.server"
     text = " ".join(rest for _, rest in instructions(dockerfile))
-    assert 'pip install ".[serve]"' in text
+    assert 'pip install ${PIP_INSTALL_OPTIONS} ".[serve]"' in text
     installs = re.findall(r"pip install ([^&]*)", text)
     assert installs and not any("torch" in packages for packages in installs), installs
     assert "find_spec('torch') is None" in text, "the build asserts torch did not come in transitively"
@@ -108,7 +109,39 @@ def test_trainer_image_pins_torch_from_the_cpu_index() -> None:
     assert build_args["TORCH_INDEX_URL"].endswith("/whl/cpu")
     text = " ".join(rest for _, rest in instructions(dockerfile))
     assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in text
-    assert 'pip install ".[train,minigrid]"' in text
+    assert 'pip install ${PIP_INSTALL_OPTIONS} ".[train,minigrid]"' in text
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.server", "Dockerfile.trainer"])
+def test_every_pip_install_takes_the_offline_options(name: str) -> None:
+    """deploy/podman/build-images.sh builds offline by passing PIP_INSTALL_OPTIONS (--no-index plus a
+    wheelhouse): a pip install without them would reach for PyPI. Empty by default, so a plain
+    `docker build` with internet installs from PyPI."""
+    dockerfile = DOCKER / name
+    build_args = dict(a.split("=", 1) if "=" in a else (a, None) for a in args_of(dockerfile, "ARG"))
+    assert build_args["PIP_INSTALL_OPTIONS"] == '""'
+    text = " ".join(rest for _, rest in instructions(dockerfile))
+    installs = re.findall(r"pip install (\S+)", text)
+    assert installs and all(first == "${PIP_INSTALL_OPTIONS}" for first in installs), installs
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.server", "Dockerfile.trainer"])
+def test_build_checks_import_the_polyhead_namespace(name: str) -> None:
+    """The checks after pip install import polyhead.* in isolated mode (-I): from /src, a plain
+    `python -c` would import the source tree instead of what was installed."""
+    text = " ".join(rest for _, rest in instructions(DOCKER / name))
+    checks = re.findall(r'bin/python (-\S+ )?-c "([^"]*)"', text)
+    assert checks, "the build runs an import check"
+    for flag, code in checks:
+        assert flag.strip() == "-I", code
+        modules = {
+            alias.name
+            for node in ast.walk(ast.parse(code.replace("${TORCH_VERSION}", "0")))
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        assert any(m.startswith("polyhead.") for m in modules), modules
+        assert not {m.split(".")[0] for m in modules} & {"server", "trainer", "clients"}, modules
 
 
 def test_entrypoint_is_the_polyhead_command() -> None:

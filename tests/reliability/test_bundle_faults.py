@@ -1,4 +1,4 @@
-"""Malformed bundles and heads: `polyhead serve` refuses a broken trunk or manifest with exit status 1 and a
+"""Malformed bundles and heads: `polyhead serve` refuses a broken trunk or manifest with exit status 2 and a
 message naming the problem; a broken head is skipped (counted) while the other tasks serve; LoadHead of a
 broken version directory is refused and changes nothing. tests/contract covers Bundle.open's errors and
 tests/server a missing bundle directory; this covers what the serving process and LoadHead do with them.
@@ -63,7 +63,7 @@ def test_serve_refuses_a_broken_bundle_with_a_clear_message(bundle_copy: Path, c
     breaker, expected = BROKEN_TRUNKS[case]
     breaker(bundle_copy)
     result = serve_once(bundle_copy)
-    assert result.returncode == 1, (case, result.returncode, result.stderr[-2000:])
+    assert result.returncode == 2, (case, result.returncode, result.stderr[-2000:])
     assert expected.lower() in result.stderr.lower(), (case, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, (case, result.stderr[-3000:])
 

@@ -106,5 +106,5 @@ def test_missing_bundle_fails_cleanly(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
-    assert "BundleNotFound" in result.stderr
+    assert result.returncode == 2
+    assert "BundleNotFound" in result.stderr and "Traceback" not in result.stderr

@@ -84,7 +84,9 @@ BAD_SPECS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SPECS))
-def test_bad_spec_fails_before_training(tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_spec_fails_before_training(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     body, task_name, field = BAD_SPECS[case]
     suite = tmp_path / "suite.toml"
     # A good task first, so a failure proves every task is validated, not only the first.
@@ -92,9 +94,9 @@ def test_bad_spec_fails_before_training(tmp_path: Path, case: str, caplog: pytes
     out = tmp_path / "out"
     started = time.perf_counter()
     code = main(["train", "--suite", str(suite), "--out", str(out), "--total-steps", "100000"])
-    assert code == 1
-    message = " ".join(r.getMessage() for r in caplog.records)
-    assert "InvalidTaskSpec" in message
+    assert code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("polyhead train: error: InvalidTaskSpec")
     assert task_name in message, message
     assert field in message, message
     assert not out.exists()
@@ -102,24 +104,24 @@ def test_bad_spec_fails_before_training(tmp_path: Path, case: str, caplog: pytes
     assert time.perf_counter() - started < 20
 
 
-def test_bad_heldout_task_also_fails(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_heldout_task_also_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     suite = tmp_path / "suite.toml"
     suite.write_text(
         '[[task]]\nid = "good"\nenv = "CartPole-v1"\n\n'
         '[[task]]\nid = "later"\nenv = "CartPole-v1"\nrole = "heldout"\nattrs = { masscart = true }\n'
     )
-    assert main(["train", "--suite", str(suite), "--out", str(tmp_path / "out")]) == 1
-    assert "attrs.masscart" in caplog.text
+    assert main(["train", "--suite", str(suite), "--out", str(tmp_path / "out")]) == 2
+    assert "attrs.masscart" in capsys.readouterr().err
 
 
-def test_unknown_suite_and_task_weights(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    assert main(["train", "--suite", "no-such-suite", "--out", str(tmp_path / "a")]) == 1
-    assert "unknown suite 'no-such-suite'" in caplog.text
+def test_unknown_suite_and_task_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--suite", "no-such-suite", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown suite 'no-such-suite'" in capsys.readouterr().err
     code = main(
         ["train", "--suite", "cartpole-family", "--out", str(tmp_path / "b"), "--task-weights", "nope=2"]
     )
-    assert code == 1
-    assert "nope" in caplog.text
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 

@@ -1,5 +1,5 @@
-"""``polyhead adapt`` fails fast and clearly: exit status 1 (2 for argument errors) and a message that says
-what was wrong, before any training."""
+"""``polyhead adapt`` fails fast and clearly: exit status 2 and one line that says what was wrong (a bad
+task spec, a missing bundle, an unreachable server, bad arguments), before any training."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_bad_task_spec_fails_with_a_clear_message(
     if spec_text is not None:
         spec.write_text(spec_text)
     proc = _adapt("--bundle", str(random_bundle), "--task-spec", str(spec))
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert "InvalidTaskSpec" in proc.stderr and expected in proc.stderr
     assert proc.stdout.strip() == ""  # no summary line for a failed run
 
@@ -50,7 +50,7 @@ def test_unreachable_server_fails_with_a_clear_message(random_copy: Path) -> Non
         "--bundle", str(random_copy), "--task-spec", "cartpole-family:cartpole-reversed",
         "--source", "remote", "--admin-target", "127.0.0.1:1",
     )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     assert "ServerUnreachable" in proc.stderr and "127.0.0.1:1" in proc.stderr
     assert not (random_copy / "heads" / "cartpole-reversed").exists()
 
@@ -60,13 +60,13 @@ def test_remote_without_a_server_is_an_argument_error(random_bundle: Path) -> No
         "--bundle", str(random_bundle), "--task-spec", "cartpole-family:cartpole-reversed",
         "--source", "remote",
     )  # fmt: skip
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "--server or --admin-target" in proc.stderr
 
 
 def test_missing_bundle_fails_with_a_clear_message(tmp_path: Path) -> None:
     proc = _adapt("--bundle", str(tmp_path / "nowhere"), "--task-spec", "cartpole-family:cartpole-reversed")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "BundleNotFound" in proc.stderr and "does not exist" in proc.stderr
 
 

@@ -58,12 +58,19 @@ class AdaptConfig:
     )
     rollback_margin: float = field(
         default=0.2,
-        metadata={"help": "roll a new version back when its live mean return falls below the previous "
-                  "version's by more than this fraction of |previous mean| (floor 1)"},
+        metadata={"help": "roll a new version back when its live returns are significantly below the "
+                  "previous version's minus this fraction of |previous mean| (floor 1)"},
     )  # fmt: skip
     guard_episodes: int = field(
-        default=8, metadata={"help": "live episodes of a new version before it is judged"}
-    )
+        default=8,
+        metadata={"help": "a new version is judged on the first this-many live episodes to start under it "
+                  "(once all of them have finished)"},
+    )  # fmt: skip
+    guard_alpha: float = field(
+        default=0.05,
+        metadata={"help": "false-alarm rate of the guard's one-sided Mann-Whitney test: a version as good "
+                  "as the one it replaced is rolled back with at most this probability"},
+    )  # fmt: skip
     guard_timeout_s: float = field(
         default=120.0, metadata={"help": "longest wait for the last version's verdict at the end of a run"}
     )
@@ -93,6 +100,8 @@ class AdaptConfig:
             raise ValueError(f"init must be 'scratch', 'nearest' or 'both', got {self.init!r}")
         if self.publish_every < 1 or self.guard_episodes < 1 or self.zero_shot_episodes < 1:
             raise ValueError("publish_every, guard_episodes and zero_shot_episodes must be at least 1")
+        if not 0.0 < self.guard_alpha < 1.0:
+            raise ValueError(f"guard_alpha must be in (0, 1), got {self.guard_alpha}")
         if self.rollback_margin < 0 or self.max_version_lag < 0:
             raise ValueError("rollback_margin and max_version_lag must be non-negative")
         if self.source == "remote" and self.resolved_admin_target is None:

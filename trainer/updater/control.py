@@ -39,7 +39,7 @@ from polyhead.v1 import admin_pb2
 log = logging.getLogger("polyhead.trainer.adapt")
 
 
-class ServerUnreachable(errors.PolyheadError):
+class ServerUnreachable(errors.UsageError):
     """The server's admin endpoint did not answer (wrong address, server down, admin port off)."""
 
 
@@ -131,9 +131,20 @@ class ServerControl:
         return self.activate(task_id, version)
 
     def activate(self, task_id: str, version: int) -> int:
-        """``SetActiveVersion``: serve a loaded version (one reference swap on the server)."""
+        """``SetActiveVersion``: serve a published version (one reference swap on the server). A server
+        keeps only a few versions loaded (``max_loaded_versions``); one it has unloaded is loaded again from
+        the bundle it serves (``heads/<task>/<version>``) and activated."""
         try:
             return self._admin.set_active_version(task_id, version).active_version
+        except TaskNotFound:
+            pass  # the version was unloaded: its files are still in the bundle
+        except PolicyClientError as exc:
+            raise _domain_error(exc, f"activating {task_id!r} version {version}", self.target) from None
+        try:
+            resp = self._admin.load_head(
+                task_id, repository_path=f"heads/{task_id}/{version}", version=version, activate=True
+            )
+            return int(resp.active_version)
         except PolicyClientError as exc:
             raise _domain_error(exc, f"activating {task_id!r} version {version}", self.target) from None
 
@@ -184,6 +195,9 @@ def segment_from_proto(msg: admin_pb2.EpisodeSegment) -> SegmentData:
         truncated=msg.truncated,
         episode_return=msg.episode_return if msg.episode_length > 0 else math.nan,
         next_observation=nxt,
+        deterministic=tuple(bool(d) for d in msg.deterministic),
+        start_step=int(msg.start_step),
+        episode_ordinal=int(msg.episode_ordinal),
     )
 
 
@@ -208,6 +222,7 @@ class ExperienceFeed:
         self.queue: queue.Queue[SegmentData] = queue.Queue(maxsize)
         self.errors = 0
         self.lost = 0
+        self.malformed = 0  # steps of segments that could not be decoded (skipped, the stream goes on)
         self._target = admin_target
         self._token = token
         self._on_error = on_error
@@ -228,7 +243,14 @@ class ExperienceFeed:
             try:
                 for msg in client.stream_experience([self.task_id]):
                     try:
-                        self.queue.put_nowait(segment_from_proto(msg))
+                        segment = segment_from_proto(msg)
+                    except (errors.PolyheadError, ValueError) as exc:
+                        # One undecodable segment must not cost the stream (and what follows it).
+                        self.malformed += len(msg.head_versions)
+                        log.warning("experience feed of %s: segment skipped: %s", self.task_id, exc)
+                        continue
+                    try:
+                        self.queue.put_nowait(segment)
                     except queue.Full:
                         self.lost += len(msg.head_versions)
             except Cancelled:

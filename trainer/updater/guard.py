@@ -1,17 +1,30 @@
 """The guarded rollout: a new head version must hold up on live episodes, or it is rolled back.
 
-After a version is published, the returns of episodes that were played *entirely* by it (every step of
-the segment that ends the episode names that version) are compared with those of the version it replaced.
-Once ``min_episodes`` of the new version have finished, the verdict is:
+**Which episodes.** A version is judged only on episodes that *started and ended* under it: every step of
+every segment of the episode names that version and was acted in one mode (sampled, or deterministic),
+and the episode's first segment (step 0) was seen. Sampled and deterministic episodes are never mixed:
+each (version, mode) pair is its own sample, and versions are compared within one mode.
 
-* ``regressed`` when ``mean(new) < mean(previous) - margin * max(|mean(previous)|, 1)`` (``margin`` is a
-  fraction of the previous mean, so one setting fits tasks with returns near 1 and near 500);
+**Like with like.** Short episodes finish first, so "the first N episodes to *finish* under a new
+version" is biased short (and for CartPole, low). The server numbers episodes in the order they *start*
+under a version (``EpisodeSegment.episode_ordinal``); the new version's sample is its *cohort*: the first
+``min_episodes`` ordinals, judged only once every one of them has finished (whatever its length). The
+version it replaced is sampled the same way: its most recent run of consecutive ordinals that have all
+finished (``2 x min_episodes`` at most), so neither side is selected by episode length.
+
+**The test.** :func:`polyhead.trainer.updater.stats.worse_than`: a one-sided Mann-Whitney U test of
+"new + margin is not worse than previous" at level ``alpha``, where ``margin`` is ``rollback_margin`` of
+the previous mean's magnitude. So a version as good as its predecessor is rolled back with probability
+at most ``alpha`` (default 0.05; less with a positive margin). The verdict is:
+
+* ``regressed``: worse than the previous version (rolled back to it);
+* ``below_floor``: worse than the best old head's returns on the task (``floor``, measured the same way,
+  sampled, by the updater) while no better than the previous version; the caller serves that head
+  instead;
 * ``held`` otherwise.
 
-Episodes that straddle the swap (mixed versions) count for neither. The previous version's returns are
-its most recent ``min_episodes`` (or more) fully-played episodes. If the previous version has no live
-episodes yet (the very first version, or a version whose episodes were all mixed), the new version is
-judged against its own evaluation return recorded at publication.
+A version whose cohort does not complete within ``guard_timeout_s`` stays live with a warning (the caller
+decides); episodes that never end (a client gone) are what delays a cohort.
 """
 
 from __future__ import annotations
@@ -27,10 +40,14 @@ import numpy as np
 from polyhead.trainer.updater.head_ppo import SegmentData
 from polyhead.trainer.updater.metrics import UpdaterMetrics
 from polyhead.trainer.updater.publisher import HeadPublisher
+from polyhead.trainer.updater.stats import ShiftTest, relative_margin, worse_than
 
 log = logging.getLogger("polyhead.trainer.adapt")
 
-Verdict = Literal["pending", "held", "regressed"]
+Verdict = Literal["pending", "held", "regressed", "below_floor"]
+Mode = Literal["sampled", "deterministic"]
+MODES: tuple[Mode, ...] = ("sampled", "deterministic")
+_MIXED = math.nan  # an ordinal whose episode did not run entirely under one version and mode
 
 
 @dataclass(frozen=True)
@@ -41,85 +58,185 @@ class Decision:
     new_mean: float
     previous_mean: float
     episodes: int
+    mode: str = "sampled"
+    test: ShiftTest | None = None
+    floor_test: ShiftTest | None = None
 
     def describe(self) -> str:
-        return (
-            f"version {self.new_version}: live mean return {self.new_mean:.1f} over {self.episodes} episodes "
-            f"vs {self.previous_mean:.1f} for version {self.previous_version}"
+        text = (
+            f"version {self.new_version}: live mean return {self.new_mean:.1f} over the first "
+            f"{self.episodes} {self.mode} episodes to start under it vs {self.previous_mean:.1f} for version "
+            f"{self.previous_version}"
         )
+        if self.test is not None:
+            t = self.test
+            text += f" (Mann-Whitney p={t.p_value:.3g}, alpha {t.alpha}, margin {t.margin:.1f})"
+        if self.floor_test is not None:
+            text += f"; best old head {self.floor_test.reference_mean:.1f} (p={self.floor_test.p_value:.3g})"
+        return text
 
 
 class LiveReturns:
-    """Episode returns per head version, from segments that end an episode played by one version."""
+    """Returns of whole episodes per (version, mode), indexed by the order in which they started.
 
-    def __init__(self, keep: int = 200) -> None:
-        self._returns: dict[int, collections.deque[float]] = {}
-        self._keep = keep
+    ``observe`` every segment of the feed. Memory is bounded: the returns of the ``keep_versions`` most
+    recent versions, and at most ``max_open`` episodes followed across segments.
+    """
+
+    def __init__(self, *, keep_versions: int = 4, max_open: int = 10_000) -> None:
+        # (version, mode) -> ordinal -> return (NaN: the episode mixed versions or modes)
+        self._returns: dict[tuple[int, str], dict[int, float]] = {}
+        self._open: collections.OrderedDict[str, tuple[int, str | None, int, bool]] = (
+            collections.OrderedDict()
+        )
+        self._keep_versions = keep_versions
+        self._max_open = max_open
 
     def observe(self, segment: SegmentData) -> None:
-        if math.isnan(segment.episode_return) or not segment.head_versions:
+        if not segment.head_versions:
             return
         versions = set(segment.head_versions)
-        # A long episode arrives in several segments; only its last is checked (start_step > 0 then).
-        if len(versions) == 1:
-            (version,) = versions
-            self._returns.setdefault(version, collections.deque(maxlen=self._keep)).append(
-                float(segment.episode_return)
-            )
+        mode = segment.mode
+        first_mode: str | None
+        if segment.start_step == 0:
+            first, ordinal = segment.head_versions[0], segment.episode_ordinal
+            first_mode = "deterministic" if segment.deterministic and segment.deterministic[0] else "sampled"
+            pure = len(versions) == 1 and mode is not None
+        elif segment.episode_id in self._open:
+            first, first_mode, ordinal, pure = self._open.pop(segment.episode_id)
+            pure = pure and versions == {first} and mode == first_mode
+        else:
+            return  # its start was never seen: no ordinal to file it under
+        if not segment.ends_episode:
+            self._open[segment.episode_id] = (first, first_mode, ordinal, pure)
+            while len(self._open) > self._max_open:
+                self._open.popitem(last=False)
+            return
+        if first_mode is None:
+            return
+        value = float(segment.episode_return) if pure and not math.isnan(segment.episode_return) else _MIXED
+        self._returns.setdefault((first, first_mode), {})[ordinal] = value
+        self._forget_old()
 
-    def returns(self, version: int) -> list[float]:
-        return list(self._returns.get(version, ()))
+    def _forget_old(self) -> None:
+        versions = sorted({v for v, _ in self._returns})
+        for old in versions[: -self._keep_versions]:
+            for mode in MODES:
+                self._returns.pop((old, mode), None)
 
-    def mean(self, version: int, *, last: int | None = None) -> float:
-        values = self.returns(version)
-        if last is not None:
-            values = values[-last:]
+    def cohort(self, version: int, mode: str, n: int) -> list[float] | None:
+        """Returns of the first ``n`` episodes to start under ``version`` (mixed ones left out), or None
+        while any of them is still running."""
+        seen = self._returns.get((version, mode), {})
+        if any(i not in seen for i in range(n)):
+            return None
+        return [seen[i] for i in range(n) if not math.isnan(seen[i])]
+
+    def recent(self, version: int, mode: str, n: int) -> list[float]:
+        """Returns of the latest ``n`` episodes of a consecutive run of ordinals from 0 that all finished
+        under ``version``. The run stops at the first episode that is still running or mixed versions:
+        episodes that started shortly before a swap finish under the old version only when they are
+        short, so everything from the first straddling episode on is left out."""
+        seen = self._returns.get((version, mode), {})
+        end = 0
+        while end in seen and not math.isnan(seen[end]):
+            end += 1
+        return [seen[i] for i in range(max(0, end - n), end)]
+
+    def finished(self, version: int, mode: str = "sampled") -> list[float]:
+        """Every recorded return of ``version`` (any order; for progress output)."""
+        return [v for v in self._returns.get((version, mode), {}).values() if not math.isnan(v)]
+
+    def mean(self, version: int, *, last: int | None = None, mode: str = "sampled") -> float:
+        values = self.recent(version, mode, last) if last is not None else self.finished(version, mode)
         return float(np.mean(values)) if values else math.nan
 
 
 @dataclass
 class GuardedRollout:
-    """Watches one version against the one it replaced; see the module docstring for the rule."""
+    """Watches one version against the one it replaced (and the floor); see the module docstring."""
 
     live: LiveReturns
     new_version: int
-    previous_version: int
-    previous_reference: float  # the previous version's live mean when it has one, else its eval return
+    previous_version: int  # 0: none (the first version)
     margin: float
     min_episodes: int
+    alpha: float
+    floor: tuple[float, ...] = ()  # the best old head's sampled returns on the task; empty: no floor
 
     def decide(self) -> Decision:
-        new = self.live.returns(self.new_version)
-        previous_mean = self.live.mean(self.previous_version, last=max(self.min_episodes, 20))
-        if math.isnan(previous_mean):
-            previous_mean = self.previous_reference
-        if len(new) < self.min_episodes:
+        for mode in MODES:
+            new = self.live.cohort(self.new_version, mode, self.min_episodes)
+            if new is None or len(new) < max(2, self.min_episodes // 2):
+                continue  # not complete yet (or mostly mixed episodes)
+            previous = (
+                self.live.recent(self.previous_version, mode, 2 * self.min_episodes)
+                if self.previous_version
+                else []
+            )
+            test = None
+            if len(previous) >= max(2, self.min_episodes // 2):
+                test = worse_than(
+                    new, previous, margin=relative_margin(previous, self.margin), alpha=self.alpha
+                )
+            floor_test = None
+            if self.floor and mode == "sampled":
+                floor_test = worse_than(
+                    new, self.floor, margin=relative_margin(self.floor, self.margin), alpha=self.alpha
+                )
+            verdict: Verdict = "held"
+            if test is not None and test.worse:
+                verdict = "regressed"
+            elif floor_test is not None and floor_test.worse:
+                verdict = "below_floor"
             return Decision(
-                "pending", self.new_version, self.previous_version, self.live.mean(self.new_version),
-                previous_mean, len(new),
-            )  # fmt: skip
-        new_mean = float(np.mean(new[: self.min_episodes * 2]))
-        bar = previous_mean - self.margin * max(abs(previous_mean), 1.0)
-        verdict: Verdict = "regressed" if new_mean < bar else "held"
-        return Decision(verdict, self.new_version, self.previous_version, new_mean, previous_mean, len(new))
+                verdict,
+                self.new_version,
+                self.previous_version,
+                float(np.mean(new)),
+                float(np.mean(previous)) if previous else math.nan,
+                len(new),
+                mode,
+                test,
+                floor_test,
+            )
+        running = max(len(self.live.finished(self.new_version, m)) for m in MODES)
+        return Decision(
+            "pending",
+            self.new_version,
+            self.previous_version,
+            self.live.mean(self.new_version),
+            self.live.mean(self.previous_version, last=2 * self.min_episodes),
+            running,
+        )
 
 
 class RolloutGuard:
     """Judges each newly published version on live returns and rolls a regression back.
 
-    ``watch(new, previous)`` after publishing ``new``; feed every experience segment to ``observe``; call
-    ``check()`` as often as convenient. A ``regressed`` verdict re-activates ``previous`` on the server and in
-    the bundle's active pointer, rewinds the torch head to ``previous``'s parameters, counts
-    ``polyhead_updater_rollbacks_total{task}`` and logs the numbers.
+    ``watch(new, previous)`` after publishing ``new`` (``previous`` 0 for the first version); feed every
+    experience segment to ``observe``; call ``check()`` as often as convenient. A ``regressed`` verdict
+    re-activates ``previous`` on the server and in the bundle's active pointer, rewinds the torch head to
+    ``previous``'s parameters, counts ``polyhead_updater_rollbacks_total{task}`` and logs the numbers. A
+    ``below_floor`` verdict is returned for the caller to act on (it owns the old heads).
     """
 
     def __init__(
-        self, publisher: HeadPublisher, metrics: UpdaterMetrics, *, margin: float, min_episodes: int
+        self,
+        publisher: HeadPublisher,
+        metrics: UpdaterMetrics,
+        *,
+        margin: float,
+        min_episodes: int,
+        alpha: float = 0.05,
+        floor: tuple[float, ...] = (),
     ) -> None:
         self.publisher = publisher
         self.metrics = metrics
         self.margin = margin
         self.min_episodes = min_episodes
+        self.alpha = alpha
+        self.floor = floor
         self.live = LiveReturns()
         self.current: GuardedRollout | None = None
         self.decisions: list[Decision] = []
@@ -130,11 +247,14 @@ class RolloutGuard:
         return self.current is not None
 
     def watch(self, new_version: int, previous_version: int) -> None:
-        reference = self.live.mean(previous_version, last=max(self.min_episodes, 20))
-        if math.isnan(reference):
-            reference = self.publisher.published[previous_version].eval_return
         self.current = GuardedRollout(
-            self.live, new_version, previous_version, reference, self.margin, self.min_episodes
+            self.live,
+            new_version,
+            previous_version,
+            self.margin,
+            self.min_episodes,
+            self.alpha,
+            self.floor,
         )
 
     def observe(self, segments: list[SegmentData]) -> None:
@@ -157,6 +277,8 @@ class RolloutGuard:
             self.publisher.restore(decision.previous_version)
             self.metrics.rollbacks.labels(task=task_id).inc()
             self.rolled_back.append(decision.new_version)
+        elif decision.verdict == "below_floor":
+            log.warning("%s %s: below the best old head", task_id, decision.describe())
         else:
             log.info("%s %s: kept", task_id, decision.describe())
         self.decisions.append(decision)

@@ -16,14 +16,14 @@ are reused), with three differences that make it *head-only*:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from polyhead.spaces import pad_observations
+from polyhead.spaces import DiscreteSpec, action_dim, pad_observations
 from polyhead.trainer.config import PPOConfig
 from polyhead.trainer.gae import compute_gae
 from polyhead.trainer.policy import MultiTaskPolicy
@@ -110,6 +110,9 @@ class SegmentData:
     truncated: bool
     episode_return: float  # NaN unless the segment ends the episode
     next_observation: npt.NDArray[np.float32] | None
+    deterministic: tuple[bool, ...] = ()  # per step; empty: every step sampled
+    start_step: int = 0  # index of the first step within the episode
+    episode_ordinal: int = 0  # start order among the episodes of the same first version and mode
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -118,14 +121,71 @@ class SegmentData:
     def ends_episode(self) -> bool:
         return self.terminated or (self.truncated and not np.isnan(self.episode_return))
 
+    @property
+    def mode(self) -> str | None:
+        """ "sampled" or "deterministic" when every step was acted one way, else None."""
+        if not any(self.deterministic):
+            return "sampled"
+        return "deterministic" if all(self.deterministic) else None
+
+
+#: Reasons a remote step is not trained on (``polyhead_updater_dropped_samples_total{reason}``).
+DROP_REASONS = ("stale", "unknown_version", "deterministic", "non_finite", "invalid_action", "malformed")
+
+
+def segment_problem(seg: SegmentData, *, discrete_n: int | None, action_size: int) -> str | None:
+    """The updater's second line of defence: why a segment must not be trained on, or None.
+
+    The server refuses such experience at the edge; this check keeps one bad message from another
+    source (an older server, a bug) from turning the return statistics or the head's weights into NaN
+    (``non_finite``), crashing the update on an out-of-range index (``invalid_action``), or breaking on
+    shapes that do not line up (``malformed``).
+    """
+    T = len(seg)
+    actions = np.asarray(seg.actions)
+    if (
+        np.asarray(seg.observations).shape[0] != T
+        or np.asarray(seg.log_probs).shape != (T,)
+        or len(seg.head_versions) != T
+        or actions.shape[0] != T
+        or (seg.deterministic and len(seg.deterministic) != T)
+    ):
+        return "malformed"
+    floats = [seg.observations, seg.log_probs, seg.rewards]
+    if seg.next_observation is not None:
+        floats.append(seg.next_observation)
+    if discrete_n is None:
+        floats.append(actions)
+    if not all(np.isfinite(np.asarray(x, np.float64)).all() for x in floats):
+        return "non_finite"
+    if discrete_n is not None:
+        if (
+            actions.dtype.kind not in "iu"
+            or actions.ndim != 1
+            or ((actions < 0) | (actions >= discrete_n)).any()
+        ):
+            return "invalid_action"
+        if (np.asarray(seg.log_probs) > 1e-5).any():
+            return "non_finite"  # a positive log-probability is no probability
+    elif actions.reshape(T, -1).shape[1] != action_size:
+        return "malformed"
+    return None
+
 
 @dataclass
 class RemoteBatch:
-    """A batch assembled from segments: the rollout (flattened, advantages filled) and its accounting."""
+    """A batch assembled from segments: the rollout (flattened, advantages filled) and its accounting.
+
+    ``dropped`` counts steps not trained on by reason (:data:`DROP_REASONS`); ``bootstraps`` counts how
+    truncated segment ends were bootstrapped: ``next_observation`` (the observation after the last step,
+    exact), ``last_observation`` (none was sent: V of the last observation stands in for V(s_next), an
+    approximation).
+    """
 
     rollout: TaskRollout
     steps: int
     dropped: dict[str, int]
+    bootstraps: dict[str, int] = field(default_factory=lambda: {"next_observation": 0, "last_observation": 0})
 
 
 @torch.no_grad()
@@ -140,24 +200,37 @@ def rollout_from_segments(
 ) -> RemoteBatch:
     """Build a flattened :class:`TaskRollout` from segments, recomputing values with our own critic.
 
-    A step is trained on when its acting version is in ``allowed_versions`` with value True; other steps
-    are dropped (``stale`` when the version is known but too old or rolled back, ``unknown_version``
-    otherwise) and cut the segment into runs. Each run gets its own GAE: it bootstraps from the value of
-    the observation after it (the next step's, or the segment's ``next_observation``) unless the episode
-    terminated there; a final truncation with no next observation bootstraps from the last observation.
+    A segment that fails :func:`segment_problem` is skipped whole and counted under its reason. Of the
+    others, a step is trained on when it was sampled (deterministic steps are counted ``deterministic``:
+    their log-prob is not the probability of how they were chosen) and its acting version is in
+    ``allowed_versions`` with value True; other steps are dropped (``stale`` when the version is known but
+    too old or rolled back, ``unknown_version`` otherwise). Dropped steps cut the segment into runs. Each
+    run gets its own GAE: it bootstraps from the value of the observation after it (the next step's, or
+    the segment's ``next_observation``) unless the episode terminated there; a segment end with no next
+    observation bootstraps from its last observation (an approximation, counted in ``bootstraps``).
     Rewards are scaled by the running std of the discounted return, as in local training.
     """
     head = policy.head(task_id)
     D = policy.observation_size
+    space = policy.action_spaces[task_id]
+    discrete_n = space.n if isinstance(space, DiscreteSpec) else None
     parts: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("obs", "actions", "logprobs", "values", "adv", "ret")
     }
-    dropped = {"stale": 0, "unknown_version": 0}
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    bootstraps = {"next_observation": 0, "last_observation": 0}
     for seg in segments:
+        problem = segment_problem(seg, discrete_n=discrete_n, action_size=action_dim(space))
+        if problem is not None:
+            dropped[problem] += len(seg)
+            continue
         versions = np.asarray(seg.head_versions, dtype=np.int64)
-        keep = np.asarray([allowed_versions.get(int(v), False) for v in versions])
-        for v, k in zip(versions, keep, strict=True):
-            if not k:
+        sampled = ~np.asarray(seg.deterministic, dtype=bool) if seg.deterministic else np.ones(len(seg), bool)
+        keep = np.asarray([allowed_versions.get(int(v), False) for v in versions]) & sampled
+        for v, k, smp in zip(versions, keep, sampled, strict=True):
+            if not smp:
+                dropped["deterministic"] += 1
+            elif not k:
                 dropped["stale" if int(v) in allowed_versions else "unknown_version"] += 1
         if not keep.any():
             continue
@@ -181,8 +254,10 @@ def rollout_from_segments(
             nxt = pad_observations(np.asarray(seg.next_observation, np.float32).reshape(1, -1), D)
             nxt_norm = policy.normalize(torch.as_tensor(nxt))
             after_last = head.value(policy.features(nxt_norm), nxt_norm)[0]
+            exact = True
         else:
             after_last = values[-1]
+            exact = False
         # Runs of kept steps: [start, stop).
         edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
         for start, stop in zip(edges[::2], edges[1::2], strict=True):
@@ -195,6 +270,7 @@ def rollout_from_segments(
                     next_value = torch.zeros(1)
                 else:
                     next_value = after_last.reshape(1)
+                    bootstraps["next_observation" if exact else "last_observation"] += 1
             else:
                 next_value = values[stop].reshape(1)
             advantages, returns = compute_gae(
@@ -217,7 +293,7 @@ def rollout_from_segments(
             obs=torch.zeros(0, D), actions=empty, logprobs=empty, rewards=empty,
             episode_ends=empty, values=empty, next_value=empty,
         )  # fmt: skip
-        return RemoteBatch(rollout, 0, dropped)
+        return RemoteBatch(rollout, 0, dropped, bootstraps)
     actions = torch.cat(parts["actions"])
     actions = actions.long() if head.distribution == "categorical" else actions.float()
     advantages = torch.cat(parts["adv"])
@@ -235,7 +311,7 @@ def rollout_from_segments(
         advantages=advantages,
         returns=torch.cat(parts["ret"]),
     )
-    return RemoteBatch(rollout, n, dropped)
+    return RemoteBatch(rollout, n, dropped, bootstraps)
 
 
 # ============================================================================================================

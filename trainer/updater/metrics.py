@@ -9,7 +9,8 @@ Names are fixed: deploy/'s dashboard and alert rules query them.
 * ``polyhead_updater_samples_total{task}``: new-task environment steps trained on;
 * ``polyhead_updater_dropped_samples_total{task,reason}``: remote steps not trained on (``stale``: from a
   version older than the allowed lag or rolled back; ``unknown_version``: from a version this updater did
-  not publish);
+  not publish; ``deterministic``: mode actions, not samples; ``non_finite``, ``invalid_action``,
+  ``malformed``: experience the server should have refused, skipped by the updater's own check);
 * ``polyhead_updater_updates_total{task}``: PPO updates of the head.
 """
 
@@ -69,7 +70,14 @@ class UpdaterMetrics:
         """Create every child of ``task_id`` at 0 so dashboards see the series before the first event."""
         for metric in (self.versions_published, self.rollbacks, self.samples, self.updates):
             metric.labels(task=task_id)
-        for reason in ("stale", "unknown_version"):
+        for reason in (
+            "stale",
+            "unknown_version",
+            "deterministic",
+            "non_finite",
+            "invalid_action",
+            "malformed",
+        ):
             self.dropped.labels(task=task_id, reason=reason)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:

@@ -1,0 +1,147 @@
+"""A torchrun worker for tests/trainer/test_distributed.py: checks that what the ranks compute together
+equals what one process computes on the whole batch, and writes its findings as JSON.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/trainer/dist_worker.py OUT_DIR
+
+Every rank builds the same data from fixed seeds, so it can compute the single-process answer itself
+and compare it with the collective one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from polyhead.envs import task_spaces
+from polyhead.taskspec import load_suite
+from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.distributed import Ranks, batch_moments
+from polyhead.trainer.envs import TaskEnvs
+from polyhead.trainer.evaluate import evaluate
+from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig
+from polyhead.trainer.ppo import (
+    MinibatchForward,
+    TaskRollout,
+    TaskState,
+    collect_rollout,
+    compute_advantages,
+    ppo_update,
+)
+
+
+def check_moments(ranks: Ranks) -> float:
+    """Moments combined across ranks (rank 1 of 2 has an empty batch for statistic group 2) vs the
+    moments of the concatenated data."""
+    rng = np.random.default_rng(0)
+    sizes = [7, 3]
+    data = [rng.normal(loc=r, scale=1 + r, size=(sizes[r], 4)) for r in range(ranks.world_size)]
+    if ranks.world_size > 1:
+        data[1] = data[1][:0]  # one rank saw nothing: it must not disturb the result
+    mine = torch.as_tensor(data[ranks.rank])
+    mean, var, count = ranks.combine_moments(*batch_moments(mine))
+    everything = torch.as_tensor(np.concatenate(data))
+    want_mean, want_var, want_count = batch_moments(everything)
+    return float(
+        max(
+            (mean - want_mean).abs().max(),
+            (var - want_var).abs().max(),
+            (count - want_count).abs().max(),
+        )
+    )
+
+
+def check_evaluate(ranks: Ranks) -> bool:
+    """The ranks' shared evaluation returns exactly one process's lists."""
+    tasks = list(load_suite("classic-mixed").train_tasks)
+    torch.manual_seed(0)
+    policy = MultiTaskPolicy(PolicyConfig(), 6, {t.id: task_spaces(t)[1] for t in tasks})
+    together = evaluate(policy, tasks, episodes=3, seed=11, ranks=ranks)
+    alone = evaluate(policy, tasks, episodes=3, seed=11)
+    return together == alone
+
+
+def shard(rollout: TaskRollout, owned: np.ndarray) -> TaskRollout:
+    """This rank's envs (columns) of a full [T, k] rollout."""
+    return TaskRollout(
+        obs=rollout.obs[:, owned],
+        actions=rollout.actions[:, owned],
+        logprobs=rollout.logprobs[:, owned],
+        rewards=rollout.rewards[:, owned],
+        episode_ends=rollout.episode_ends[:, owned],
+        values=rollout.values[:, owned],
+        next_value=rollout.next_value[owned],
+    )
+
+
+def check_update(ranks: Ranks) -> float:
+    """A DDP update on the ranks' uneven shards (3 envs: 2 on rank 0, 1 on rank 1) moves the weights as
+    one process's update on the whole batch does; returns the largest parameter difference."""
+    suite = load_suite("cartpole-family")
+    tasks = list(suite.train_tasks)[:2]
+    config = PPOConfig(envs_per_task=3, num_steps=16, update_epochs=3, num_minibatches=1)
+    torch.manual_seed(5)
+    policy = MultiTaskPolicy(PolicyConfig(), 4, {t.id: task_spaces(t)[1] for t in tasks})
+    states = [
+        TaskState(task=t, envs=TaskEnvs(t, 3, 4, seed=100 * k), weight=1.0) for k, t in enumerate(tasks)
+    ]
+    full = collect_rollout(policy, states, [np.arange(3)] * len(tasks), config)  # same on every rank
+    for s in states:
+        s.envs.close()
+    owned = ranks.owned(3)
+    mine = {t: shard(r, owned) for t, r in full.items()}
+
+    alone = copy.deepcopy(policy)
+    alone_opt = torch.optim.Adam(alone.parameters(), lr=1e-3, eps=1e-5)
+    compute_advantages(full, config)
+    ppo_update(
+        alone, alone_opt, full, dict.fromkeys(full, 1.0), config, generator=torch.Generator().manual_seed(0)
+    )
+
+    together = copy.deepcopy(policy)
+    opt = torch.optim.Adam(together.parameters(), lr=1e-3, eps=1e-5)
+    forward = DistributedDataParallel(MinibatchForward(together))
+    compute_advantages(mine, config, ranks=ranks)
+    ppo_update(
+        together,
+        opt,
+        mine,
+        dict.fromkeys(mine, 1.0),
+        config,
+        generator=torch.Generator().manual_seed(0),
+        forward=forward,
+        ranks=ranks,
+    )
+    start = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    moved = max(float((p.detach() - start[n]).abs().max()) for n, p in alone.named_parameters())
+    diff = max(
+        float((a.detach() - b.detach()).abs().max())
+        for a, b in zip(alone.parameters(), together.parameters(), strict=True)
+    )
+    return diff if moved > 1e-4 else float("nan")  # an update that moved nothing proves nothing
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    dist.init_process_group(backend="gloo")
+    ranks = Ranks.current()
+    torch.set_num_threads(1)
+    result = {
+        "rank": ranks.rank,
+        "world_size": ranks.world_size,
+        "moments_error": check_moments(ranks),
+        "evaluate_equal": check_evaluate(ranks),
+        "update_error": check_update(ranks),
+    }
+    (out / f"rank{ranks.rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
