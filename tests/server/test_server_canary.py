@@ -4,6 +4,7 @@ live-return monitor marking a task regressed."""
 
 from __future__ import annotations
 
+import queue
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,11 +82,18 @@ def test_widening_the_share_moves_no_running_episode(canary_server: Any) -> None
     fresh = _act_episodes(stub, [f"new-{i}" for i in range(1_000)])
     assert 0.55 <= fresh.count(2) / len(fresh) <= 0.65  # new episodes see the wider share
 
-    # ActStream: one episode, many steps, one version, even across a share change.
+    # ActStream: one episode, many steps, one version, even when the share flips against it midway.
+    # Lockstep: each request waits for the previous response, so the flip follows what the episode got.
+    answered: queue.Queue[int] = queue.Queue()
+
     def steps() -> Iterator[policy_pb2.StepRequest]:
+        first = 0
         for k in range(20):
+            if k:
+                version = answered.get(timeout=30)
+                first = first or version
             if k == 10:
-                admin.set_canary(TASK, 2, 0.5 if versions[0] == 2 else 99.5)
+                admin.set_canary(TASK, 2, 0.5 if first == 2 else 99.5)
             yield policy_pb2.StepRequest(
                 task_id=TASK, episode_id="stream-1", observation=to_proto(observations(TASK, seed=k))
             )
@@ -93,6 +101,7 @@ def test_widening_the_share_moves_no_running_episode(canary_server: Any) -> None
     versions: list[int] = []
     for response in stub.ActStream(steps()):
         versions.append(response.head_version)
+        answered.put(response.head_version)
     assert len(versions) == 20 and len(set(versions)) == 1
 
 
