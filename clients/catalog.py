@@ -35,6 +35,7 @@ class RemoteTask:
     canary_percent: float = 0.0
     regressed: bool = False  # the server's live-return monitor finds the stable version worse
     regression_detail: str = ""
+    reference_return: float = float("nan")  # the stable version's live reference mean (NaN: none yet)
 
     @property
     def observation_shape(self) -> tuple[int, ...]:
@@ -71,6 +72,7 @@ class RemoteTask:
             canary_percent=msg.canary_percent,
             regressed=msg.regressed,
             regression_detail=msg.regression_detail,
+            reference_return=msg.reference_return,
         )
 
 

@@ -100,6 +100,11 @@ class TaskMonitor:
     last_test: ShiftTest | None = None
     _clean_blocks: int = 0
 
+    @property
+    def reference_mean(self) -> float:
+        """The mean of the live reference (NaN while it is empty)."""
+        return float(sum(self.reference) / len(self.reference)) if self.reference else math.nan
+
     def set_stable(self, version: int, eval_return: float) -> None:
         """The task's stable version is ``version`` now; a change starts a new reference and clears the
         regression (the new version has not been judged)."""

@@ -222,6 +222,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     regression_detail=state.last_test.describe()
                     if state is not None and state.last_test is not None
                     else "",
+                    reference_return=state.reference_mean if state is not None else math.nan,
                 )
             )
         return response

@@ -24,6 +24,9 @@ and the server's live-return monitor, :mod:`polyhead.livewatch`). For a task who
    after ``3 x judge_episodes``: inconclusive (a rollback while widening; at the first share the canary is
    retired so that the next candidate can be judged). A new candidate is published only when no canary
    awaits its verdict.
+   A promoted candidate whose live mean is still below ``recover_fraction`` of the regressed version's
+   reference return (``ListTasks.reference_return``) becomes the new stable and training goes on from it,
+   now on all of the task's traffic.
 4. **Give up** after ``budget_steps`` trained samples or ``max_candidates`` candidates: the canary is
    cleared, ``polyhead_operate_gave_up{task}`` is 1 (alert ``PolyheadOperateGaveUp``) and the task is left
    alone until its stable version changes.
@@ -119,6 +122,11 @@ class OperateConfig:
     max_candidates: int = field(
         default=12, metadata={"help": "candidates one recovery may publish before giving up"}
     )
+    recover_fraction: float = field(
+        default=0.9,
+        metadata={"help": "a promoted candidate below this fraction of the regressed version's reference "
+                  "return keeps training (as the new stable) until it gets there or the budget ends"},
+    )  # fmt: skip
     max_version_lag: int = field(
         default=2,
         metadata={"help": "train on steps of the newest candidate and this many before it"},
@@ -166,6 +174,7 @@ class Recovery:
 
     task_id: str
     stable_version: int  # the regressed stable version this recovery replaces
+    target: float = math.nan  # the regressed version's live reference mean: what to get back to
     phase: Phase = "choosing"
     start: str = ""  # "current" or "scratch" once chosen
     candidates: list[int] = field(default_factory=list)  # published versions, oldest first
@@ -344,7 +353,8 @@ class Operator:
                     self.metrics.gave_up.labels(task=task_id).set(0)
                 regressed = [v for v in views if v.regressed]
                 if regressed and task_id not in self.state.gave_up:
-                    self._begin(task_id, stable, regressed[0].regression_detail)
+                    first = regressed[0]
+                    self._begin(task_id, stable, first.regression_detail, first.reference_return)
                 continue
             if stable != rec.stable_version:
                 self._end(task_id, "abandon", stable, f"the stable version changed to {stable} meanwhile")
@@ -353,8 +363,8 @@ class Operator:
         self.state.save(self.state_dir / STATE_FILE)
 
     # --- phases ---------------------------------------------------------------------------------------
-    def _begin(self, task_id: str, stable: int, detail: str) -> None:
-        rec = Recovery(task_id=task_id, stable_version=stable)
+    def _begin(self, task_id: str, stable: int, detail: str, target: float = math.nan) -> None:
+        rec = Recovery(task_id=task_id, stable_version=stable, target=target)
         self.state.recoveries[task_id] = rec
         self.metrics.recovering.labels(task=task_id).set(1)
         self._decide(task_id, "recover", stable, f"stable version {stable} regressed: {detail}")
@@ -412,7 +422,7 @@ class Operator:
             return
         recent = [v for v in rec.candidates if v not in rec.rolled_back][-(cfg.max_version_lag + 1) :]
         allowed = {v: v in recent for v in rec.candidates}
-        if rec.start == "current":
+        if rec.start == "current" or rec.stable_version in rec.candidates:
             allowed[rec.stable_version] = True  # the head we started from acted these steps
         batch = rollout_from_segments(
             self.policy,
@@ -536,6 +546,27 @@ class Operator:
         for control in self.controls:
             control.promote_canary(rec.task_id, version)
         self.state.recovered[rec.task_id] = version
+        promoted_mean = float(np.mean(rec.canary_returns)) if rec.canary_returns else math.nan
+        bar = self.config.recover_fraction * rec.target
+        if math.isfinite(bar) and promoted_mean < bar and not self._exhausted(rec):
+            # Better than the broken head, not yet back: it serves now, and training goes on from it with
+            # all of the task's traffic (its own episodes) instead of a canary's share.
+            previous = rec.stable_version
+            self._decide(
+                rec.task_id,
+                "promote",
+                version,
+                f"canary v{version} promoted over v{previous}: {detail}; {promoted_mean:.1f} is below "
+                f"{self.config.recover_fraction:g} x the pre-change reference {rec.target:.1f}: training "
+                "goes on",
+            )
+            rec.stable_version = version
+            rec.canary = 0
+            rec.share_index = 0
+            rec.phase = "training"
+            rec.reset_counts()
+            self.metrics.canary_percent.labels(task=rec.task_id).set(0)
+            return
         self._end(
             rec.task_id,
             "promote",
@@ -560,8 +591,14 @@ class Operator:
             rec.task_id,
             "give_up",
             rec.stable_version,
-            f"no candidate beat stable v{rec.stable_version} within the budget ({rec.samples} samples, "
-            f"{len(rec.candidates)} candidates, {len(rec.rolled_back)} rolled back)",
+            f"budget spent with stable v{rec.stable_version} serving ({rec.samples} samples, "
+            f"{len(rec.candidates)} candidates, {len(rec.rolled_back)} rolled back"
+            + (
+                f"; v{rec.stable_version} was promoted but stays below {self.config.recover_fraction:g} x "
+                f"the pre-change reference {rec.target:.1f})"
+                if rec.stable_version in rec.candidates
+                else "; no candidate beat it)"
+            ),
         )
 
     def _end(self, task_id: str, decision: str, version: int, detail: str) -> None:

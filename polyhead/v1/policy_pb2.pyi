@@ -104,7 +104,7 @@ class ListTasksRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("task_id", "spec", "observation_space", "action_space", "active_version", "loaded_versions", "canary_version", "canary_percent", "regressed", "regression_detail")
+    __slots__ = ("task_id", "spec", "observation_space", "action_space", "active_version", "loaded_versions", "canary_version", "canary_percent", "regressed", "regression_detail", "reference_return")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     OBSERVATION_SPACE_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class TaskInfo(_message.Message):
     CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     REGRESSED_FIELD_NUMBER: _ClassVar[int]
     REGRESSION_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_RETURN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     spec: _types_pb2.TaskSpec
     observation_space: _types_pb2.Space
@@ -125,7 +126,8 @@ class TaskInfo(_message.Message):
     canary_percent: float
     regressed: bool
     regression_detail: str
-    def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.TaskSpec, _Mapping]] = ..., observation_space: _Optional[_Union[_types_pb2.Space, _Mapping]] = ..., action_space: _Optional[_Union[_types_pb2.Space, _Mapping]] = ..., active_version: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., canary_version: _Optional[int] = ..., canary_percent: _Optional[float] = ..., regressed: _Optional[bool] = ..., regression_detail: _Optional[str] = ...) -> None: ...
+    reference_return: float
+    def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.TaskSpec, _Mapping]] = ..., observation_space: _Optional[_Union[_types_pb2.Space, _Mapping]] = ..., action_space: _Optional[_Union[_types_pb2.Space, _Mapping]] = ..., active_version: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., canary_version: _Optional[int] = ..., canary_percent: _Optional[float] = ..., regressed: _Optional[bool] = ..., regression_detail: _Optional[str] = ..., reference_return: _Optional[float] = ...) -> None: ...
 
 class ListTasksResponse(_message.Message):
     __slots__ = ("tasks", "trunk_sha256", "observation_size", "max_batch_size")

@@ -107,21 +107,18 @@ def test_a_drifted_task_is_detected_canaried_and_recovered_and_the_other_untouch
     assert kinds[1] == "publish" and "at 20%" in decisions[1].detail
     assert "start" in kinds
     # The reversed actuator: the trained head falls at once; a fresh head does better, so the controller
-    # widens its canary and promotes it.
-    assert kinds[-1] == "promote", [(d.decision, d.detail) for d in decisions]
+    # widens its canary and promotes it (and, still far below the pre-change return, keeps training).
+    promotes = [d for d in decisions if d.decision == "promote"]
+    assert promotes, [(d.decision, d.detail) for d in decisions]
     assert "widen" in kinds and any("p=" in d.detail for d in decisions if d.decision == "widen")
-    promoted = decisions[-1].version
+    assert kinds.index("widen") < kinds.index("promote")
+    promoted = promotes[-1].version
     assert _listed(srv.target, DRIFTING).active_version == promoted
-    assert _listed(srv.target, DRIFTING).canary_version == 0
     assert Bundle.open(trained_copy).active_version(DRIFTING) == promoted
     registry = operator.metrics.registry
-    assert (
-        registry.get_sample_value(
-            "polyhead_operate_decisions_total", {"task": DRIFTING, "decision": "promote"}
-        )
-        == 1.0
-    )
-    assert registry.get_sample_value("polyhead_operate_recovering", {"task": DRIFTING}) == 0.0
+    assert registry.get_sample_value(
+        "polyhead_operate_decisions_total", {"task": DRIFTING, "decision": "promote"}
+    ) == float(len(promotes))
     lines = [json.loads(x) for x in (tmp_path / "state" / DECISIONS_FILE).read_text().splitlines()]
     assert [x["decision"] for x in lines] == kinds
     # Nothing else moved: the steady task serves the same actions with the same version; no failed call.
