@@ -185,12 +185,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_seed(args, seed, Path(tmp)) for seed in args.seeds]
-    text = json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+        for seed in args.seeds:
+            results.append(run_seed(args, seed, Path(tmp)))
+            text = json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1
+            )
+            if args.out:  # after every seed: a long run that is stopped keeps what it measured
+                args.out.write_text(text + "\n", encoding="utf-8")
+            print(text, flush=True)
 
 
 if __name__ == "__main__":
