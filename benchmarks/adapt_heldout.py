@@ -43,7 +43,7 @@ from polyhead.trainer.adapt import ADAPT_PPO
 from polyhead.trainer.config import PPOConfig
 from polyhead.trainer.envs import TaskEnvs
 from polyhead.trainer.evaluate import evaluate
-from polyhead.trainer.policy import MultiTaskPolicy, load_policy
+from polyhead.trainer.policy import MultiTaskPolicy, build_policy, load_policy
 from polyhead.trainer.ppo import TaskState, collect_rollout, compute_advantages, ppo_update
 from polyhead.trainer.updater.floor import zero_shot_floor
 from polyhead.trainer.updater.frozen import freeze_trunk, trunk_state_sha256
@@ -79,7 +79,7 @@ def run(
     old_tasks: list[TaskSpec] = list(load_suite(args.suite).train_tasks)
     base = load_policy(bundle)
     if method == "from scratch":
-        policy = MultiTaskPolicy(base.config, base.observation_size, {task.id: action_space})
+        policy = build_policy(base.config, [task], {task.id: task_spaces(task)})
     else:
         policy = base
         policy.add_head(task.id, action_space)
@@ -102,7 +102,9 @@ def run(
         optimizer = learner.optimizer
     else:
         params = [
-            p for n, p in policy.named_parameters() if n.startswith("trunk.") or f"heads.{task.id}" in n
+            p
+            for n, p in policy.named_parameters()
+            if n.startswith(("trunk.", "encoders.")) or f"heads.{task.id}" in n
         ]
         optimizer = torch.optim.Adam(params, lr=ppo.learning_rate, eps=1e-5)
     envs = TaskEnvs(task, ppo.envs_per_task, policy.observation_size, seed=seed * 1000 + 7)

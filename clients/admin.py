@@ -67,15 +67,17 @@ class AdminClient:
         *,
         onnx: bytes | None = None,
         head_json: str = "",
+        encoder: bytes | None = None,
         repository_path: str | None = None,
         version: int = 0,
         activate: bool = True,
         canary_percent: float | None = None,
         timeout: float | None = None,
     ) -> admin_pb2.LoadHeadResponse:
-        """Load a head from bytes (``onnx`` + ``head_json``) or from the server's bundle
-        (``repository_path`` = ``heads/<task>/<version>``); ``version`` 0 means the next free one.
-        ``canary_percent`` (with ``activate=False``): make it the task's canary at that share."""
+        """Load a task version from bytes (``onnx`` + ``head_json``, and ``encoder`` for a format-2 bundle)
+        or from the server's bundle (``repository_path`` = ``heads/<task>/<version>``); ``version`` 0
+        means the next free one. ``canary_percent`` (with ``activate=False``): make it the task's canary
+        at that share."""
         if (onnx is None) == (repository_path is None):
             raise ValueError("give exactly one of onnx (with head_json) or repository_path")
         req = admin_pb2.LoadHeadRequest(task_id=task_id, version=version, activate=activate)
@@ -84,6 +86,8 @@ class AdminClient:
         if onnx is not None:
             req.onnx = onnx
             req.head_json = head_json
+            if encoder is not None:
+                req.encoder_onnx = encoder
         else:
             req.repository_path = str(repository_path)
         resp: admin_pb2.LoadHeadResponse = self._unary(self._stub.LoadHead, req, timeout)
@@ -92,12 +96,15 @@ class AdminClient:
     def load_head_dir(
         self, task_id: str, head_dir: str | Path, *, version: int = 0, activate: bool = True
     ) -> admin_pb2.LoadHeadResponse:
-        """Upload a head directory from this machine (``head.onnx`` + ``head.json``)."""
+        """Upload a version directory from this machine (``head.onnx`` + ``head.json``, and
+        ``encoder.onnx`` when it has one)."""
         head_dir = Path(head_dir)
+        encoder = head_dir / "encoder.onnx"
         return self.load_head(
             task_id,
             onnx=(head_dir / "head.onnx").read_bytes(),
             head_json=(head_dir / "head.json").read_text(encoding="utf-8"),
+            encoder=encoder.read_bytes() if encoder.is_file() else None,
             version=version,
             activate=activate,
         )

@@ -1,13 +1,27 @@
-"""The bundle format (the model repository): one trunk, versioned heads, and the metadata tying them.
+"""The bundle format (the model repository): one trunk, versioned per-task adapters, and the metadata.
 
-Layout of a bundle directory::
+Layout of a bundle directory (format version 2)::
 
-    manifest.json                     format version, trunk files + sha256, observation spec, feature size
-    trunk.onnx                        obs [B, D] -> features [B, F], obs_norm [B, D] (normalisation frozen in)
-    trunk.pt                          torch checkpoint of the policy, for the online updater
-    heads/<task>/<version>/head.onnx  features (and obs_norm) -> logits | mean, log_std ; value
-    heads/<task>/<version>/head.json  task spec, spaces, trunk sha256, head sha256, training summary, eval
-    heads/<task>/active.json          {"version": N}: the version a server activates for the task
+    manifest.json                        format version, trunk files + sha256, embedding size E, feature
+                                         size F, the encoder groups the suite trained
+    trunk.onnx                           embedding [B, E] -> features [B, F]
+    trunk.pt                             torch checkpoint of the policy, for the online updater
+    heads/<task>/<version>/encoder.onnx  obs [B, d] (the task's own flat observation) -> embedding [B, E],
+                                         obs_norm [B, n] (its normaliser's statistics frozen in)
+    heads/<task>/<version>/head.onnx     features (and obs_norm) -> logits | mean, log_std ; value
+    heads/<task>/<version>/head.json     task spec, spaces, trunk sha256, encoder and head sha256,
+                                         encoder group and architecture, training summary, eval
+    heads/<task>/active.json             {"version": N}: the version a server activates for the task
+
+A task version is its **adapter**: encoder and head, versioned, published and swapped together. The
+encoder is its own graph rather than fused into the head because the shared trunk runs between them: a
+server runs each encoder on its rows, then one trunk pass for the whole mixed batch, then the heads.
+Tasks of one encoder group carry byte-identical ``encoder.onnx`` files (same sha256) until one of them
+adapts its own; a server runs identical encoders as one.
+
+Format version 1 (still read and served): no encoders; ``trunk.onnx`` takes observations flattened and
+zero-padded to the manifest's ``observation.size`` D (``obs`` [B, D] -> ``features``, ``obs_norm``
+[B, D], one normaliser frozen in) and heads read those.
 
 Every write is atomic: a head version is written into a hidden temporary directory under
 ``heads/<task>/`` and renamed into place; pointer files are replaced with ``os.replace``; a new bundle is
@@ -47,12 +61,13 @@ from polyhead.spaces import SpaceSpec, space_from_json, space_to_json
 from polyhead.taskspec import TaskSpec
 
 FORMAT_NAME = "polyhead-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TRUNK_ONNX = "trunk.onnx"
 TRUNK_CHECKPOINT = "trunk.pt"
 HEADS_DIR = "heads"
 HEAD_ONNX = "head.onnx"
+ENCODER_ONNX = "encoder.onnx"
 HEAD_JSON = "head.json"
 ACTIVE_JSON = "active.json"
 #: A head writer's temporary ``.vN-*`` directory older than this belongs to a writer that died mid-publish
@@ -138,23 +153,39 @@ class Normalization:
 
 @dataclass(frozen=True)
 class Manifest:
-    """What ``manifest.json`` records about a bundle (heads are described by their own head.json)."""
+    """What ``manifest.json`` records about a bundle (heads are described by their own head.json).
+
+    Format 2: ``embedding_size`` E is the trunk's input width and ``encoders`` the groups trained
+    (name -> architecture and tasks). Format 1: ``observation_size`` D and ``normalization`` describe the
+    padded trunk input instead (``embedding_size`` 0).
+    """
 
     trunk_sha256: str
     checkpoint_sha256: str
-    observation_size: int
     feature_size: int
-    normalization: Normalization
     suite: str
     tasks: tuple[str, ...]
+    embedding_size: int = 0
+    encoders: dict[str, Any] = field(default_factory=dict)
+    observation_size: int = 0
+    normalization: Normalization | None = None
     trunk_architecture: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     polyhead_version: str = __version__
     format_version: int = FORMAT_VERSION
 
+    @property
+    def has_encoders(self) -> bool:
+        """True from format 2: every task version brings its encoder, the trunk takes embeddings."""
+        return self.format_version >= 2
+
+    @property
+    def trunk_input_size(self) -> int:
+        return self.embedding_size if self.has_encoders else self.observation_size
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "polyhead_version": self.polyhead_version,
@@ -166,14 +197,23 @@ class Manifest:
                 "sha256": self.trunk_sha256,
                 "checkpoint": TRUNK_CHECKPOINT,
                 "checkpoint_sha256": self.checkpoint_sha256,
-                "inputs": ["obs"],
-                "outputs": ["features", "obs_norm"],
+                "inputs": ["embedding"] if self.has_encoders else ["obs"],
+                "outputs": ["features"] if self.has_encoders else ["features", "obs_norm"],
                 "architecture": self.trunk_architecture,
             },
-            "observation": {"size": self.observation_size, "normalization": self.normalization.to_json()},
             "feature_size": self.feature_size,
             "training": self.training,
         }
+        if self.has_encoders:
+            data["embedding_size"] = self.embedding_size
+            data["encoders"] = self.encoders
+        else:
+            assert self.normalization is not None
+            data["observation"] = {
+                "size": self.observation_size,
+                "normalization": self.normalization.to_json(),
+            }
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, where: str) -> Manifest:
@@ -189,13 +229,25 @@ class Manifest:
             )
         try:
             trunk = data["trunk"]
-            obs = data["observation"]
+            if version >= 2:
+                embedding_size = int(data["embedding_size"])
+                if embedding_size < 1:
+                    raise ValueError(f"embedding_size must be positive, got {embedding_size}")
+                encoders = dict(data.get("encoders", {}))
+                observation_size, normalization = 0, None
+            else:
+                obs = data["observation"]
+                embedding_size, encoders = 0, {}
+                observation_size = int(obs["size"])
+                normalization = Normalization.from_json(obs["normalization"])
             return cls(
                 trunk_sha256=str(trunk["sha256"]),
                 checkpoint_sha256=str(trunk.get("checkpoint_sha256", "")),
-                observation_size=int(obs["size"]),
+                observation_size=observation_size,
+                embedding_size=embedding_size,
+                encoders=encoders,
                 feature_size=int(data["feature_size"]),
-                normalization=Normalization.from_json(obs["normalization"]),
+                normalization=normalization,
                 suite=str(data.get("suite", "")),
                 tasks=tuple(str(t) for t in data.get("tasks", [])),
                 trunk_architecture=dict(trunk.get("architecture", {})),
@@ -210,7 +262,13 @@ class Manifest:
 
 @dataclass(frozen=True)
 class HeadMeta:
-    """What ``head.json`` records about one head version."""
+    """What ``head.json`` records about one task version (its encoder and head).
+
+    ``observation_size``: the width of the ``obs_norm`` the head may read: its encoder's input width
+    (format 2), or the padded trunk input D (format 1). ``embedding_size`` > 0 marks a format-2 version:
+    ``encoder`` then names its group and architecture and ``encoder_sha256`` the bytes of its
+    ``encoder.onnx``.
+    """
 
     task: TaskSpec
     observation_space: SpaceSpec
@@ -227,10 +285,25 @@ class HeadMeta:
     parent: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    embedding_size: int = 0
+    encoder_sha256: str = ""
+    encoder: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_encoder(self) -> bool:
+        return self.embedding_size > 0
 
     def to_json(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.has_encoder:
+            extra = {
+                "embedding_size": self.embedding_size,
+                "encoder_sha256": self.encoder_sha256,
+                "encoder": self.encoder,
+            }
         return {
-            "format_version": FORMAT_VERSION,
+            **extra,
+            "format_version": 2 if self.has_encoder else 1,
             "task": self.task.to_json(),
             "version": self.version,
             "observation_space": space_to_json(self.observation_space),
@@ -278,6 +351,9 @@ class HeadMeta:
                 parent=data.get("parent"),
                 training=dict(data.get("training", {})),
                 created_at=float(data.get("created_at", 0.0)),
+                embedding_size=int(data.get("embedding_size", 0)),
+                encoder_sha256=str(data.get("encoder_sha256", "")),
+                encoder=dict(data.get("encoder", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptHead(f"{where}: malformed head metadata: {type(exc).__name__}: {exc}") from exc
@@ -313,6 +389,15 @@ def check_head_compatible(meta: HeadMeta, manifest: Manifest, *, trunk_sha256: s
             f"head for task {meta.task.id!r} expects {meta.feature_size} trunk features; "
             f"the trunk produces {manifest.feature_size}"
         )
+    if manifest.has_encoders or meta.has_encoder:
+        if meta.embedding_size != manifest.embedding_size:
+            have = f"an encoder into {meta.embedding_size} values" if meta.has_encoder else "no encoder"
+            raise IncompatibleHead(
+                f"version of task {meta.task.id!r} has {have}; the serving trunk (bundle format "
+                f"{manifest.format_version}) takes "
+                + (f"a {manifest.embedding_size}-value embedding" if manifest.has_encoders else "padded obs")
+            )
+        return
     if meta.observation_size != manifest.observation_size:
         raise IncompatibleHead(
             f"head for task {meta.task.id!r} expects trunk input size {meta.observation_size}; "
@@ -340,14 +425,30 @@ class HeadRecord:
     def onnx_path(self) -> Path:
         return self.path / HEAD_ONNX
 
+    @property
+    def encoder_path(self) -> Path:
+        return self.path / ENCODER_ONNX
+
     def read_onnx(self, *, verify: bool = True) -> bytes:
-        data = self.onnx_path.read_bytes()
-        if verify and self.meta.head_sha256 and sha256_bytes(data) != self.meta.head_sha256:
-            raise BundleIntegrityError(
-                f"{self.onnx_path}: sha256 {sha256_bytes(data)[:12]}… differs from the recorded "
-                f"{self.meta.head_sha256[:12]}…"
-            )
-        return data
+        return _read_verified(self.onnx_path, self.meta.head_sha256 if verify else "")
+
+    def read_encoder(self, *, verify: bool = True) -> bytes | None:
+        """The version's ``encoder.onnx`` (None for a format-1 head); raises BundleNotFound when a format-2
+        version lacks it, BundleIntegrityError when its bytes differ from the recorded sha256."""
+        if not self.meta.has_encoder:
+            return None
+        if not self.encoder_path.is_file():
+            raise BundleNotFound(f"{self.path}: {ENCODER_ONNX} is missing (head.json records an encoder)")
+        return _read_verified(self.encoder_path, self.meta.encoder_sha256 if verify else "")
+
+
+def _read_verified(path: Path, expected_sha256: str) -> bytes:
+    data = path.read_bytes()
+    if expected_sha256 and sha256_bytes(data) != expected_sha256:
+        raise BundleIntegrityError(
+            f"{path}: sha256 {sha256_bytes(data)[:12]}… differs from the recorded {expected_sha256[:12]}…"
+        )
+    return data
 
 
 class Bundle:
@@ -468,16 +569,24 @@ class Bundle:
         meta: HeadMeta,
         onnx_bytes: bytes,
         *,
+        encoder: bytes | None = None,
         version: int | None = None,
         activate: bool = True,
     ) -> HeadRecord:
-        """Publish a head version atomically; returns its record.
+        """Publish a task version (its ``encoder`` and head, format 2; the head alone, format 1) atomically;
+        returns its record.
 
         ``version`` None takes the next number after the highest complete version on disk, skipping
-        numbers taken by incomplete version directories. Raises IncompatibleHead when the head does not fit
-        this bundle's trunk, VersionConflict when the version exists.
+        numbers taken by incomplete version directories. Raises IncompatibleHead when the version does not
+        fit this bundle's trunk (or lacks the encoder a format-2 bundle needs), VersionConflict when the
+        version exists.
         """
         check_head_compatible(meta, self.manifest)
+        if self.manifest.has_encoders != (encoder is not None):
+            raise IncompatibleHead(
+                f"task {meta.task.id!r}: a format-{self.manifest.format_version} bundle takes "
+                + ("an encoder with every head" if self.manifest.has_encoders else "heads without encoders")
+            )
         task_id = meta.task.id
         tdir = self.task_dir(task_id)
         tdir.mkdir(parents=True, exist_ok=True)
@@ -492,8 +601,12 @@ class Bundle:
         if final.exists():
             raise VersionConflict(f"task {task_id!r} version {version} already exists in {self.root}")
         meta = meta.with_(version=version, head_sha256=sha256_bytes(onnx_bytes))
+        if encoder is not None:
+            meta = meta.with_(encoder_sha256=sha256_bytes(encoder))
         tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=tdir))
         try:
+            if encoder is not None:
+                _write_file(tmp / ENCODER_ONNX, encoder)
             _write_file(tmp / HEAD_ONNX, onnx_bytes)
             _write_file(
                 tmp / HEAD_JSON, (json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n").encode()
@@ -538,13 +651,14 @@ def write_bundle(
     manifest: Manifest,
     trunk_onnx: bytes,
     checkpoint: bytes,
-    heads: list[tuple[HeadMeta, bytes]],
+    heads: list[tuple[HeadMeta, bytes, bytes | None]],
     extra_files: Mapping[str, bytes] | None = None,
     overwrite: bool = False,
 ) -> Bundle:
     """Write a complete bundle atomically: build it in a temporary sibling directory, then rename.
 
-    The manifest's hashes are filled from the bytes given. ``overwrite`` replaces an existing bundle at
+    ``heads``: (metadata, head bytes, encoder bytes or None for format 1) per task. The manifest's hashes
+    are filled from the bytes given. ``overwrite`` replaces an existing bundle at
     ``out`` (the old one is renamed aside and deleted only after the new one is in place).
     Raises BundleError when ``out`` exists and ``overwrite`` is false.
     """
@@ -567,10 +681,10 @@ def write_bundle(
             dest.parent.mkdir(parents=True, exist_ok=True)
             _write_file(dest, data)
         staged = Bundle(tmp, manifest)
-        for head_meta, onnx_bytes in heads:
+        for head_meta, onnx_bytes, encoder_bytes in heads:
             # Heads are exported before the trunk bytes' hash is known to the caller; bind them to it.
             bound = head_meta.with_(trunk_sha256=trunk_sha)
-            staged.write_head(bound, onnx_bytes, version=bound.version or None)
+            staged.write_head(bound, onnx_bytes, encoder=encoder_bytes, version=bound.version or None)
         # The manifest goes last: a directory with a manifest is a complete bundle.
         _write_file(
             tmp / MANIFEST, (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode()

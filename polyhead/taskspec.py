@@ -15,6 +15,18 @@ task::
     name = "target-position"
     params = { target = 1.0, weight = 0.5 }
 
+Each task has an encoder (its observation normaliser and a network into the shared embedding). By
+default every task gets its own MLP encoder; ``[[encoder]]`` tables name groups of tasks that share one,
+and say what kind of network it is::
+
+    [[encoder]]
+    name = "cartpole"                  # unique, same pattern as task ids
+    tasks = ["cartpole-long-pole", "cartpole-heavy-pole"]   # tasks with the same observation width
+    kind = "mlp"                       # "mlp" (vectors) or "cnn" (an image, flattened, + extra values)
+    hidden = []                        # hidden sizes before the embedding layer
+    image_shape = [7, 7, 3]            # cnn only: height, width, channels of the leading image values
+    pad = false                        # true: tasks of different widths share one zero-padded encoder
+
 This module checks the structure (types, ids, duplicates) without importing gymnasium;
 :func:`polyhead.envs.validate_task` checks that the environment really builds (env id, attribute names
 and types, wrapper names and parameters). Every error names the task and the field.
@@ -37,6 +49,7 @@ from polyhead.v1 import types_pb2
 TASK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 Scalar = int | float | bool | str
 Role = Literal["train", "heldout"]
+EncoderKind = Literal["mlp", "cnn"]
 
 _TASK_KEYS = {
     "id",
@@ -133,14 +146,102 @@ class TaskSpec:
         )
 
 
+_ENCODER_KEYS = {"name", "tasks", "kind", "hidden", "image_shape", "pad"}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A named encoder group: the tasks that share one encoder and the kind of network it is.
+
+    ``image_shape`` (height, width, channels) is for ``kind = "cnn"``: the first h*w*c values of a
+    flattened observation are that image (channels last, as MiniGrid's view), the rest are extra values
+    appended after the convolutions. ``pad``: tasks whose observations have different widths may share it,
+    each zero-padded to the widest (the padded single-encoder baseline).
+    """
+
+    name: str
+    tasks: tuple[str, ...]
+    kind: EncoderKind = "mlp"
+    hidden: tuple[int, ...] = ()
+    image_shape: tuple[int, ...] = ()
+    pad: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "tasks": list(self.tasks),
+            "kind": self.kind,
+            "hidden": list(self.hidden),
+            "image_shape": list(self.image_shape),
+            "pad": self.pad,
+        }
+
+
+def parse_encoder(data: Any, *, source: str, task_ids: set[str]) -> EncoderSpec:
+    """Build an EncoderSpec from a ``[[encoder]]`` table; raises InvalidTaskSpec naming the field."""
+    if not isinstance(data, dict):
+        raise InvalidTaskSpec(f"{source}: an [[encoder]] must be a table, got {type(data).__name__}")
+    name = data.get("name")
+    label = f"{source}: encoder {name!r}"
+    if not isinstance(name, str) or not TASK_ID_RE.match(name):
+        raise InvalidTaskSpec(f"{label}: field 'name' must be a string matching {TASK_ID_RE.pattern}")
+    unknown = sorted(set(data) - _ENCODER_KEYS)
+    if unknown:
+        raise InvalidTaskSpec(
+            f"{label}: unknown field(s) {unknown}; expected some of {sorted(_ENCODER_KEYS)}"
+        )
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise InvalidTaskSpec(f"{label}: field 'tasks' must be a non-empty array of task ids")
+    missing = sorted(set(tasks) - task_ids)
+    if missing:
+        raise InvalidTaskSpec(f"{label}: field 'tasks' names unknown task(s) {missing}")
+    kind = data.get("kind", "mlp")
+    if kind not in ("mlp", "cnn"):
+        raise InvalidTaskSpec(f"{label}: field 'kind' must be 'mlp' or 'cnn', got {kind!r}")
+    sizes: dict[str, tuple[int, ...]] = {}
+    for key in ("hidden", "image_shape"):
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+        ):
+            raise InvalidTaskSpec(f"{label}: field '{key}' must be an array of positive integers")
+        sizes[key] = tuple(value)
+    if kind == "cnn" and len(sizes["image_shape"]) != 3:
+        raise InvalidTaskSpec(
+            f"{label}: a cnn encoder needs field 'image_shape' = [height, width, channels], "
+            f"got {list(sizes['image_shape'])}"
+        )
+    pad = data.get("pad", False)
+    if not isinstance(pad, bool):
+        raise InvalidTaskSpec(f"{label}: field 'pad' must be true or false")
+    return EncoderSpec(
+        name=name,
+        tasks=tuple(tasks),
+        kind=kind,
+        hidden=sizes["hidden"],
+        image_shape=sizes["image_shape"],
+        pad=pad,
+    )
+
+
 @dataclass(frozen=True)
 class Suite:
-    """A named, ordered collection of tasks."""
+    """A named, ordered collection of tasks, and the encoder groups some of them share."""
 
     name: str
     tasks: tuple[TaskSpec, ...]
     description: str = ""
     source: str = ""
+    encoders: tuple[EncoderSpec, ...] = ()
+
+    def encoder_for(self, task_id: str) -> EncoderSpec:
+        """The task's encoder group: the ``[[encoder]]`` naming it, else its own MLP encoder (named after
+        the task)."""
+        for spec in self.encoders:
+            if task_id in spec.tasks:
+                return spec
+        return EncoderSpec(name=task_id, tasks=(task_id,))
 
     @property
     def train_tasks(self) -> tuple[TaskSpec, ...]:
@@ -258,9 +359,11 @@ def parse_suite(text: str, *, source: str, default_name: str = "custom") -> Suit
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidTaskSpec(f"{source}: not valid TOML: {exc}") from exc
-    unknown = sorted(set(doc) - {"suite", "task"})
+    unknown = sorted(set(doc) - {"suite", "task", "encoder"})
     if unknown:
-        raise InvalidTaskSpec(f"{source}: unknown top-level key(s) {unknown}; expected [suite] and [[task]]")
+        raise InvalidTaskSpec(
+            f"{source}: unknown top-level key(s) {unknown}; expected [suite], [[task]] and [[encoder]]"
+        )
     meta = doc.get("suite", {})
     if not isinstance(meta, dict):
         raise InvalidTaskSpec(f"{source}: [suite] must be a table")
@@ -275,11 +378,29 @@ def parse_suite(text: str, *, source: str, default_name: str = "custom") -> Suit
             raise InvalidTaskSpec(f"{source}: task {task.id!r}: duplicate id (field 'id' must be unique)")
         seen.add(task.id)
         tasks.append(task)
+    raw_encoders = doc.get("encoder", [])
+    if not isinstance(raw_encoders, list):
+        raise InvalidTaskSpec(f"{source}: 'encoder' must be an array of [[encoder]] tables")
+    encoders: list[EncoderSpec] = []
+    grouped: dict[str, str] = {}
+    for raw in raw_encoders:
+        spec = parse_encoder(raw, source=source, task_ids=seen)
+        if any(e.name == spec.name for e in encoders) or spec.name in seen - set(spec.tasks):
+            raise InvalidTaskSpec(f"{source}: encoder {spec.name!r}: duplicate or clashing name")
+        for task_id in spec.tasks:
+            if task_id in grouped:
+                raise InvalidTaskSpec(
+                    f"{source}: task {task_id!r} is in encoder groups {grouped[task_id]!r} and "
+                    f"{spec.name!r}; a task has one encoder"
+                )
+            grouped[task_id] = spec.name
+        encoders.append(spec)
     return Suite(
         name=str(meta.get("name", default_name)),
         tasks=tuple(tasks),
         description=str(meta.get("description", "")),
         source=source,
+        encoders=tuple(encoders),
     )
 
 

@@ -43,6 +43,8 @@ from polyhead.server.runtime import TrunkRuntime
 
 # Consecutive event-loop turns with no new arrival after which the worker stops waiting for more.
 _IDLE_TURNS = 2
+F32 = npt.NDArray[np.float32]
+_EMPTY: F32 = np.zeros((0, 0), dtype=np.float32)
 
 
 @dataclass(eq=False)
@@ -57,11 +59,16 @@ class _Work:
 
 @dataclass(frozen=True)
 class BatchStats:
-    """Totals since start (for tests and benchmarks; the metrics carry the same)."""
+    """Totals since start (for tests and benchmarks; the metrics carry the same).
+
+    ``passes`` counts trunk passes (one per batch, whatever its mix of tasks and encoders);
+    ``encoder_runs`` the encoder sessions run (one per distinct encoder in a batch; 0 for format 1).
+    """
 
     passes: int
     requests: int
     rows: int
+    encoder_runs: int = 0
 
 
 class Batcher:
@@ -110,7 +117,8 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyhead-infer")
         self._rng = np.random.default_rng()
         # Reused input buffer: only one pass runs at a time (one worker, one executor thread).
-        self._buffer = np.zeros((max_batch_size, trunk.observation_size), dtype=np.float32)
+        self._buffer = np.zeros((max_batch_size, trunk.input_size), dtype=np.float32)
+        self._encoder_runs = 0
         self._passes = 0
         self._requests = 0
         self._rows = 0
@@ -118,7 +126,7 @@ class Batcher:
 
     @property
     def stats(self) -> BatchStats:
-        return BatchStats(self._passes, self._requests, self._rows)
+        return BatchStats(self._passes, self._requests, self._rows, self._encoder_runs)
 
     @property
     def queue_depth(self) -> int:
@@ -290,19 +298,62 @@ class Batcher:
             self._task_metrics[task_id] = children
         return children
 
-    def _infer(self, batch: Sequence[_Work]) -> list[Actions]:
-        """One trunk pass, one pass per head, action selection. Runs in the executor thread."""
-        started = time.perf_counter()
-        rows = 0
+    def _encode(self, batch: Sequence[_Work], started: float) -> tuple[F32, list[F32], int]:
+        """Trunk input rows for ``batch`` in batch order, and each request's ``obs_norm``.
+
+        Format 2: each distinct encoder runs once on its requests' rows (an encoder group's tasks share
+        one); the embeddings land in the input buffer. Format 1: observations are zero-padded into it and
+        the trunk pass yields ``obs_norm`` (empty list here).
+        """
         buf = self._buffer
-        for work in batch:
-            n, d = work.obs.shape
-            buf[rows : rows + n, :d] = work.obs
-            if d < buf.shape[1]:
-                buf[rows : rows + n, d:] = 0.0
-            rows += n
+        rows = 0
+        if self.trunk.padded:
+            for work in batch:
+                n, d = work.obs.shape
+                buf[rows : rows + n, :d] = work.obs
+                if d < buf.shape[1]:
+                    buf[rows : rows + n, d:] = 0.0
+                rows += n
+                self._task_children(work.head.task_id)[0].observe(started - work.enqueued)
+            return buf[:rows], [], rows
+        offsets: list[int] = []
+        by_encoder: dict[int, list[int]] = {}
+        for index, work in enumerate(batch):
+            offsets.append(rows)
+            rows += work.sampling.rows
+            by_encoder.setdefault(id(work.head.encoder), []).append(index)
             self._task_children(work.head.task_id)[0].observe(started - work.enqueued)
-        features, obs_norm = self.trunk.run(buf[:rows])
+        obs_norms: list[F32] = [_EMPTY] * len(batch)
+        self._encoder_runs += len(by_encoder)
+        self._metrics.batch_encoders.observe(len(by_encoder))
+        if len(by_encoder) == 1 and len(batch) == 1:  # a lone request: no copies at all
+            encoder = batch[0].head.encoder
+            assert encoder is not None
+            embedding, obs_norms[0] = encoder.run(batch[0].obs)
+            return embedding, obs_norms, rows
+        for members in by_encoder.values():
+            encoder = batch[members[0]].head.encoder
+            assert encoder is not None
+            obs = (
+                batch[members[0]].obs
+                if len(members) == 1
+                else np.concatenate([batch[i].obs for i in members])
+            )
+            embedding, obs_norm = encoder.run(obs)
+            at = 0
+            for i in members:
+                n = batch[i].sampling.rows
+                buf[offsets[i] : offsets[i] + n] = embedding[at : at + n]
+                obs_norms[i] = obs_norm[at : at + n]
+                at += n
+        return buf[:rows], obs_norms, rows
+
+    def _infer(self, batch: Sequence[_Work]) -> list[Actions]:
+        """Each encoder once, one trunk pass for the whole batch, one pass per head, action selection.
+        Runs in the executor thread (or inline for a lone small request)."""
+        started = time.perf_counter()
+        trunk_input, obs_norms, rows = self._encode(batch, started)
+        features, padded_norm = self.trunk.run(trunk_input)
         after_trunk = time.perf_counter()
         self._metrics.trunk_seconds.observe(after_trunk - started)
         self._metrics.batch_size.observe(rows)
@@ -315,6 +366,12 @@ class Batcher:
         if len(groups) == 1:  # one head: every row, in order, no gather and no slicing
             head = batch[0].head
             t0 = time.perf_counter()
+            if padded_norm is not None:
+                obs_norm = padded_norm
+            elif len(batch) == 1:
+                obs_norm = obs_norms[0]
+            else:
+                obs_norm = np.concatenate(obs_norms)
             actions = choose(
                 head.runtime.run(features, obs_norm),
                 head.meta.action_space,
@@ -330,7 +387,13 @@ class Batcher:
             head = members[0][1].head
             t0 = time.perf_counter()
             idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, _ in members])
-            outputs = head.runtime.run(features[idx], obs_norm[idx])
+            if padded_norm is not None:
+                member_norm = padded_norm[idx]
+            elif len(members) == 1:
+                member_norm = obs_norms[members[0][0]]
+            else:
+                member_norm = np.concatenate([obs_norms[i] for i, _ in members])
+            outputs = head.runtime.run(features[idx], member_norm)
             actions = choose(outputs, head.meta.action_space, [w.sampling for _, w in members], self._rng)
             self._task_children(head.task_id)[1].observe(time.perf_counter() - t0)
             parts = _split(actions, [w.sampling.rows for _, w in members])

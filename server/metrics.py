@@ -91,6 +91,12 @@ class ServerMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.batch_encoders = Histogram(
+            "polyhead_batch_encoders",
+            "Distinct task encoders run before one trunk pass (0 for a format-1 bundle)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "polyhead_queue_depth",
             "Requests waiting for inference",

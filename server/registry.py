@@ -1,4 +1,9 @@
-"""The head registry: versioned heads per task, loaded, validated and warmed up before they serve.
+"""The head registry: versioned task adapters (encoder + head), loaded, validated and warmed up before
+they serve.
+
+A version of a task is its head and, from bundle format 2, its encoder: both are loaded, checked and
+warmed up together and published in the one :class:`LoadedHead`, so a swap replaces a task's encoder and
+head atomically. Byte-identical encoders (an encoder group's tasks) share one :class:`EncoderRuntime`.
 
 Concurrency contract (the vLLM LoRA-manager / Ray Serve multiplex pattern):
 
@@ -64,7 +69,8 @@ from polyhead.errors import (
     VersionConflict,
 )
 from polyhead.server.metrics import ServerMetrics
-from polyhead.server.runtime import HeadRuntime, TrunkRuntime
+from polyhead.server.runtime import EncoderRuntime, HeadRuntime, TrunkRuntime
+from polyhead.spaces import observation_size
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,7 @@ SOURCES = ("bundle", "upload", "watch")
 
 @dataclass(frozen=True, eq=False)
 class LoadedHead:
-    """One head version ready to serve. Immutable; compared by identity."""
+    """One task version (encoder, format 2, and head) ready to serve. Immutable; compared by identity."""
 
     task_id: str
     version: int
@@ -82,6 +88,11 @@ class LoadedHead:
     head_sha256: str
     loaded_at: float
     source: str
+    encoder: EncoderRuntime | None = None
+
+    @property
+    def encoder_sha256(self) -> str:
+        return "" if self.encoder is None else self.encoder.sha256
 
     @property
     def eval_return(self) -> float:
@@ -240,8 +251,16 @@ class HeadRegistry:
                 raise InvalidArgument(f"a bundle head version is a positive integer, got {version}")
             record = self.bundle.head(task_id, version)
             onnx_bytes = record.read_onnx(verify=True)
+            encoder = record.read_encoder(verify=True)
             return self._load(
-                task_id, onnx_bytes, record.meta, version=version, activate=activate, source=source, t0=t0
+                task_id,
+                onnx_bytes,
+                record.meta,
+                encoder=encoder,
+                version=version,
+                activate=activate,
+                source=source,
+                t0=t0,
             )
         except PolyheadError as exc:
             self._metrics.head_load_failures.labels(task=task_id, reason=type(exc).__name__).inc()
@@ -277,20 +296,31 @@ class HeadRegistry:
         return self.load_from_bundle(task_id, int(rel[1]), activate=activate, source="bundle")
 
     def load_from_bytes(
-        self, task_id: str, onnx_bytes: bytes, head_json: str, *, version: int = 0, activate: bool = True
+        self,
+        task_id: str,
+        onnx_bytes: bytes,
+        head_json: str,
+        *,
+        encoder: bytes = b"",
+        version: int = 0,
+        activate: bool = True,
     ) -> LoadResult:
-        """Load uploaded ``head.onnx`` bytes described by ``head_json``; version 0 takes the next number
-        after the highest loaded or on disk."""
+        """Load uploaded ``head.onnx`` bytes (and, format 2, ``encoder.onnx`` bytes) described by
+        ``head_json``; version 0 takes the next number after the highest loaded or on disk.
+
+        Format 2 without ``encoder`` bytes: the version reuses the loaded encoder whose sha256 head.json
+        names in ``encoder_sha256`` (a new head on a shared, frozen encoder uploads no encoder bytes);
+        InvalidArgument when no loaded version holds it."""
         t0 = time.perf_counter()
         try:
             if not onnx_bytes:
                 raise InvalidArgument("LoadHead needs head ONNX bytes or a repository_path")
-            size = len(onnx_bytes) + len(head_json.encode())
+            size = len(onnx_bytes) + len(encoder) + len(head_json.encode())
             if self.max_head_bytes is not None and size > self.max_head_bytes:
                 # Checked before parsing: an oversize upload costs no onnxruntime session.
                 raise InvalidArgument(
-                    f"uploaded head of task {task_id!r} is {size} bytes (onnx + head_json); this server "
-                    f"accepts at most {self.max_head_bytes} (setting max_head_bytes)"
+                    f"uploaded head of task {task_id!r} is {size} bytes (onnx + encoder + head_json); "
+                    f"this server accepts at most {self.max_head_bytes} (setting max_head_bytes)"
                 )
             if not head_json:
                 raise InvalidArgument(
@@ -300,7 +330,14 @@ class HeadRegistry:
                 raise InvalidArgument(f"version must be 0 (next) or positive, got {version}")
             meta = HeadMeta.from_json_text(head_json, where=f"head_json of task {task_id!r}")
             return self._load(
-                task_id, onnx_bytes, meta, version=version, activate=activate, source="upload", t0=t0
+                task_id,
+                onnx_bytes,
+                meta,
+                encoder=encoder or None,
+                version=version,
+                activate=activate,
+                source="upload",
+                t0=t0,
             )
         except PolyheadError as exc:
             self._metrics.head_load_failures.labels(task=task_id, reason=type(exc).__name__).inc()
@@ -311,7 +348,7 @@ class HeadRegistry:
         on_disk = max(self.bundle.versions(task_id), default=0)
         return max(loaded, on_disk) + 1
 
-    def _check_meta(self, task_id: str, meta: HeadMeta, sha: str) -> None:
+    def _check_meta(self, task_id: str, meta: HeadMeta, sha: str, encoder_sha: str) -> None:
         if meta.task.id != task_id:
             raise InvalidArgument(f"head metadata describes task {meta.task.id!r}, not {task_id!r}")
         if meta.head_sha256 and meta.head_sha256 != sha:
@@ -320,6 +357,21 @@ class HeadRegistry:
                 f"{meta.head_sha256[:12]}…"
             )
         check_head_compatible(meta, self.manifest)
+        if self.manifest.has_encoders and not encoder_sha:
+            raise InvalidArgument(
+                f"version of task {task_id!r} has no encoder; this server's bundle (format "
+                f"{self.manifest.format_version}) needs each task's encoder.onnx with its head"
+            )
+        if encoder_sha and not self.manifest.has_encoders:
+            raise IncompatibleHead(
+                f"version of task {task_id!r} brings an encoder; this server's trunk (bundle format 1) "
+                "takes padded observations"
+            )
+        if meta.encoder_sha256 and encoder_sha and meta.encoder_sha256 != encoder_sha:
+            raise CorruptHead(
+                f"encoder bytes of task {task_id!r} have sha256 {encoder_sha[:12]}…; head.json records "
+                f"{meta.encoder_sha256[:12]}…"
+            )
         entry = self._tasks.get(task_id)
         if entry is not None:
             served = entry.active_head.meta
@@ -334,34 +386,69 @@ class HeadRegistry:
                     f"with {served.observation_space}"
                 )
 
+    def _loaded_encoder(self, sha: str) -> EncoderRuntime | None:
+        for entry in self._tasks.values():
+            for head in entry.versions.values():
+                if head.encoder is not None and head.encoder.sha256 == sha:
+                    return head.encoder
+        return None
+
+    def _encoder_runtime(self, task_id: str, model: bytes | None, sha: str, meta: HeadMeta) -> EncoderRuntime:
+        """The loaded runtime of byte-identical encoder bytes if any version serves them, else a new one
+        from ``model``, warmed up on the task's own observation width."""
+        loaded = self._loaded_encoder(sha)
+        if loaded is not None:
+            return loaded
+        if model is None:
+            raise InvalidArgument(
+                f"version of task {task_id!r} names encoder sha256 {sha[:12]}… without its bytes, and no "
+                "loaded version has that encoder; upload encoder_onnx with the head"
+            )
+        runtime = EncoderRuntime(
+            model, task_id=task_id, sha256=sha, embedding_size=self.manifest.embedding_size, opts=self._opts
+        )
+        runtime.warm_up(
+            self._warmup,
+            task_id=task_id,
+            width=observation_size(meta.observation_space),
+            norm_width=meta.observation_size,
+        )
+        return runtime
+
     def _load(
         self,
         task_id: str,
         onnx_bytes: bytes,
         meta: HeadMeta,
         *,
+        encoder: bytes | None,
         version: int,
         activate: bool,
         source: str,
         t0: float,
     ) -> LoadResult:
         sha = sha256_bytes(onnx_bytes)
-        self._check_meta(task_id, meta, sha)
+        if encoder is not None:
+            encoder_sha = sha256_bytes(encoder)
+        else:  # by reference (format 2): an encoder this server already runs
+            encoder_sha = meta.encoder_sha256 if self.manifest.has_encoders else ""
+        self._check_meta(task_id, meta, sha, encoder_sha)
         existing = self._tasks.get(task_id)
         if version and existing is not None and version in existing.versions:
             same = existing.versions[version]
-            if same.head_sha256 != sha:
+            if (same.head_sha256, same.encoder_sha256) != (sha, encoder_sha):
                 raise VersionConflict(
-                    f"task {task_id!r} version {version} is loaded with other bytes (sha256 "
+                    f"task {task_id!r} version {version} is loaded with other bytes (head sha256 "
                     f"{same.head_sha256[:12]}…); load it as a new version"
                 )
             active = self.set_active(task_id, version).active_version if activate else existing.active
             return LoadResult(same, active, time.perf_counter() - t0, already_loaded=True)
+        encoder_runtime = self._encoder_runtime(task_id, encoder, encoder_sha, meta) if encoder_sha else None
         runtime = HeadRuntime(onnx_bytes, meta, feature_size=self.manifest.feature_size, opts=self._opts)
-        runtime.warm_up(self._warmup, self.manifest.observation_size)
+        runtime.warm_up(self._warmup, meta.observation_size)
         with self._lock:
             # Re-check: another writer may have loaded this version or changed the task meanwhile.
-            self._check_meta(task_id, meta, sha)
+            self._check_meta(task_id, meta, sha, encoder_sha)
             number = version or self._next_version(task_id)
             entry = self._tasks.get(task_id)
             concurrent = entry.versions.get(number) if entry is not None else None
@@ -375,6 +462,7 @@ class HeadRegistry:
                     head_sha256=sha,
                     loaded_at=time.time(),
                     source=source,
+                    encoder=encoder_runtime,
                 )
                 t_swap = time.perf_counter()
                 versions = dict(entry.versions) if entry is not None else {}
@@ -388,7 +476,7 @@ class HeadRegistry:
                     _with_canary(entry, TaskHeads(task_id, MappingProxyType(versions), active, previous)),
                 )
                 swap_seconds = time.perf_counter() - t_swap
-            elif not version or concurrent.head_sha256 != sha:
+            elif not version or (concurrent.head_sha256, concurrent.encoder_sha256) != (sha, encoder_sha):
                 raise VersionConflict(
                     f"task {task_id!r} version {number} was loaded concurrently with other bytes"
                 )

@@ -1,8 +1,11 @@
 """onnxruntime sessions for the trunk and the heads: build, check against the ONNX contract, warm up, run.
 
-The contract (fixed between trainer and server):
+The contract (fixed between trainer and server; polyhead.bundle describes the files):
 
-* ``trunk.onnx``: ``obs`` float32 [B, D] -> ``features`` float32 [B, F], ``obs_norm`` float32 [B, D];
+* ``encoder.onnx`` (format 2, per task version): ``obs`` float32 [B, d] -> ``embedding`` [B, E],
+  ``obs_norm`` [B, n];
+* ``trunk.onnx``: format 2: ``embedding`` [B, E] -> ``features`` [B, F]; format 1: ``obs`` [B, D] (padded)
+  -> ``features`` [B, F], ``obs_norm`` [B, D];
 * ``head.onnx``: the inputs listed in ``HeadMeta.inputs`` (a subset of ``features``, ``obs_norm``) ->
   categorical: ``logits`` [B, n], ``value`` [B]; gaussian: ``mean`` [B, a], ``log_std`` [B, a], ``value`` [B].
 
@@ -25,8 +28,12 @@ from polyhead.errors import CorruptHead, IncompatibleHead
 from polyhead.spaces import action_dim
 
 F32 = npt.NDArray[np.float32]
-TRUNK_INPUT = "obs"
-TRUNK_OUTPUTS = ("features", "obs_norm")
+LEGACY_TRUNK_INPUT = "obs"
+LEGACY_TRUNK_OUTPUTS = ("features", "obs_norm")
+TRUNK_INPUT = "embedding"
+TRUNK_OUTPUTS = ("features",)
+ENCODER_INPUT = "obs"
+ENCODER_OUTPUTS = ("embedding", "obs_norm")
 HEAD_INPUTS = ("features", "obs_norm")
 POLICY_OUTPUTS = {"categorical": ("logits", "value"), "gaussian": ("mean", "log_std", "value")}
 
@@ -56,34 +63,97 @@ def _static_dim(dim: Any) -> int | None:
 
 
 class TrunkRuntime:
-    """The shared trunk: one session for the server's lifetime (the trunk never changes while serving)."""
+    """The shared trunk: one session for the server's lifetime (the trunk never changes while serving).
 
-    def __init__(self, model: bytes, *, observation_size: int, feature_size: int, opts: ort.SessionOptions):
-        self.observation_size = observation_size
+    ``padded`` (format 1): it takes observations zero-padded to ``input_size`` and returns ``obs_norm``
+    too; otherwise (format 2) it takes the encoders' embeddings and returns features only.
+    """
+
+    def __init__(
+        self,
+        model: bytes,
+        *,
+        input_size: int,
+        feature_size: int,
+        opts: ort.SessionOptions,
+        padded: bool = False,
+    ):
+        self.input_size = input_size
         self.feature_size = feature_size
+        self.padded = padded
         self.session = _session(model, opts, "trunk.onnx")
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != [TRUNK_INPUT] or not set(TRUNK_OUTPUTS) <= set(outputs):
+        want_in = LEGACY_TRUNK_INPUT if padded else TRUNK_INPUT
+        want_out = LEGACY_TRUNK_OUTPUTS if padded else TRUNK_OUTPUTS
+        if inputs != [want_in] or not set(want_out) <= set(outputs):
             raise CorruptHead(
-                f"trunk.onnx has inputs {inputs} and outputs {outputs}; expected input ['obs'] and outputs "
-                f"{list(TRUNK_OUTPUTS)}"
+                f"trunk.onnx has inputs {inputs} and outputs {outputs}; expected input [{want_in!r}] and "
+                f"outputs {list(want_out)} (bundle format {1 if padded else 2})"
             )
-        self._outputs = list(TRUNK_OUTPUTS)
+        self._input = want_in
+        self._outputs = list(want_out)
 
-    def run(self, obs: F32) -> tuple[F32, F32]:
-        """features [B, F] and obs_norm [B, D] for padded observations [B, D]."""
-        features, obs_norm = self.session.run(self._outputs, {TRUNK_INPUT: obs})
-        return features, obs_norm
+    def run(self, x: F32) -> tuple[F32, F32 | None]:
+        """features [B, F] (and, padded, obs_norm [B, D]) for embeddings [B, E] (padded: observations)."""
+        out = self.session.run(self._outputs, {self._input: x})
+        return (out[0], out[1]) if self.padded else (out[0], None)
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         for b in batch_sizes:
-            features, obs_norm = self.run(np.zeros((b, self.observation_size), dtype=np.float32))
-            if features.shape != (b, self.feature_size) or obs_norm.shape != (b, self.observation_size):
+            features, obs_norm = self.run(np.zeros((b, self.input_size), dtype=np.float32))
+            if features.shape != (b, self.feature_size) or (
+                obs_norm is not None and obs_norm.shape != (b, self.input_size)
+            ):
                 raise CorruptHead(
-                    f"trunk.onnx returned features {list(features.shape)} and obs_norm "
-                    f"{list(obs_norm.shape)} for a batch of {b}; the manifest says "
-                    f"[{b}, {self.feature_size}] and [{b}, {self.observation_size}]"
+                    f"trunk.onnx returned features {list(features.shape)} for a batch of {b}; the manifest "
+                    f"says [{b}, {self.feature_size}]"
+                )
+
+
+class EncoderRuntime:
+    """One task version's encoder session (format 2): ``obs`` [B, d] -> ``embedding`` [B, E], ``obs_norm``.
+
+    Tasks whose versions carry byte-identical encoders share one runtime (the registry dedupes by
+    sha256), so the batcher runs their rows through it together.
+    """
+
+    def __init__(
+        self, model: bytes, *, task_id: str, sha256: str, embedding_size: int, opts: ort.SessionOptions
+    ):
+        self.sha256 = sha256
+        self.embedding_size = embedding_size
+        where = f"encoder of task {task_id!r}"
+        self.session = _session(model, opts, where)
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [ENCODER_INPUT] or not set(ENCODER_OUTPUTS) <= set(outputs):
+            raise CorruptHead(
+                f"{where}: ONNX inputs {inputs} and outputs {outputs}; expected input ['obs'] and outputs "
+                f"{list(ENCODER_OUTPUTS)}"
+            )
+        self._outputs = list(ENCODER_OUTPUTS)
+
+    def run(self, obs: F32) -> tuple[F32, F32]:
+        embedding, obs_norm = self.session.run(self._outputs, {ENCODER_INPUT: obs})
+        return embedding, obs_norm
+
+    def warm_up(self, batch_sizes: Sequence[int], *, task_id: str, width: int, norm_width: int) -> None:
+        """Run once per batch size on [b, width]; raises IncompatibleHead when the shapes are not
+        [b, E] and [b, norm_width]."""
+        where = f"encoder of task {task_id!r}"
+        for b in batch_sizes:
+            try:
+                embedding, obs_norm = self.run(np.zeros((b, width), dtype=np.float32))
+            except Exception as exc:  # shape errors inside the graph surface as onnxruntime exceptions
+                raise IncompatibleHead(
+                    f"{where}: fails on observations [{b}, {width}]: {type(exc).__name__}: {exc}"
+                ) from exc
+            if embedding.shape != (b, self.embedding_size) or obs_norm.shape != (b, norm_width):
+                raise IncompatibleHead(
+                    f"{where}: returned embedding {list(embedding.shape)} and obs_norm "
+                    f"{list(obs_norm.shape)} for [{b}, {width}] observations; the trunk takes "
+                    f"[{b}, {self.embedding_size}] and head.json says obs_norm [{b}, {norm_width}]"
                 )
 
 

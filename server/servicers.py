@@ -333,6 +333,7 @@ class HeadAdminServicer(admin_pb2_grpc.HeadAdminServicer):
                 request.task_id,
                 request.onnx,
                 request.head_json,
+                encoder=request.encoder_onnx,
                 version=request.version,
                 activate=request.activate,
             )

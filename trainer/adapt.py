@@ -46,14 +46,21 @@ import torch
 
 from polyhead.bundle import Bundle
 from polyhead.envs import validate_task
-from polyhead.errors import IncompatibleHead, InvalidTaskSpec
+from polyhead.errors import InvalidTaskSpec
 from polyhead.spaces import SpaceSpec, observation_size
 from polyhead.taskspec import TaskSpec
 from polyhead.trainer.config import PPOConfig
 from polyhead.trainer.envs import TaskEnvs
 from polyhead.trainer.evaluate import evaluate
-from polyhead.trainer.export import sample_observations
-from polyhead.trainer.policy import MultiTaskPolicy, TaskHead, load_policy
+from polyhead.trainer.export import sample_observations, sample_task_observations
+from polyhead.trainer.policy import (
+    EncoderArch,
+    MultiTaskPolicy,
+    TaskAdapter,
+    TaskHead,
+    TaskSlot,
+    load_policy,
+)
 from polyhead.trainer.ppo import TaskState
 from polyhead.trainer.running_stats import RunningMeanStd
 from polyhead.trainer.updater.config import ADAPT_PPO, AdaptConfig, Init, Source
@@ -190,13 +197,24 @@ class _Run:
     old_tasks: list[str]
     metrics: UpdaterMetrics
     progress: Callable[[int, str], None]
+    #: The starting state of the task's own encoder (None: it shares an old group's, frozen).
+    encoder_start: dict[str, torch.Tensor] | None = None
+    #: The shared group's encoder.onnx bytes, published unchanged with every version (None: own encoder).
+    shared_encoder: bytes | None = None
 
     @property
     def ppo(self) -> PPOConfig:
         return self.config.ppo
 
-    def head(self) -> TaskHead:
-        return self.policy.head(self.task.id)
+    def head(self) -> TaskAdapter:
+        """What this run trains and publishes: the head, and the task's own encoder if it has one."""
+        return self.policy.adapter(self.task.id)
+
+    def _with_encoder(self, head_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = {f"head.{k}": v for k, v in head_state.items()}
+        if self.encoder_start is not None:
+            state.update({f"encoder.{k}": v.clone() for k, v in self.encoder_start.items()})
+        return state
 
     def evaluate_head(self) -> float:
         """The new task's head on the floor's episodes (same seeds as every old head's zero-shot)."""
@@ -212,11 +230,12 @@ class _Run:
         """A freshly initialised head's parameters (seeded, without touching the global RNG)."""
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            fresh = TaskHead(self.action_space, self.policy.observation_size, self.policy.config)
-        return fresh.state_dict()
+            critic_input = self.policy.encoder_of(self.task.id).input_size
+            fresh = TaskHead(self.action_space, critic_input, self.policy.config)
+        return self._with_encoder(fresh.state_dict())
 
     def old_state(self, old_task: str) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.policy.head(old_task).state_dict().items()}
+        return self._with_encoder({k: v.clone() for k, v in self.policy.head(old_task).state_dict().items()})
 
 
 def _prepare(config: AdaptConfig, metrics: UpdaterMetrics, progress: Callable[[int, str], None]) -> _Run:
@@ -230,15 +249,77 @@ def _prepare(config: AdaptConfig, metrics: UpdaterMetrics, progress: Callable[[i
             f"task {task.id!r} is one of the tasks the trunk was trained with ({', '.join(old_tasks)}); "
             "adapt adds a new task: give its spec another id"
         )
-    if observation_size(obs_space) > policy.observation_size:
-        raise IncompatibleHead(
-            f"task {task.id!r} observations have {observation_size(obs_space)} values; the trunk takes at "
-            f"most {policy.observation_size}"
-        )
     freeze_trunk(policy)
-    policy.add_head(task.id, act_space)
+    width = observation_size(obs_space)
+    found = _group_reading(bundle, policy, obs_space)
+    group = found[0] if found is not None else None
+    run = _Run(config, bundle, policy, task, obs_space, act_space, old_tasks, metrics, progress)
+    if found is not None and config.encoder == "share":
+        group, member = found
+        policy.add_head(task.id, act_space, TaskSlot(encoder=group, observation_size=width))
+        run.shared_encoder = _group_encoder_bytes(bundle, member)
+        log.info("%s shares encoder %r (frozen): its observation space is the group's", task.id, group)
+    else:
+        if group is not None:
+            encoder = policy.add_encoder(replace(policy.encoder(group).arch, name=task.id))
+            encoder.load_state_dict(policy.encoder(group).state_dict())
+            log.info("%s: own encoder, a copy of group %r, trained with the head", task.id, group)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(config.ppo.seed)
+                encoder = policy.add_encoder(_fresh_arch(config, task.id, width))
+            # The new normaliser's statistics come once from random-action observations and then stay
+            # fixed: every published version and the server's experience then share one input scale.
+            sample = sample_task_observations([task], steps_per_task=512, seed=config.ppo.seed)
+            encoder.normalizer.update(sample[task.id])
+            log.info(
+                "%s: unseen observation space (%d values): a fresh %s encoder, trained with the head",
+                task.id,
+                width,
+                encoder.arch.kind,
+            )
+        encoder.eval()
+        policy.add_head(task.id, act_space, TaskSlot(encoder=task.id, observation_size=width))
+        run.encoder_start = {k: v.clone() for k, v in encoder.state_dict().items()}
     metrics.init_task(task.id)
-    return _Run(config, bundle, policy, task, obs_space, act_space, old_tasks, metrics, progress)
+    return run
+
+
+def _group_reading(bundle: Bundle, policy: MultiTaskPolicy, obs_space: SpaceSpec) -> tuple[str, str] | None:
+    """(encoder group, member task) of an old task whose observation space is ``obs_space`` (None:
+    an unseen space)."""
+    served = set(bundle.task_ids())
+    for task_id, slot in policy.slots.items():
+        if (
+            task_id in served
+            and bundle.head(task_id).meta.observation_space == obs_space
+            and slot.observation_size == policy.encoder(slot.encoder).input_size
+        ):
+            return slot.encoder, task_id
+    return None
+
+
+def _group_encoder_bytes(bundle: Bundle, member: str) -> bytes:
+    """The group's encoder.onnx as training exported it (the member task's first version)."""
+    data = bundle.head(member, bundle.versions(member)[0]).read_encoder()
+    if data is None:
+        raise InvalidTaskSpec(f"bundle {bundle.root}: task {member!r} has no encoder.onnx")
+    return data
+
+
+def _fresh_arch(config: AdaptConfig, name: str, width: int) -> EncoderArch:
+    if config.encoder_kind == "mlp":
+        return EncoderArch(name=name, input_size=width)
+    try:
+        shape = tuple(int(v) for v in config.encoder_kind.removeprefix("cnn:").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or math.prod(shape) > width:
+        raise InvalidTaskSpec(
+            f"--encoder-kind {config.encoder_kind!r}: expected cnn:H,W,C with H*W*C at most the task's "
+            f"{width} observation values"
+        )
+    return EncoderArch(name=name, input_size=width, kind="cnn", image_shape=shape)
 
 
 def _training_summary(
@@ -634,6 +715,7 @@ def adapt(
             policy=run.policy,
             task=task,
             observation_space=run.observation_space,
+            shared_encoder=run.shared_encoder,
             parity_observations=sample_observations(
                 [task], run.policy.observation_size, steps_per_task=64, seed=config.ppo.seed
             ),

@@ -70,6 +70,20 @@ def register_adapt(subparsers: Any) -> None:
         "old head when it beats a fresh head zero-shot (default: %(default)s)",
     )
     parser.add_argument(
+        "--encoder",
+        default="share",
+        choices=("share", "copy"),
+        help="a task whose observation space an old encoder group reads: 'share' that group's encoder "
+        "frozen (its encoder.onnx bytes reused), or 'copy' it and train the copy with the head; a task with "
+        "an unseen observation space always trains a fresh encoder of its own (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--encoder-kind",
+        default="mlp",
+        help="the fresh encoder of an unseen observation space: 'mlp', or 'cnn:H,W,C' when the flattened "
+        "observation starts with an HxWxC image (default: %(default)s)",
+    )
+    parser.add_argument(
         "--server",
         default=None,
         help="data-plane HOST:PORT of a running server; published versions are loaded into it "
@@ -187,6 +201,8 @@ def _adapt(args: argparse.Namespace) -> int:
             task=task,
             source=args.source,
             init=args.init,
+            encoder=args.encoder,
+            encoder_kind=args.encoder_kind,
             ppo=ppo,
             server=args.server,
             admin_target=args.admin_target,

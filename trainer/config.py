@@ -79,6 +79,11 @@ class PPOConfig:
     final_eval_episodes: int = field(
         default=10, metadata={"help": "episodes per task (fresh seeds) to evaluate the exported checkpoint"}
     )
+    relations_episodes: int = field(
+        default=3,
+        metadata={"help": "episodes per (head, task) pair for the task-relationship report written into "
+                  "the run directory at the end (relations.json + PNG heatmaps); 0 skips it"},
+    )  # fmt: skip
     solved_evals: int = field(
         default=3,
         metadata={

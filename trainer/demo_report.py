@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,10 @@ def write_report(state: DemoState) -> dict[str, Any]:
         plots.append("adaptation.png")
     if plot_latency(state, out / "latency_histogram.png"):
         plots.append("latency_histogram.png")
+    # The task-relationship heatmaps training wrote (transfer, gradient cosines, embedding similarity).
+    for heatmap in sorted((out / "train-logs").glob("relations_*.png")):
+        shutil.copyfile(heatmap, out / heatmap.name)
+        plots.append(heatmap.name)
     data["plots"] = [str(out / p) for p in plots]
     (out / "summary.json").write_text(json.dumps(jsonable(data), indent=2) + "\n")
     (out / "summary.md").write_text(markdown(state, data, plots))

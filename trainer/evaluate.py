@@ -27,9 +27,10 @@ def evaluate(
     """Run ``episodes`` episodes per task (env ``i`` of task ``k`` seeded ``seed + 1000 k + i``).
 
     Returns each task's undiscounted episode returns, in the order the episodes ended (then by env). The
-    trunk runs once per step on the observations of every unfinished episode of every task, as a server
-    would batch them. Under torchrun (``ranks``) each rank runs its share of the episodes and every rank
-    gets the same full lists (a collective), equal to what one process would have returned.
+    trunk runs once per step on the observations of every unfinished episode of every task (after each
+    task's encoder), as a server would batch them. Under torchrun (``ranks``) each rank runs its share of
+    the episodes and every rank gets the same full lists (a collective), equal to what one process would
+    have returned.
 
     ``deterministic=False`` samples actions from each head's distribution (a torch generator seeded with
     ``seed`` and the rank, so the global RNG is untouched).
@@ -55,7 +56,8 @@ def evaluate(
     try:
         while any(len(r) for r in running):
             obs = np.concatenate([e.obs[r] for e, r in zip(envs, running, strict=True)])
-            features, _ = policy.trunk(torch.as_tensor(obs))
+            segments = [(t.id, len(r)) for t, r in zip(tasks, running, strict=True) if len(r)]
+            features = policy.features(policy.normalize(torch.as_tensor(obs), segments), segments)
             start = 0
             for k, (task, task_envs) in enumerate(zip(tasks, envs, strict=True)):
                 active = running[k]

@@ -1,11 +1,16 @@
 """ONNX export of a MultiTaskPolicy into a bundle, with a torch-vs-onnxruntime parity check.
 
-Graphs (the contract the server relies on, see polyhead.bundle):
+Graphs (the contract the server relies on, see polyhead.bundle, format 2):
 
-* ``trunk.onnx``: ``obs`` float32 [B, D] -> ``features`` [B, F], ``obs_norm`` [B, D]; the observation
-  normaliser's statistics are constants in the graph;
+* ``encoder.onnx`` (per task version): ``obs`` float32 [B, d] (the task's own flat observation) ->
+  ``embedding`` [B, E], ``obs_norm`` [B, n]; the normaliser's statistics are constants in the graph, and a
+  task narrower than its (padded) group's input n is zero-padded inside the graph, so a server never pads;
+* ``trunk.onnx``: ``embedding`` [B, E] -> ``features`` [B, F];
 * ``head.onnx``: the inputs in ``TaskHead.inputs`` (``features``, plus ``obs_norm`` with a separate
   critic) -> ``logits``, ``value`` (categorical) or ``mean``, ``log_std``, ``value`` (Gaussian).
+
+Tasks of one encoder group with the same observation width get the very same ``encoder.onnx`` bytes
+(exported once), so a server can run them as one.
 
 Every graph has a dynamic batch axis. The exporter is chosen explicitly: ``dynamo`` (torch.export +
 onnxscript, the default since torch 2.9) or ``torchscript`` (the legacy tracer, deprecated in torch 2.9
@@ -30,13 +35,19 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from polyhead.bundle import Bundle, HeadMeta, Manifest, Normalization, sha256_bytes, write_bundle
+from polyhead.bundle import Bundle, HeadMeta, Manifest, sha256_bytes, write_bundle
 from polyhead.envs import make_env, task_spaces
 from polyhead.errors import ExportParityError, InvalidTaskSpec
-from polyhead.spaces import observation_size as space_size
 from polyhead.spaces import pad_observations
 from polyhead.taskspec import TaskSpec, load_suite
-from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig, TaskHead, checkpoint_bytes
+from polyhead.trainer.policy import (
+    MultiTaskPolicy,
+    PolicyConfig,
+    TaskEncoder,
+    TaskHead,
+    build_policy,
+    checkpoint_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +64,23 @@ class _TrunkGraph(nn.Module):
         super().__init__()
         self.trunk = policy.trunk
 
+    def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.trunk(embedding),)
+
+
+class _EncoderGraph(nn.Module):
+    """A task's observation [B, d] -> (embedding [B, E], obs_norm [B, n]), zero-padding d up to n."""
+
+    def __init__(self, encoder: TaskEncoder, observation_size: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pad = encoder.input_size - observation_size
+
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features, obs_norm = self.trunk(obs)
-        return features, obs_norm
+        if self.pad:
+            obs = nn.functional.pad(obs, (0, self.pad))
+        obs_norm = self.encoder.normalizer(obs)
+        return self.encoder(obs_norm), obs_norm
 
 
 class _HeadOnFeatures(nn.Module):
@@ -141,10 +166,24 @@ def _quiet_loggers() -> Iterator[None]:
             lg.setLevel(level)
 
 
+ENCODER_OUTPUTS = ("embedding", "obs_norm")
+
+
 def export_trunk(policy: MultiTaskPolicy, *, exporter: Exporter = DEFAULT_EXPORTER) -> bytes:
-    """``trunk.onnx`` bytes: ``obs`` -> ``features``, ``obs_norm`` (normalisation frozen in)."""
-    example = (torch.zeros(_EXAMPLE_BATCH, policy.observation_size),)
-    return _to_onnx(_TrunkGraph(policy), example, ["obs"], ["features", "obs_norm"], exporter)
+    """``trunk.onnx`` bytes: ``embedding`` -> ``features``."""
+    example = (torch.zeros(_EXAMPLE_BATCH, policy.config.embedding_size),)
+    return _to_onnx(_TrunkGraph(policy), example, ["embedding"], ["features"], exporter)
+
+
+def encoder_graph(policy: MultiTaskPolicy, task_id: str) -> _EncoderGraph:
+    return _EncoderGraph(policy.encoder_of(task_id), policy.slots[task_id].observation_size)
+
+
+def export_encoder(policy: MultiTaskPolicy, task_id: str, *, exporter: Exporter = DEFAULT_EXPORTER) -> bytes:
+    """``encoder.onnx`` bytes for one task: ``obs`` [B, d] -> ``embedding``, ``obs_norm`` (normaliser
+    frozen in)."""
+    example = (torch.zeros(_EXAMPLE_BATCH, policy.slots[task_id].observation_size),)
+    return _to_onnx(encoder_graph(policy, task_id), example, ["obs"], list(ENCODER_OUTPUTS), exporter)
 
 
 def export_head(policy: MultiTaskPolicy, task_id: str, *, exporter: Exporter = DEFAULT_EXPORTER) -> bytes:
@@ -152,7 +191,7 @@ def export_head(policy: MultiTaskPolicy, task_id: str, *, exporter: Exporter = D
     head = policy.head(task_id)
     example_inputs = {
         "features": torch.zeros(_EXAMPLE_BATCH, policy.config.feature_size),
-        "obs_norm": torch.zeros(_EXAMPLE_BATCH, policy.observation_size),
+        "obs_norm": torch.zeros(_EXAMPLE_BATCH, policy.encoder_of(task_id).input_size),
     }
     example = tuple(example_inputs[name] for name in head.inputs)
     return _to_onnx(_head_graph(head), example, head.inputs, head.outputs, exporter)
@@ -211,61 +250,95 @@ def check_parity(
 def sample_observations(
     tasks: Sequence[TaskSpec], observation_size: int, *, steps_per_task: int = 64, seed: int = 0
 ) -> npt.NDArray[np.float32]:
+    """:func:`sample_task_observations` of every task, zero-padded into one array [N, observation_size]
+    in task order (the trainer's layout)."""
+    obs = sample_task_observations(tasks, steps_per_task=steps_per_task, seed=seed)
+    return padded_batch(obs, observation_size)[0]
+
+
+def sample_task_observations(
+    tasks: Sequence[TaskSpec], *, steps_per_task: int = 64, seed: int = 0
+) -> dict[str, npt.NDArray[np.float32]]:
     """Real observations for a parity check or initial statistics: random actions in each task's env,
-    flattened and zero-padded to ``observation_size`` ([len(tasks) * steps_per_task, D])."""
-    rows: list[npt.NDArray[np.float32]] = []
+    flattened, per task ([steps_per_task, d_task])."""
+    out: dict[str, npt.NDArray[np.float32]] = {}
     for i, task in enumerate(tasks):
+        rows: list[npt.NDArray[np.float32]] = []
         env = make_env(task)
         try:
             env.action_space.seed(seed + i)
             obs, _ = env.reset(seed=seed + i)
             for _ in range(steps_per_task):
-                rows.append(np.asarray(obs, dtype=np.float32).reshape(1, -1))
+                rows.append(np.asarray(obs, dtype=np.float32).reshape(-1))
                 obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
                 if terminated or truncated:
                     obs, _ = env.reset()
         finally:
             env.close()
-    return pad_observations(
-        np.concatenate([pad_observations(r, observation_size) for r in rows]), observation_size
-    )
+        out[task.id] = np.stack(rows)
+    return out
+
+
+def padded_batch(
+    observations: Mapping[str, npt.NDArray[np.float32]], width: int
+) -> tuple[npt.NDArray[np.float32], list[tuple[str, int]]]:
+    """Per-task observations as one zero-padded array [N, width] and its segments (the trainer's layout)."""
+    parts = [pad_observations(v.reshape(len(v), -1), width) for v in observations.values()]
+    return np.concatenate(parts), [(t, len(v)) for t, v in observations.items()]
 
 
 def export_checked(
     policy: MultiTaskPolicy,
-    observations: npt.NDArray[np.float32],
+    observations: Mapping[str, npt.NDArray[np.float32]],
     *,
     exporter: Exporter = DEFAULT_EXPORTER,
     atol: float = PARITY_ATOL,
-) -> tuple[bytes, dict[str, bytes]]:
-    """Export the trunk and every head, each checked for parity on ``observations`` [N, D].
+    task_ids: Sequence[str] | None = None,
+) -> tuple[bytes, dict[str, tuple[bytes, bytes]]]:
+    """Export the trunk and every (or each of ``task_ids``) task's encoder and head, each checked for
+    parity on the task's real ``observations`` [n, d_task].
 
-    Returns (trunk bytes, {task id: head bytes}); raises ExportParityError on any mismatch.
+    Returns (trunk bytes, {task id: (encoder bytes, head bytes)}); raises ExportParityError on any
+    mismatch. Tasks sharing an encoder (same group, same width) get the same encoder bytes.
     """
     policy.eval()
     trunk_bytes = export_trunk(policy, exporter=exporter)
-    worst = check_parity(
-        "trunk.onnx",
-        _TrunkGraph(policy),
-        trunk_bytes,
-        {"obs": observations},
-        ["features", "obs_norm"],
-        atol=atol,
-    )
-    with torch.no_grad():
-        features, obs_norm = policy.trunk(torch.as_tensor(observations))
-    trunk_outputs = {"features": features.numpy(), "obs_norm": obs_norm.numpy()}
-    heads: dict[str, bytes] = {}
-    for task_id in policy.task_ids:
+    encoders: dict[tuple[str, int], bytes] = {}
+    out: dict[str, tuple[bytes, bytes]] = {}
+    worst = 0.0
+    for task_id in task_ids if task_ids is not None else policy.task_ids:
+        obs = np.ascontiguousarray(observations[task_id], dtype=np.float32)
+        slot = policy.slots[task_id]
+        graph = encoder_graph(policy, task_id)
+        key = (slot.encoder, slot.observation_size)
+        if key not in encoders:
+            encoders[key] = export_encoder(policy, task_id, exporter=exporter)
+        worst = max(
+            worst,
+            check_parity(
+                f"encoder of task {task_id!r}", graph, encoders[key], {"obs": obs}, ENCODER_OUTPUTS, atol=atol
+            ),
+        )
+        with torch.no_grad():
+            embedding, obs_norm = graph(torch.as_tensor(obs))
+        worst = max(
+            worst,
+            check_parity(
+                "trunk.onnx", _TrunkGraph(policy), trunk_bytes, {"embedding": embedding.numpy()}, ["features"]
+            ),
+        )
+        with torch.no_grad():
+            features = policy.trunk(embedding)
         head = policy.head(task_id)
         data = export_head(policy, task_id, exporter=exporter)
-        inputs = {name: trunk_outputs[name] for name in head.inputs}
+        available = {"features": features.numpy(), "obs_norm": obs_norm.numpy()}
+        inputs = {name: available[name] for name in head.inputs}
         worst = max(
             worst, check_parity(f"head {task_id!r}", _head_graph(head), data, inputs, head.outputs, atol=atol)
         )
-        heads[task_id] = data
+        out[task_id] = (encoders[key], data)
     log.debug("export parity: largest torch/onnxruntime difference %.3g", worst)
-    return trunk_bytes, heads
+    return trunk_bytes, out
 
 
 def head_meta(
@@ -278,8 +351,9 @@ def head_meta(
     training: Mapping[str, Any] | None = None,
     parent: str | None = None,
 ) -> HeadMeta:
-    """The head.json record of ``task``'s head (``observation_space`` a SpaceSpec)."""
+    """The head.json record of ``task``'s version: encoder and head (``observation_space`` a SpaceSpec)."""
     head = policy.head(task.id)
+    encoder = policy.encoder_of(task.id)
     return HeadMeta(
         task=task,
         observation_space=observation_space,
@@ -287,13 +361,25 @@ def head_meta(
         distribution=head.distribution,
         trunk_sha256=trunk_sha256,
         feature_size=policy.config.feature_size,
-        observation_size=policy.observation_size,
+        observation_size=encoder.input_size,
         inputs=head.inputs,
         outputs=head.outputs,
         eval_return=eval_return,
         parent=parent,
         training=dict(training or {}),
+        embedding_size=policy.config.embedding_size,
+        encoder=encoder.arch.to_json(),
     )
+
+
+def manifest_encoders(policy: MultiTaskPolicy, task_ids: Sequence[str]) -> dict[str, Any]:
+    """The manifest's record of the encoder groups: name -> architecture and member tasks."""
+    groups: dict[str, Any] = {}
+    for task_id in task_ids:
+        name = policy.slots[task_id].encoder
+        entry = groups.setdefault(name, {**policy.encoder(name).arch.to_json(), "tasks": []})
+        entry["tasks"].append(task_id)
+    return groups
 
 
 def export_bundle(
@@ -305,14 +391,14 @@ def export_bundle(
     training: Mapping[str, Any],
     eval_returns: Mapping[str, float],
     overwrite: bool = False,
-    observations: npt.NDArray[np.float32] | None = None,
+    observations: Mapping[str, npt.NDArray[np.float32]] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     exporter: Exporter = DEFAULT_EXPORTER,
     parity_atol: float = PARITY_ATOL,
 ) -> Bundle:
     """Export ``policy`` (one head per task in ``tasks``) as a complete bundle at ``out_dir``.
 
-    Parity is checked on ``observations`` (default: a few real observations of each task). Raises
+    Parity is checked on ``observations`` (per task; default: a few real observations of each). Raises
     ExportParityError before anything is written when an exported graph disagrees with torch, and
     BundleError when ``out_dir`` holds something and ``overwrite`` is false.
     """
@@ -320,24 +406,23 @@ def export_bundle(
     if missing:
         raise ValueError(f"the policy has no head for task(s) {missing}")
     if observations is None:
-        observations = sample_observations(tasks, policy.observation_size, steps_per_task=32)
-    trunk_bytes, head_bytes = export_checked(policy, observations, exporter=exporter, atol=parity_atol)
+        observations = sample_task_observations(tasks, steps_per_task=32)
+    trunk_bytes, adapters = export_checked(
+        policy, observations, exporter=exporter, atol=parity_atol, task_ids=[t.id for t in tasks]
+    )
     trunk_sha = sha256_bytes(trunk_bytes)
-    mean, var = policy.trunk.normalizer.stats()
     manifest = Manifest(
         trunk_sha256=trunk_sha,
         checkpoint_sha256="",
-        observation_size=policy.observation_size,
         feature_size=policy.config.feature_size,
-        normalization=Normalization(
-            mean=mean, var=var, clip=policy.trunk.normalizer.clip, epsilon=policy.trunk.normalizer.epsilon
-        ),
+        embedding_size=policy.config.embedding_size,
+        encoders=manifest_encoders(policy, [t.id for t in tasks]),
         suite=suite_name,
         tasks=tuple(t.id for t in tasks),
         trunk_architecture={**policy.config.to_json(), "exporter": exporter},
         training=dict(training),
     )
-    heads = []
+    heads: list[tuple[HeadMeta, bytes, bytes | None]] = []
     for task in tasks:
         obs_space, _ = task_spaces(task)
         meta = head_meta(
@@ -348,7 +433,8 @@ def export_bundle(
             eval_return=eval_returns.get(task.id),
             training={"suite": suite_name, **{k: v for k, v in training.items() if k in _HEAD_TRAINING_KEYS}},
         )
-        heads.append((meta, head_bytes[task.id]))
+        encoder_bytes, head_bytes = adapters[task.id]
+        heads.append((meta, head_bytes, encoder_bytes))
     return write_bundle(
         out_dir,
         manifest=manifest,
@@ -382,15 +468,10 @@ def build_random_bundle(
     if not tasks:
         raise InvalidTaskSpec(f"suite {loaded.name!r} has no tasks to build heads for")
     spaces = {t.id: task_spaces(t) for t in tasks}
-    observation_size = max(space_size(o) for o, _ in spaces.values())
     torch.manual_seed(seed)
-    policy = MultiTaskPolicy(
-        config or PolicyConfig(), observation_size, {t: a for t, (_, a) in spaces.items()}
-    )
-    observations = sample_observations(
-        tasks, observation_size, steps_per_task=max(1, 256 // len(tasks)), seed=seed
-    )
-    policy.trunk.normalizer.update(observations)
+    policy = build_policy(config or PolicyConfig(), tasks, spaces, loaded.encoders)
+    observations = sample_task_observations(tasks, steps_per_task=max(1, 256 // len(tasks)), seed=seed)
+    policy.update_normalizers(*padded_batch(observations, policy.observation_size))
     return export_bundle(
         policy,
         out_dir,
@@ -407,10 +488,15 @@ __all__ = [
     "DEFAULT_EXPORTER",
     "build_random_bundle",
     "check_parity",
+    "encoder_graph",
     "export_bundle",
     "export_checked",
+    "export_encoder",
     "export_head",
     "export_trunk",
     "head_meta",
+    "manifest_encoders",
+    "padded_batch",
     "sample_observations",
+    "sample_task_observations",
 ]

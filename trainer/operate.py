@@ -59,6 +59,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from polyhead.bundle import Bundle
 from polyhead.clients.catalog import RemoteTask
 from polyhead.clients.policy_client import PolicyClient
+from polyhead.errors import PolyheadError
 from polyhead.stats import better_than, relative_margin, worse_than
 from polyhead.trainer.config import PPOConfig
 from polyhead.trainer.export import DEFAULT_EXPORTER, Exporter, sample_observations
@@ -303,8 +304,9 @@ class Operator:
         self.bundle = Bundle.open(config.bundle)
         self.policy: MultiTaskPolicy = load_policy(self.bundle)
         freeze_trunk(self.policy)
-        # The torch heads the trunk checkpoint shipped with, by task: the bundle's first versions.
-        self._shipped = {t: {k: v.clone() for k, v in self.policy.head(t).state_dict().items()}
+        # The torch adapters (head, and own encoder) the trunk checkpoint shipped with, by task: the
+        # bundle's first versions.
+        self._shipped = {t: {k: v.clone() for k, v in self.policy.adapter(t).state_dict().items()}
                          for t in self.policy.task_ids}  # fmt: skip
         self.controls = [ServerControl(a, token=config.admin_token) for a in config.resolved_admin_targets]
         self.clients = [PolicyClient(s, timeout=10.0) for s in config.servers]
@@ -369,8 +371,7 @@ class Operator:
         self.metrics.recovering.labels(task=task_id).set(1)
         self._decide(task_id, "recover", stable, f"stable version {stable} regressed: {detail}")
         live = self._live(rec)
-        head = self.policy.head(task_id)
-        head.load_state_dict(self._fresh_state(task_id))
+        self.policy.adapter(task_id).load_state_dict(self._fresh_state(task_id))
         self._publish_candidate(rec, live, note="fresh head, to compare with the current one")
 
     def _advance(self, rec: Recovery) -> None:
@@ -384,13 +385,13 @@ class Operator:
             fresh, current = np.mean(rec.canary_returns), np.mean(rec.stable_returns)
             known = self._known_state(rec.task_id, rec.stable_version)
             rec.start = "scratch" if fresh >= current or known is None else "current"
-            head = self.policy.head(rec.task_id)
+            adapter = self.policy.adapter(rec.task_id)
             if rec.start == "current":
                 assert known is not None
-                head.load_state_dict(known)
+                adapter.load_state_dict(known)
                 self._clear_canary(rec)
             else:
-                head.load_state_dict(self._load_version(rec.task_id, rec.candidates[-1]))
+                adapter.load_state_dict(self._load_version(rec.task_id, rec.candidates[-1]))
             self._decide(
                 rec.task_id,
                 "start",
@@ -510,8 +511,9 @@ class Operator:
         torch.save(published.state, path)
         body = published.record.path.joinpath("head.onnx").read_bytes()
         head_json = published.record.path.joinpath("head.json").read_text(encoding="utf-8")
+        encoder = published.record.read_encoder()
         for control in self.controls:
-            control.load(rec.task_id, version, body, head_json, activate=False)
+            control.load(rec.task_id, version, body, head_json, encoder=encoder, activate=False)
         rec.candidates.append(version)
         rec.share_index = 0
         self._set_canary(rec, version)
@@ -544,7 +546,13 @@ class Operator:
         # undo the promotion (it stands down when the server activated something after its read).
         self.bundle.set_active_version(rec.task_id, version)
         for control in self.controls:
-            control.promote_canary(rec.task_id, version)
+            try:
+                control.promote_canary(rec.task_id, version)
+            except PolyheadError:
+                # A server watching the bundle may have followed the new pointer first: activating the
+                # canary promoted it there already. Anything else is a real refusal.
+                if control.versions(rec.task_id)[1] != version:
+                    raise
         self.state.recovered[rec.task_id] = version
         promoted_mean = float(np.mean(rec.canary_returns)) if rec.canary_returns else math.nan
         bar = self.config.recover_fraction * rec.target
@@ -645,6 +653,8 @@ class Operator:
         task_id = rec.task_id
         record = self.bundle.head(task_id)
         meta = record.meta
+        # A task that shares its encoder with others publishes that encoder unchanged (it stays frozen).
+        shared = None if self.policy.owns_encoder(task_id) else self._first_encoder(task_id)
         publisher = HeadPublisher(
             bundle=self.bundle,
             policy=self.policy,
@@ -656,13 +666,14 @@ class Operator:
             metrics=self.updater_metrics,
             control=None,
             exporter=self.config.exporter,
+            shared_encoder=shared,
         )
         live = _Live(publisher=publisher)
         live.feeds = [control.experience(task_id) for control in self.controls]
         if rec.candidates:
             # Restarted: the learner continues from the newest candidate that was not rolled back.
             kept = [v for v in rec.candidates if v not in rec.rolled_back] or rec.candidates
-            self.policy.head(task_id).load_state_dict(self._load_version(task_id, kept[-1]))
+            self.policy.adapter(task_id).load_state_dict(self._load_version(task_id, kept[-1]))
             self._check_servers(rec)
         self.live[task_id] = live
         return live
@@ -703,12 +714,17 @@ class Operator:
                 rec.stable_returns.append(float(seg.episode_return))
 
     def _fresh_state(self, task_id: str) -> dict[str, torch.Tensor]:
+        """A fresh head (seeded as adapt seeds it) on the task's shipped encoder, as an adapter state."""
         with torch.random.fork_rng():
             torch.manual_seed(self.config.ppo.seed)
-            fresh = TaskHead(
-                self.policy.action_spaces[task_id], self.policy.observation_size, self.policy.config
-            )
-        return fresh.state_dict()
+            critic_input = self.policy.encoder_of(task_id).input_size
+            fresh = TaskHead(self.policy.action_spaces[task_id], critic_input, self.policy.config)
+        state = {f"head.{k}": v for k, v in fresh.state_dict().items()}
+        state.update({k: v.clone() for k, v in self._shipped[task_id].items() if k.startswith("encoder.")})
+        return state
+
+    def _first_encoder(self, task_id: str) -> bytes | None:
+        return self.bundle.head(task_id, self.bundle.versions(task_id)[0]).read_encoder()
 
     def _known_state(self, task_id: str, version: int) -> dict[str, torch.Tensor] | None:
         """The torch parameters of a served version: one this controller published, or the version the

@@ -107,13 +107,15 @@ def collect_rollout(
     def observations() -> npt.NDArray[np.float32]:
         return np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
 
-    # The normaliser sees every observation the policy acts on, before it acts (every rank's).
-    mean, var, count = ranks.combine_moments(*batch_moments(torch.as_tensor(observations())))
-    policy.trunk.normalizer.update_moments(mean, var, float(count[0]))
+    # Rows of each task in the arrays below (each task's rows go through its own encoder).
+    segments = [(s.task.id, k) for s, k in zip(states, sizes, strict=True)]
+    # Each encoder's normaliser sees every observation it acts on, before it acts (every rank's).
+    mean, var, count = ranks.combine_moments(*policy.observation_moments(observations(), segments))
+    policy.update_normalizer_moments(mean, var, count)
     for step in range(T):
         raw = observations()
-        obs_norm = policy.normalize(torch.as_tensor(raw))
-        features = policy.features(obs_norm)
+        obs_norm = policy.normalize(torch.as_tensor(raw), segments)
+        features = policy.features(obs_norm, segments)
         start = 0
         results: list[StepResult] = []
         for n, (state, idx, k) in enumerate(zip(states, active, sizes, strict=True)):
@@ -144,7 +146,8 @@ def collect_rollout(
             batch_moments(torch.as_tensor(s.discounted_returns[idx]).reshape(-1, 1))
             for s, idx in zip(states, active, strict=True)
         ]
-        moments.append(batch_moments(torch.as_tensor(next_raw)))
+        next_segments = segments if step < T - 1 else [(t, 0) for t, _ in segments]
+        moments.append(policy.observation_moments(next_raw, next_segments))
         mean, var, count = ranks.combine_moments(*(torch.cat(m) for m in zip(*moments, strict=True)))
         n_tasks = len(states)
         # Per-task return normalisation: divide rewards by the running std of the discounted return
@@ -162,12 +165,12 @@ def collect_rollout(
             # A time-limit truncation is not a failure: bootstrap γ V(s_final) (SB3's timeout handling).
             cut = result.truncated & ~result.terminated
             if cut.any():
-                final_norm = policy.normalize(torch.as_tensor(result.final_obs[cut]))
-                final_value = head.value(policy.features(final_norm), final_norm)
+                final_norm = policy.normalize(torch.as_tensor(result.final_obs[cut]), state.task.id)
+                final_value = head.value(policy.features(final_norm, state.task.id), final_norm)
                 rewards[torch.as_tensor(cut)] += config.gamma * final_value
             b["rewards"][step] = rewards
             b["episode_ends"][step] = torch.as_tensor(ended, dtype=torch.float32)
-        policy.trunk.normalizer.update_moments(mean[n_tasks:], var[n_tasks:], float(count[n_tasks]))
+        policy.update_normalizer_moments(mean[n_tasks:], var[n_tasks:], count[n_tasks:])
 
     # Every rank's finished episodes, in the order one process would have seen them (drives gap sampling).
     everyone = ranks.gather(episodes)
@@ -178,8 +181,8 @@ def collect_rollout(
 
     rollouts: dict[str, TaskRollout] = {}
     raw = np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
-    obs_norm = policy.normalize(torch.as_tensor(raw))
-    features = policy.features(obs_norm)
+    obs_norm = policy.normalize(torch.as_tensor(raw), segments)
+    features = policy.features(obs_norm, segments)
     start = 0
     for state, k in zip(states, sizes, strict=True):
         head = policy.head(state.task.id)
@@ -256,7 +259,7 @@ class MinibatchForward(nn.Module):
     def forward(
         self, obs: torch.Tensor, actions: dict[str, torch.Tensor]
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        features = self.policy.features(obs)
+        features = self.policy.features(obs, [(t, len(a)) for t, a in actions.items()])
         out = {}
         start = 0
         for t, action in actions.items():

@@ -22,16 +22,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from polyhead.envs import validate_task
 from polyhead.errors import BundleError, InvalidArgument, InvalidTaskSpec
-from polyhead.spaces import SpaceSpec, observation_size
-from polyhead.taskspec import Suite, TaskSpec
+from polyhead.spaces import SpaceSpec
+from polyhead.taskspec import EncoderSpec, Suite, TaskSpec
 from polyhead.trainer.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from polyhead.trainer.config import PPOConfig
 from polyhead.trainer.distributed import Ranks
 from polyhead.trainer.envs import TaskEnvs
 from polyhead.trainer.evaluate import evaluate
-from polyhead.trainer.export import DEFAULT_EXPORTER, Exporter, export_bundle, sample_observations
+from polyhead.trainer.export import DEFAULT_EXPORTER, Exporter, export_bundle, sample_task_observations
 from polyhead.trainer.logs import RunLogger
-from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig
+from polyhead.trainer.policy import PolicyConfig, build_policy
 from polyhead.trainer.ppo import (
     MinibatchForward,
     TaskState,
@@ -41,6 +41,7 @@ from polyhead.trainer.ppo import (
     ppo_update,
     summarize,
 )
+from polyhead.trainer.relations import write_relations
 
 log = logging.getLogger("polyhead.trainer")
 
@@ -164,7 +165,6 @@ def train(
     started = time.perf_counter()
     cpu_started = time.process_time()
     tasks, spaces = validate_suite(suite)
-    D = max(observation_size(obs) for obs, _ in spaces.values())
     unknown_weights = sorted({t for t, _ in config.task_weights} - {t.id for t in tasks})
     if unknown_weights:
         raise InvalidTaskSpec(f"--task-weights names task(s) {unknown_weights} that are not training tasks")
@@ -179,7 +179,8 @@ def train(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed + ranks.rank)
-    policy = MultiTaskPolicy(policy_config, D, {t.id: spaces[t.id][1] for t in tasks})
+    policy = build_policy(policy_config, tasks, spaces, suite.encoders)
+    D = policy.observation_size  # the trainer's padded multi-task arrays; each encoder reads its own width
     # foreach: one kernel per step for all the small parameter tensors instead of one per tensor.
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=1e-5, foreach=True)
     steps_per_iteration = config.envs_per_task * len(tasks) * config.num_steps
@@ -256,6 +257,7 @@ def train(
                 "suite": suite.name,
                 "suite_source": suite.source,
                 "suite_tasks": [t.to_json() for t in suite.tasks],
+                "suite_encoders": [e.to_json() for e in suite.encoders],
                 "out": str(out_path),
                 "config": config.to_json(),
                 "policy_config": policy_config.to_json(),
@@ -380,6 +382,15 @@ def train(
             if logger is not None:
                 logger.evaluation(global_step, time.perf_counter() - started, final)
                 log_files = logger.files()
+            if ranks.is_main and config.relations_episodes > 0:
+                write_relations(
+                    policy,
+                    tasks,
+                    run_path,
+                    grad_cosines=last_cosines,
+                    episodes=config.relations_episodes,
+                    seed=config.seed + FINAL_EVAL_SEED_OFFSET,
+                )
         wall = time.perf_counter() - started
         training = {
             "algorithm": "multi-task PPO",
@@ -395,7 +406,7 @@ def train(
         }
         bundle_root = out_path
         if ranks.is_main:
-            observations = sample_observations(tasks, D, steps_per_task=32, seed=config.seed)
+            observations = sample_task_observations(tasks, steps_per_task=32, seed=config.seed)
             bundle = export_bundle(
                 policy,
                 out_path,
@@ -484,6 +495,17 @@ def resume_settings(run_dir: str | Path) -> tuple[Suite, Path, PPOConfig, Policy
         name=checkpoint["suite"],
         tasks=tuple(TaskSpec.from_json(t, source=str(run_dir)) for t in checkpoint["suite_tasks"]),
         source=checkpoint["suite_source"],
+        encoders=tuple(
+            EncoderSpec(
+                name=e["name"],
+                tasks=tuple(e["tasks"]),
+                kind=e["kind"],
+                hidden=tuple(e["hidden"]),
+                image_shape=tuple(e["image_shape"]),
+                pad=bool(e["pad"]),
+            )
+            for e in checkpoint.get("suite_encoders", [])
+        ),
     )
     config = checkpoint["config"]
     config["task_weights"] = tuple((k, float(v)) for k, v in config["task_weights"].items())
@@ -512,7 +534,8 @@ def train_independent(
     per_task = replace(config, total_steps=max(1, config.total_steps // len(tasks)), task_weights=())
     runs: dict[str, TrainResult] = {}
     for task in tasks:
-        single = Suite(name=f"{suite.name}/{task.id}", tasks=(task,), source=suite.source)
+        own = replace(suite.encoder_for(task.id), tasks=(task.id,))  # its group's kind, alone
+        single = Suite(name=f"{suite.name}/{task.id}", tasks=(task,), source=suite.source, encoders=(own,))
         runs[task.id] = train(
             single,
             out_path / task.id,

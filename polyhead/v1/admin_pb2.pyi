@@ -8,13 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoadHeadRequest(_message.Message):
-    __slots__ = ("task_id", "version", "onnx", "repository_path", "head_json", "activate", "canary_percent")
+    __slots__ = ("task_id", "version", "onnx", "repository_path", "head_json", "activate", "encoder_onnx", "canary_percent")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ONNX_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_PATH_FIELD_NUMBER: _ClassVar[int]
     HEAD_JSON_FIELD_NUMBER: _ClassVar[int]
     ACTIVATE_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_ONNX_FIELD_NUMBER: _ClassVar[int]
     CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     version: int
@@ -22,8 +23,9 @@ class LoadHeadRequest(_message.Message):
     repository_path: str
     head_json: str
     activate: bool
+    encoder_onnx: bytes
     canary_percent: float
-    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., onnx: _Optional[bytes] = ..., repository_path: _Optional[str] = ..., head_json: _Optional[str] = ..., activate: _Optional[bool] = ..., canary_percent: _Optional[float] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., onnx: _Optional[bytes] = ..., repository_path: _Optional[str] = ..., head_json: _Optional[str] = ..., activate: _Optional[bool] = ..., encoder_onnx: _Optional[bytes] = ..., canary_percent: _Optional[float] = ...) -> None: ...
 
 class HeadInfo(_message.Message):
     __slots__ = ("task_id", "version", "active", "head_sha256", "trunk_sha256", "loaded_at", "eval_return", "source", "spec", "canary", "canary_percent")

@@ -1,4 +1,5 @@
-"""Evaluate a bundle in-process with onnxruntime (trunk + head), the reference for parity tests."""
+"""Evaluate a bundle in-process with onnxruntime (encoder + trunk + head, or a format-1 padded trunk +
+head), the reference for parity tests."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def deterministic_returns(bundle_dir: Path, task_id: str, seeds: list[int]) -> l
     meta = record.meta
     trunk = ort.InferenceSession(str(bundle.trunk_path), providers=["CPUExecutionProvider"])
     head = ort.InferenceSession(str(record.onnx_path), providers=["CPUExecutionProvider"])
+    encoder_bytes = record.read_encoder()
+    encoder = None
+    if encoder_bytes is not None:
+        encoder = ort.InferenceSession(encoder_bytes, providers=["CPUExecutionProvider"])
     size = bundle.manifest.observation_size
     returns = []
     for seed in seeds:
@@ -27,7 +32,12 @@ def deterministic_returns(bundle_dir: Path, task_id: str, seeds: list[int]) -> l
         total, done = 0.0, False
         while not done:
             flat, _ = validate_observations(np.asarray(obs), meta.observation_space)
-            features, obs_norm = trunk.run(["features", "obs_norm"], {"obs": pad_observations(flat, size)})
+            if encoder is None:
+                padded = pad_observations(flat, size)
+                features, obs_norm = trunk.run(["features", "obs_norm"], {"obs": padded})
+            else:
+                embedding, obs_norm = encoder.run(["embedding", "obs_norm"], {"obs": flat})
+                (features,) = trunk.run(["features"], {"embedding": embedding})
             feeds = {"features": features, "obs_norm": obs_norm}
             out = dict(
                 zip(

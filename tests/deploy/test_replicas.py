@@ -127,7 +127,9 @@ def test_published_version_reaches_every_replica_without_failed_calls(
     bundle = Bundle.open(bundle_copy)
     current = bundle.head(TASK)
     published_at = time.monotonic()
-    record = bundle.write_head(current.meta, current.read_onnx(), activate=True)
+    record = bundle.write_head(
+        current.meta, current.read_onnx(), encoder=current.read_encoder(), activate=True
+    )
     new_version = record.version
     assert new_version == current.version + 1
 

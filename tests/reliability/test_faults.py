@@ -128,7 +128,10 @@ def test_kill9_under_load_then_restart(
     # Publish version 2 (the updater's way: Bundle.write_head), then leave half-written heads behind.
     bundle = Bundle.open(bundle_copy)
     head = bundle.head(TASK)
-    assert bundle.write_head(head.meta, head.read_onnx(), activate=True).version == 2
+    assert (
+        bundle.write_head(head.meta, head.read_onnx(), encoder=head.read_encoder(), activate=True).version
+        == 2
+    )
     assert wait_until(lambda: all(load.ok[-1][1] == 2 for load in running), 15), "v2 not served"
     _temp, partial = leave_half_written_heads(bundle_copy, TASK)
 
@@ -156,7 +159,10 @@ def test_kill9_under_load_then_restart(
     # Publishing goes on after the restart: the stray version directory neither blocks the next versions
     # nor is ever loaded.
     bundle = Bundle.open(bundle_copy)
-    versions = [bundle.write_head(head.meta, head.read_onnx(), activate=True).version for _ in range(2)]
+    versions = [
+        bundle.write_head(head.meta, head.read_onnx(), encoder=head.read_encoder(), activate=True).version
+        for _ in range(2)
+    ]
     assert int(partial.name) not in versions, (versions, partial.name)
     published = versions[-1]
     assert wait_until(lambda: all(load.ok[-1][1] == published for load in running), 15), "not served"
@@ -199,7 +205,10 @@ def test_updater_publish_rides_out_a_server_restart(
     servers.append(server)
     port, admin_port = server.port, server.admin_port  # type: ignore[attr-defined]
     bundle = Bundle.open(bundle_copy)
-    record = bundle.write_head(bundle.head(TASK).meta, bundle.head(TASK).read_onnx(), activate=False)
+    current = bundle.head(TASK)
+    record = bundle.write_head(
+        current.meta, current.read_onnx(), encoder=current.read_encoder(), activate=False
+    )
     head_json = (record.path / "head.json").read_text()
     onnx = (record.path / "head.onnx").read_bytes()
     control = ServerControl(admin_target(server))
@@ -210,7 +219,9 @@ def test_updater_publish_rides_out_a_server_restart(
     def publish() -> None:
         started_at = time.monotonic()
         try:
-            outcome["active"] = control.load(TASK, record.version, onnx, head_json, activate=True)
+            outcome["active"] = control.load(
+                TASK, record.version, onnx, head_json, encoder=record.read_encoder(), activate=True
+            )
         except Exception as exc:  # recorded and asserted on below
             outcome["error"] = exc
         outcome["seconds"] = time.monotonic() - started_at

@@ -24,9 +24,10 @@ def _torch_reference(
     bundle = Bundle.open(bundle_dir)
     policy = load_policy(bundle)
     head = policy.head(task)
-    padded = torch.as_tensor(pad_observations(obs, bundle.manifest.observation_size))
+    x = torch.as_tensor(pad_observations(obs, policy.observation_size))  # the trainer's layout
     with torch.no_grad():
-        features, obs_norm = policy.trunk(padded)
+        obs_norm = policy.normalize(x, task)
+        features = policy.features(obs_norm, task)
         raw = head.deterministic(features)
         dist = head.dist(features)
         return {
@@ -89,7 +90,8 @@ def test_sampled_log_probs_match_torch(policy_stub: Any, tiny_bundle: Path) -> N
     policy = load_policy(bundle)
     head = policy.head("cartpole-continuous")
     with torch.no_grad():
-        features, _ = policy.trunk(torch.as_tensor(pad_observations(obs, bundle.manifest.observation_size)))
+        x = torch.as_tensor(obs)
+        features = policy.features(policy.normalize(x, head_task := "cartpole-continuous"), head_task)
         expected = head.log_prob(head.dist(features), torch.as_tensor(raw)).numpy()
     np.testing.assert_allclose(from_proto(response.log_probs), expected, atol=1e-4)
 
@@ -98,7 +100,9 @@ def test_list_tasks_describes_every_task(policy_stub: Any, tiny_bundle: Path) ->
     response = policy_stub.ListTasks(policy_pb2.ListTasksRequest())
     assert sorted(t.task_id for t in response.tasks) == sorted(TASKS)
     assert response.trunk_sha256 == Bundle.open(tiny_bundle).manifest.trunk_sha256
-    assert response.observation_size == 6
+    assert response.observation_size == 0  # format 2: no padded trunk input; each task has its own space
+    by_space = {t.task_id: list(t.observation_space.box.shape) for t in response.tasks}
+    assert by_space == {"acrobot": [6], "cartpole": [4], "cartpole-continuous": [4]}
     by_id = {t.task_id: t for t in response.tasks}
     assert by_id["acrobot"].action_space.discrete.n == 3
     assert list(by_id["cartpole-continuous"].action_space.box.shape) == [1]
@@ -134,3 +138,6 @@ def test_concurrent_requests_of_mixed_tasks_share_trunk_passes(server: Any) -> N
     assert len(responses) == 120
     assert after.requests - before.requests == 120
     assert after.passes - before.passes < 120  # cross-task batching happened
+    # Every task has its own encoder: had no trunk pass served more than one of them, encoder runs would
+    # equal trunk passes. More runs than passes means mixed-space batches, each still one trunk pass.
+    assert after.encoder_runs - before.encoder_runs > after.passes - before.passes

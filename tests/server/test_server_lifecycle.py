@@ -48,7 +48,12 @@ def test_watch_loads_and_activates_a_published_version(
         onnx, head_json = new_head_version(bundle_copy, "cartpole", seed=4)
         bundle = Bundle.open(bundle_copy)
         # Staged first (no pointer change): loaded, not served.
-        bundle.write_head(HeadMeta.from_json_text(head_json), onnx, activate=False)
+        bundle.write_head(
+            HeadMeta.from_json_text(head_json),
+            onnx,
+            encoder=Bundle.open(bundle_copy).head("cartpole", 1).read_encoder(),
+            activate=False,
+        )
         _wait_for(lambda: 2 in srv.registry.tasks["cartpole"].versions)
         assert act(stub, "cartpole", obs).head_version == 1
         # The updater moves the pointer: every replica follows.
@@ -65,7 +70,12 @@ def test_watch_loads_and_activates_a_published_version(
         ]
         # A published version the server cannot load is counted and the serving version stays.
         bad = HeadMeta.from_json_text(head_json)
-        bundle.write_head(bad, b"garbage", activate=True)
+        bundle.write_head(
+            bad,
+            b"garbage",
+            encoder=Bundle.open(bundle_copy).head("cartpole", 1).read_encoder(),
+            activate=True,
+        )
         _wait_for(
             lambda: (
                 srv.running.metrics.head_load_failures.labels(
@@ -108,7 +118,12 @@ def test_a_stale_bundle_pointer_never_undoes_a_later_activation(
         racing = _RollbackDuringRead.open(bundle_copy)
         registry.bundle = racing
         watcher = BundleWatcher(registry, interval_s=60.0)  # polled by hand, below
-        racing.write_head(HeadMeta.from_json_text(head_json), onnx, activate=True)
+        racing.write_head(
+            HeadMeta.from_json_text(head_json),
+            onnx,
+            encoder=Bundle.open(bundle_copy).head("cartpole", 1).read_encoder(),
+            activate=True,
+        )
         registry.load_from_bundle("cartpole", 2, activate=True)
         racing.arm(registry, "cartpole", to=1)
         watcher.poll()
@@ -144,7 +159,12 @@ def test_the_watch_and_an_upload_of_the_same_version_both_succeed(
         bundle = Bundle.open(bundle_copy)
         monkeypatch.setattr(HeadRuntime, "warm_up", overlapping_warm_up)
         for _ in range(4):
-            record = bundle.write_head(HeadMeta.from_json_text(head_json), onnx, activate=False)
+            record = bundle.write_head(
+                HeadMeta.from_json_text(head_json),
+                onnx,
+                encoder=Bundle.open(bundle_copy).head("cartpole", 1).read_encoder(),
+                activate=False,
+            )
             version = record.version
             errors: list[BaseException] = []
 

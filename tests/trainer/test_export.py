@@ -1,4 +1,5 @@
-"""Export: ONNX graphs match torch, the bundle round-trips, normalisation is frozen into the trunk."""
+"""Export: every ONNX graph (encoders, trunk, heads) matches torch, the bundle round-trips, each encoder's
+normalisation is frozen into its graph, encoder groups share bytes, padded groups pad inside the graph."""
 
 from __future__ import annotations
 
@@ -10,19 +11,20 @@ import pytest
 import torch
 
 from polyhead.bundle import Bundle
-from polyhead.envs import task_spaces
-from polyhead.errors import ExportParityError
-from polyhead.spaces import SpaceSpec, raw_to_env_action
+from polyhead.errors import ExportParityError, InvalidTaskSpec
+from polyhead.spaces import raw_to_env_action
 from polyhead.taskspec import load_suite
 from polyhead.trainer.export import (
     _HeadOnFeaturesAndObs,
     build_random_bundle,
     check_parity,
+    encoder_graph,
     export_bundle,
+    export_encoder,
     export_head,
-    sample_observations,
+    sample_task_observations,
 )
-from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig, load_policy
+from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig, build_policy, load_policy
 
 
 def _session(data: bytes | Path) -> ort.InferenceSession:
@@ -30,84 +32,153 @@ def _session(data: bytes | Path) -> ort.InferenceSession:
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
 
 
-def _real_obs(bundle: Bundle, seed: int = 11) -> np.ndarray:
+def _real_obs(bundle: Bundle, seed: int = 11) -> dict[str, np.ndarray]:
     suite = load_suite(bundle.manifest.suite)
-    tasks = [suite.task(t) for t in bundle.manifest.tasks]
-    return sample_observations(tasks, bundle.manifest.observation_size, steps_per_task=20, seed=seed)
+    return sample_task_observations(
+        [suite.task(t) for t in bundle.manifest.tasks], steps_per_task=20, seed=seed
+    )
+
+
+def _served(bundle: Bundle, task_id: str, obs: np.ndarray) -> dict[str, np.ndarray]:
+    """What a server computes for one task: its encoder, the trunk, its head (straight onnxruntime)."""
+    record = bundle.head(task_id)
+    encoder_bytes = record.read_encoder()
+    assert encoder_bytes is not None
+    embedding, obs_norm = _session(encoder_bytes).run(["embedding", "obs_norm"], {"obs": obs})
+    (features,) = _session(bundle.trunk_path).run(["features"], {"embedding": embedding})
+    feeds = {"features": features, "obs_norm": obs_norm}
+    head = _session(record.read_onnx())
+    outputs = head.run(list(record.meta.outputs), {n: feeds[n] for n in record.meta.inputs})
+    return {
+        "embedding": embedding,
+        "obs_norm": obs_norm,
+        **dict(zip(record.meta.outputs, outputs, strict=True)),
+    }
 
 
 def test_bundle_round_trip_matches_torch(cartpole_bundle: Bundle) -> None:
     bundle = Bundle.open(cartpole_bundle.root)
     manifest = bundle.manifest
-    assert manifest.suite == "cartpole-family"
+    assert manifest.suite == "cartpole-family" and manifest.format_version == 2
     assert set(manifest.tasks) == {t.id for t in load_suite("cartpole-family").train_tasks}
     assert set(bundle.task_ids()) == set(manifest.tasks)
+    assert manifest.embedding_size == 64 and set(manifest.encoders) == {"cartpole"}
+    assert [i.name for i in _session(bundle.trunk_path).get_inputs()] == ["embedding"]
     policy = load_policy(bundle)
-    obs = _real_obs(bundle)
-    trunk = _session(bundle.trunk_path)
-    assert [i.name for i in trunk.get_inputs()] == ["obs"]
-    features, obs_norm = trunk.run(["features", "obs_norm"], {"obs": obs})
-    assert features.shape == (len(obs), manifest.feature_size)
-    with torch.no_grad():
-        t_features, t_obs_norm = policy.trunk(torch.as_tensor(obs))
-    np.testing.assert_allclose(features, t_features.numpy(), atol=1e-5)
-    np.testing.assert_allclose(obs_norm, t_obs_norm.numpy(), atol=1e-5)
+    observations = _real_obs(bundle)
     for task_id in manifest.tasks:
         record = bundle.head(task_id)
         assert record.version == 1
         assert record.meta.trunk_sha256 == manifest.trunk_sha256
         assert record.meta.distribution == "categorical"
-        head = _session(record.read_onnx())
-        feeds = {"features": features, "obs_norm": obs_norm}
-        logits, value = head.run(["logits", "value"], {n: feeds[n] for n in record.meta.inputs})
-        assert logits.shape == (len(obs), 2)
-        assert value.shape == (len(obs),)
-        expected = policy.act_deterministic(task_id, obs)
-        np.testing.assert_array_equal(np.argmax(logits, axis=1), expected)
-        actions = raw_to_env_action(np.argmax(logits, axis=1), record.meta.action_space)
+        assert record.meta.encoder["name"] == "cartpole"
+        out = _served(bundle, task_id, observations[task_id])
+        assert out["logits"].shape == (20, 2) and out["value"].shape == (20,)
+        with torch.no_grad():
+            obs = torch.as_tensor(observations[task_id])
+            t_norm = policy.normalize(obs, task_id)
+            t_logits = policy.head(task_id).actor(policy.features(t_norm, task_id))
+        np.testing.assert_allclose(out["obs_norm"], t_norm.numpy(), atol=1e-5)
+        np.testing.assert_allclose(out["logits"], t_logits.numpy(), atol=1e-5)
+        expected = policy.act_deterministic(task_id, observations[task_id])
+        np.testing.assert_array_equal(np.argmax(out["logits"], axis=1), expected)
+        actions = raw_to_env_action(np.argmax(out["logits"], axis=1), record.meta.action_space)
         assert set(np.unique(actions)) <= {0, 1}
 
 
+def test_an_encoder_group_shares_one_encoder_file(cartpole_bundle: Bundle) -> None:
+    hashes = {
+        bundle_task: cartpole_bundle.head(bundle_task).meta.encoder_sha256
+        for bundle_task in cartpole_bundle.task_ids()
+    }
+    assert len(set(hashes.values())) == 1, hashes
+
+
 def test_dynamic_batch_axis(cartpole_bundle: Bundle) -> None:
-    trunk = _session(cartpole_bundle.trunk_path)
+    record = cartpole_bundle.head(cartpole_bundle.task_ids()[0])
+    encoder_bytes = record.read_encoder()
+    assert encoder_bytes is not None
+    encoder, trunk = _session(encoder_bytes), _session(cartpole_bundle.trunk_path)
     for batch in (1, 2, 257):
-        obs = np.zeros((batch, cartpole_bundle.manifest.observation_size), np.float32)
-        features, obs_norm = trunk.run(None, {"obs": obs})
-        assert features.shape[0] == batch == obs_norm.shape[0]
+        embedding, obs_norm = encoder.run(None, {"obs": np.zeros((batch, 4), np.float32)})
+        (features,) = trunk.run(None, {"embedding": embedding})
+        assert features.shape == (batch, 64) and obs_norm.shape == (batch, 4)
 
 
-def test_obs_normalisation_is_frozen_in_trunk(cartpole_bundle: Bundle) -> None:
-    norm = cartpole_bundle.manifest.normalization
-    mean, var = np.asarray(norm.mean), np.asarray(norm.var)
+def test_obs_normalisation_is_frozen_in_the_encoder(cartpole_bundle: Bundle) -> None:
+    policy = load_policy(cartpole_bundle)
+    normalizer = policy.encoder("cartpole").normalizer
+    mean, var = normalizer.mean.numpy(), normalizer.var.numpy()
     assert not np.allclose(mean, 0.0)
     assert not np.allclose(var, 1.0)
-    obs = _real_obs(cartpole_bundle, seed=99)
+    task_id = cartpole_bundle.task_ids()[0]
+    obs = _real_obs(cartpole_bundle, seed=99)[task_id]
     obs[0] = 1e3  # far outside: must hit the clip
-    (obs_norm,) = _session(cartpole_bundle.trunk_path).run(["obs_norm"], {"obs": obs})
-    manual = np.clip((obs.astype(np.float64) - mean) / np.sqrt(var + norm.epsilon), -norm.clip, norm.clip)
+    encoder_bytes = cartpole_bundle.head(task_id).read_encoder()
+    assert encoder_bytes is not None
+    (obs_norm,) = _session(encoder_bytes).run(["obs_norm"], {"obs": obs})
+    manual = np.clip(
+        (obs.astype(np.float64) - mean) / np.sqrt(var + normalizer.epsilon), -normalizer.clip, normalizer.clip
+    )
     np.testing.assert_allclose(obs_norm, manual, atol=1e-4, rtol=1e-5)
-    assert np.all(obs_norm[0] == norm.clip)
+    assert np.all(obs_norm[0] == normalizer.clip)
 
 
-def test_gaussian_and_padded_heads(mixed_bundle_dir: Path) -> None:
+def test_per_task_encoders_and_gaussian_heads(mixed_bundle_dir: Path) -> None:
+    """classic-mixed: each env its own encoder on its own observation width; nothing is padded."""
     bundle = Bundle.open(mixed_bundle_dir)
-    assert bundle.manifest.observation_size == 6  # Acrobot's 6 numbers; CartPole's 4 are zero-padded
-    obs = _real_obs(bundle)
-    features, obs_norm = _session(bundle.trunk_path).run(None, {"obs": obs})
+    assert set(bundle.manifest.encoders) == {"cartpole", "acrobot", "cartpole-continuous"}
+    observations = _real_obs(bundle)
+    widths = {
+        t: _session(bundle.head(t).read_encoder() or b"").get_inputs()[0].shape[1] for t in bundle.task_ids()
+    }
+    assert widths == {"cartpole": 4, "acrobot": 6, "cartpole-continuous": 4}
     record = bundle.head("cartpole-continuous")
     assert record.meta.distribution == "gaussian"
     assert record.meta.outputs == ("mean", "log_std", "value")
-    feeds = {"features": features, "obs_norm": obs_norm}
-    mean, log_std, value = _session(record.read_onnx()).run(
-        list(record.meta.outputs), {n: feeds[n] for n in record.meta.inputs}
+    out = _served(bundle, "cartpole-continuous", observations["cartpole-continuous"])
+    assert out["obs_norm"].shape == (20, 4)
+    assert out["mean"].shape == out["log_std"].shape == (20, 1)
+    np.testing.assert_allclose(out["log_std"], 0.0)
+    assert np.all(np.abs(raw_to_env_action(out["mean"], record.meta.action_space)) <= 1.0)
+    assert bundle.head("acrobot").meta.action_space.n == 3  # type: ignore[union-attr]
+    assert _served(bundle, "acrobot", observations["acrobot"])["obs_norm"].shape == (20, 6)
+
+
+def test_padded_layout_pads_inside_the_encoder_graph(tmp_path: Path) -> None:
+    """--encoders padded (the baseline): one encoder for all tasks; CartPole's graph still takes its own 4
+    numbers and pads them to Acrobot's 6 inside the graph, so no server ever pads."""
+    config = PolicyConfig(encoders="padded", feature_size=16, critic_hidden=(8,))
+    bundle = build_random_bundle(
+        tmp_path / "b",
+        suite="classic-mixed",
+        task_ids=["cartpole", "acrobot"],
+        config=config,
+        exporter="torchscript",
     )
-    assert mean.shape == log_std.shape == (len(obs), 1)
-    assert value.shape == (len(obs),)
-    np.testing.assert_allclose(log_std, 0.0)
-    env_action = raw_to_env_action(mean, record.meta.action_space)
-    assert np.all(np.abs(env_action) <= 1.0)
-    acrobot = bundle.head("acrobot")
-    assert acrobot.meta.action_space.n == 3  # type: ignore[union-attr]
+    assert set(bundle.manifest.encoders) == {"padded"}
+    out = _served(bundle, "cartpole", np.zeros((3, 4), np.float32))
+    assert out["obs_norm"].shape == (3, 6)
+    # The padded columns normalise like zeros of Acrobot's statistics, as the torch policy does.
+    policy = load_policy(bundle)
+    x = torch.zeros(3, 6)
+    np.testing.assert_allclose(out["obs_norm"], policy.normalize(x, "cartpole").numpy(), atol=1e-5)
+
+
+def test_cnn_encoder_exports_with_parity(tmp_path: Path) -> None:
+    """minigrid: a CNN over the 7x7x3 view; onnxruntime matches torch on real observations."""
+    pytest.importorskip("minigrid")
+    bundle = build_random_bundle(tmp_path / "mg", suite="minigrid", seed=2, exporter="torchscript")
+    assert bundle.manifest.encoders["minigrid-view"]["kind"] == "cnn"
+    policy = load_policy(bundle)
+    assert policy.encoder("minigrid-view").conv is not None
+    task_id = "empty-random-5x5"
+    obs = _real_obs(bundle)[task_id]
+    out = _served(bundle, task_id, obs)
+    with torch.no_grad():
+        embedding = policy.embed(policy.normalize(torch.as_tensor(obs), task_id), task_id)
+    np.testing.assert_allclose(out["embedding"], embedding.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(np.argmax(out["logits"], axis=1), policy.act_deterministic(task_id, obs))
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -129,18 +200,23 @@ def test_both_exporters_pass_parity(tmp_path: Path, exporter: str, critic: str) 
     assert [i.name for i in session.get_inputs()] == list(expected_inputs)
 
 
-def _space(suite: str, task_id: str) -> SpaceSpec:
-    return task_spaces(load_suite(suite).task(task_id))[1]
+def _cartpole_policy() -> tuple[MultiTaskPolicy, np.ndarray]:
+    suite = load_suite("classic-mixed")
+    task = suite.task("cartpole")
+    from polyhead.envs import task_spaces
+
+    policy = build_policy(PolicyConfig(), [task], {task.id: task_spaces(task)})
+    obs = sample_task_observations([task], steps_per_task=16)[task.id]
+    policy.update_normalizers(obs, [(task.id, len(obs))])
+    return policy, obs
 
 
-def test_parity_check_catches_a_wrong_graph() -> None:
-    task = load_suite("classic-mixed").task("cartpole")
-    policy = MultiTaskPolicy(PolicyConfig(), 6, {"cartpole": _space("classic-mixed", "cartpole")})
-    obs = sample_observations([task], 6, steps_per_task=16)
-    policy.trunk.normalizer.update(obs)
+def test_parity_check_catches_a_wrong_head_graph() -> None:
+    policy, obs = _cartpole_policy()
     head_bytes = export_head(policy, "cartpole", exporter="torchscript")
     with torch.no_grad():
-        features, obs_norm = policy.trunk(torch.as_tensor(obs))
+        obs_norm = policy.normalize(torch.as_tensor(obs), "cartpole")
+        features = policy.features(obs_norm, "cartpole")
         policy.head("cartpole").critic[-1].bias.add_(0.5)  # the torch module drifts from the graph
     inputs = {"features": features.numpy(), "obs_norm": obs_norm.numpy()}
     with pytest.raises(ExportParityError, match="'value' differs"):
@@ -149,10 +225,27 @@ def test_parity_check_catches_a_wrong_graph() -> None:
         )
 
 
+def test_parity_check_catches_a_wrong_encoder_graph() -> None:
+    policy, obs = _cartpole_policy()
+    encoder_bytes = export_encoder(policy, "cartpole", exporter="torchscript")
+    with torch.no_grad():
+        policy.encoder("cartpole").normalizer.mean.add_(0.3)  # statistics drift after the export
+    with pytest.raises(ExportParityError, match=r"'(embedding|obs_norm)' differs"):
+        check_parity(
+            "encoder",
+            encoder_graph(policy, "cartpole"),
+            encoder_bytes,
+            {"obs": obs},
+            ["embedding", "obs_norm"],
+        )
+
+
 def test_failed_parity_writes_nothing(tmp_path: Path) -> None:
     suite = load_suite("cartpole-family")
     task = suite.train_tasks[0]
-    policy = MultiTaskPolicy(PolicyConfig(), 4, {task.id: _space(suite.name, task.id)})
+    from polyhead.envs import task_spaces
+
+    policy = build_policy(PolicyConfig(), [task], {task.id: task_spaces(task)})
     out = tmp_path / "never"
     with pytest.raises(ExportParityError):
         # A negative tolerance no graph can meet stands in for a broken exporter.
@@ -168,6 +261,16 @@ def test_failed_parity_writes_nothing(tmp_path: Path) -> None:
         )
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_group_of_different_widths_needs_pad(tmp_path: Path) -> None:
+    suite_file = tmp_path / "bad.toml"
+    suite_file.write_text(
+        '[[task]]\nid = "c"\nenv = "CartPole-v1"\n[[task]]\nid = "a"\nenv = "Acrobot-v1"\n'
+        '[[encoder]]\nname = "both"\ntasks = ["c", "a"]\n'
+    )
+    with pytest.raises(InvalidTaskSpec, match="different widths"):
+        build_random_bundle(tmp_path / "b", suite=str(suite_file), exporter="torchscript")
 
 
 def test_checkpoint_round_trip_and_overwrite(tmp_path: Path) -> None:

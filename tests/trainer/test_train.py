@@ -18,7 +18,7 @@ from polyhead.taskspec import TaskSpec, load_suite
 from polyhead.trainer.config import PPOConfig
 from polyhead.trainer.envs import TaskEnvs
 from polyhead.trainer.evaluate import evaluate
-from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig, load_policy
+from polyhead.trainer.policy import PolicyConfig, build_policy, load_policy
 from polyhead.trainer.ppo import TaskState, allocate_envs
 from polyhead.trainer.train import train, train_independent
 
@@ -55,10 +55,10 @@ def test_smoke_run_exports_a_valid_bundle(tmp_path: Path, suite_name: str, steps
         meta = bundle.head(task_id).meta
         assert meta.eval_return == pytest.approx(result.eval_returns[task_id])
     policy = load_policy(bundle)
-    obs = np.zeros((3, bundle.manifest.observation_size), np.float32)
-    features, _ = ort.InferenceSession(str(bundle.trunk_path)).run(None, {"obs": obs})
+    embedding = np.random.default_rng(0).normal(size=(3, bundle.manifest.embedding_size)).astype(np.float32)
+    (features,) = ort.InferenceSession(str(bundle.trunk_path)).run(None, {"embedding": embedding})
     with torch.no_grad():
-        expected, _ = policy.trunk(torch.as_tensor(obs))
+        expected = policy.trunk(torch.as_tensor(embedding))
     np.testing.assert_allclose(features, expected.numpy(), atol=1e-5)
     assert result.parameters == policy.parameter_count()
 
@@ -137,7 +137,7 @@ def test_independent_baseline(tmp_path: Path) -> None:
 def test_deterministic_evaluation_is_repeatable() -> None:
     tasks = list(load_suite("classic-mixed").train_tasks)
     torch.manual_seed(0)
-    policy = MultiTaskPolicy(PolicyConfig(), 6, {t.id: task_spaces(t)[1] for t in tasks})
+    policy = build_policy(PolicyConfig(), tasks, {t.id: task_spaces(t) for t in tasks})
     first = evaluate(policy, tasks, episodes=2, seed=5)
     second = evaluate(policy, tasks, episodes=2, seed=5)
     assert first == second

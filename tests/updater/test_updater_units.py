@@ -76,7 +76,7 @@ def test_collect_head_rollout_records_what_the_head_did(policy: MultiTaskPolicy)
     config = replace(PPO, envs_per_task=2, num_steps=64)
     envs = TaskEnvs(TASK, 2, policy.observation_size, seed=3)
     state = TaskState(task=TASK, envs=envs, weight=1.0)
-    count_before = policy.trunk.normalizer.count.item()
+    count_before = policy.encoder_of(TASK.id).normalizer.count.item()
     try:
         rollout = collect_head_rollout(policy, state, config)
     finally:
@@ -85,7 +85,7 @@ def test_collect_head_rollout_records_what_the_head_did(policy: MultiTaskPolicy)
     assert rollout.actions.shape == (64, 2) and set(rollout.actions.unique().tolist()) <= {0, 1}
     head = policy.head(TASK.id)
     with torch.no_grad():
-        features = policy.features(rollout.obs.reshape(-1, policy.observation_size))
+        features = policy.features(rollout.obs.reshape(-1, policy.observation_size), TASK.id)
         logp = head.log_prob(head.dist(features), rollout.actions.reshape(-1))
     # The recorded log-probs are the head's log-probs of the recorded actions on the recorded states.
     torch.testing.assert_close(logp, rollout.logprobs.reshape(-1), atol=1e-5, rtol=1e-5)
@@ -93,7 +93,7 @@ def test_collect_head_rollout_records_what_the_head_did(policy: MultiTaskPolicy)
     # CartPole pays 1 per step (norm_reward off); a random head ends episodes well within 64 steps.
     assert rollout.episode_ends.sum() >= 1
     assert torch.all(rollout.rewards == 1.0)
-    assert policy.trunk.normalizer.count.item() == count_before  # the normaliser is only read
+    assert policy.encoder_of(TASK.id).normalizer.count.item() == count_before  # only read
 
 
 # --- rollout_from_segments -------------------------------------------------------------------------------
@@ -122,8 +122,10 @@ def test_runs_are_split_by_version_and_stale_and_deterministic_steps_dropped(pol
     with torch.no_grad():
         from polyhead.spaces import pad_observations
 
-        obs = policy.normalize(torch.as_tensor(pad_observations(seg.observations, policy.observation_size)))
-        values = head.value(policy.features(obs), obs)
+        obs = policy.normalize(
+            torch.as_tensor(pad_observations(seg.observations, policy.observation_size)), TASK.id
+        )
+        values = head.value(policy.features(obs, TASK.id), obs)
     returns = batch.rollout.returns.numpy()
     assert returns[1] == pytest.approx(1.0 + PPO.gamma * float(values[2]), abs=1e-5)
     assert returns[3] == pytest.approx(1.0, abs=1e-6)
@@ -141,9 +143,9 @@ def test_truncation_bootstraps_from_the_final_observation_or_says_it_approximate
     def value_of(obs: np.ndarray) -> float:
         with torch.no_grad():
             x = policy.normalize(
-                torch.as_tensor(pad_observations(obs.reshape(1, -1), policy.observation_size))
+                torch.as_tensor(pad_observations(obs.reshape(1, -1), policy.observation_size)), TASK.id
             )
-            return float(head.value(policy.features(x), x)[0])
+            return float(head.value(policy.features(x, TASK.id), x)[0])
 
     exact = rollout_from_segments(
         policy, TASK.id, [cut], allowed_versions={1: True}, return_rms=RunningMeanStd(), config=PPO
@@ -195,8 +197,8 @@ def test_one_ppo_update_moves_probability_towards_the_rewarded_action(policy: Mu
     with torch.no_grad():
         from polyhead.spaces import pad_observations
 
-        x = policy.normalize(torch.as_tensor(pad_observations(obs[:1], policy.observation_size)))
-        logits = head.actor_params(policy.features(x))[0]
+        x = policy.normalize(torch.as_tensor(pad_observations(obs[:1], policy.observation_size)), TASK.id)
+        logits = head.actor_params(policy.features(x, TASK.id))[0]
         logp_before = torch.log_softmax(logits, -1)[0]
     segments = [
         SegmentData(
@@ -221,7 +223,7 @@ def test_one_ppo_update_moves_probability_towards_the_rewarded_action(policy: Mu
         batch.rollout, advantages_ready=True
     )
     with torch.no_grad():
-        logp_after = torch.log_softmax(head.actor_params(policy.features(x))[0], -1)[0]
+        logp_after = torch.log_softmax(head.actor_params(policy.features(x, TASK.id))[0], -1)[0]
     assert logp_after[1] > logp_before[1] + 1e-4
     assert logp_after[0] < logp_before[0] - 1e-4
     assert all(torch.equal(v, trunk_before[k]) for k, v in policy.trunk.state_dict().items())

@@ -13,6 +13,7 @@ from polyhead.trainer.export import DEFAULT_EXPORTER, Exporter
 
 Source = Literal["local", "remote"]
 Init = Literal["scratch", "nearest", "both"]
+EncoderStart = Literal["share", "copy"]
 
 #: PPO defaults for one head on a frozen trunk: the trainer's rl-zoo CartPole settings with a budget
 #: sized for one new task, evaluated often enough to draw a learning curve.
@@ -42,6 +43,17 @@ class AdaptConfig:
         metadata={"help": "start the head from 'scratch', from the 'nearest' old head (best zero-shot "
                   "return on the new task), or train 'both' side by side (local) / pick by zero-shot "
                   "return (remote)"},
+    )  # fmt: skip
+    encoder: EncoderStart = field(
+        default="share",
+        metadata={"help": "a task whose observation space an old encoder group reads: 'share' that "
+                  "group's encoder, frozen (its bytes unchanged), or 'copy' it and train the copy with the "
+                  "head. A task with an unseen observation space always trains a fresh encoder of its own"},
+    )  # fmt: skip
+    encoder_kind: str = field(
+        default="mlp",
+        metadata={"help": "the fresh encoder of an unseen observation space: 'mlp', or 'cnn:H,W,C' for "
+                  "an image of that shape leading the flattened observation"},
     )  # fmt: skip
     ppo: PPOConfig = ADAPT_PPO
     server: str | None = field(
@@ -94,6 +106,10 @@ class AdaptConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.encoder not in ("share", "copy"):
+            raise ValueError(f"encoder must be 'share' or 'copy', got {self.encoder!r}")
+        if self.encoder_kind != "mlp" and not self.encoder_kind.startswith("cnn:"):
+            raise ValueError(f"encoder_kind must be 'mlp' or 'cnn:H,W,C', got {self.encoder_kind!r}")
         if self.source not in ("local", "remote"):
             raise ValueError(f"source must be 'local' or 'remote', got {self.source!r}")
         if self.init not in ("scratch", "nearest", "both"):

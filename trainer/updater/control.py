@@ -104,13 +104,23 @@ class ServerControl:
         active = next((h.version for h in heads if h.task_id == task_id and h.active), 0)
         return loaded, active
 
-    def load(self, task_id: str, version: int, onnx: bytes, head_json: str, *, activate: bool = True) -> int:
-        """Upload a head version (validated, warmed up, then activated by the server); returns the
+    def load(
+        self,
+        task_id: str,
+        version: int,
+        onnx: bytes,
+        head_json: str,
+        *,
+        encoder: bytes | None = None,
+        activate: bool = True,
+    ) -> int:
+        """Upload a task version (head, and encoder for a format-2 bundle; validated, warmed up, then
+        activated by the server as one version); returns the
         server's active version. A server that already loaded the same bytes from its bundle watch is fine.
         """
         try:
             resp = self._admin.load_head(
-                task_id, onnx=onnx, head_json=head_json, version=version, activate=activate
+                task_id, onnx=onnx, head_json=head_json, encoder=encoder, version=version, activate=activate
             )
             return int(resp.active_version)
         except AlreadyExists as exc:

@@ -61,7 +61,13 @@ def zero_shot_floor(
     The heads act in lockstep (one trunk pass per step over every head's episodes); the same seeds are
     used for every head, so their returns are comparable.
     """
-    compatible = [t for t in old_tasks if policy.action_spaces[t] == action_space]
+    # An old head acts through its own task's encoder here, which must read this task's observations.
+    width = policy.slots[task.id].observation_size if task.id in policy.slots else -1
+    compatible = [
+        t
+        for t in old_tasks
+        if policy.action_spaces[t] == action_space and policy.slots[t].observation_size == width
+    ]
     incompatible = [t for t in old_tasks if t not in compatible]
     if not compatible:
         return Floor(returns={}, episodes={}, incompatible=incompatible)

@@ -45,9 +45,12 @@ def head_state_sha256(policy: MultiTaskPolicy, task_id: str) -> str:
 
 
 def freeze_trunk(policy: MultiTaskPolicy) -> None:
-    """No gradient flows into the trunk; the normaliser is only ever read (eval mode)."""
+    """No gradient flows into the trunk or any encoder present now (the old tasks'); their normalisers
+    are only ever read. An encoder added afterwards (a new task's own) stays trainable."""
     policy.trunk.requires_grad_(False)
     policy.trunk.eval()
+    policy.encoders.requires_grad_(False)
+    policy.encoders.eval()
 
 
 def bundle_file_hashes(bundle: Bundle, *, exclude_task: str) -> dict[str, str]:
@@ -74,6 +77,9 @@ class Fingerprint:
         others = {
             t: head_state_sha256(policy, t) for t in policy.task_ids if head_key(t) != head_key(task_id)
         }
+        own = {policy.slots[task_id].encoder} if policy.owns_encoder(task_id) else set()
+        for name in {slot.encoder for slot in policy.slots.values()} - own:
+            others[f"encoder {name}"] = tensors_sha256(policy.encoder(name).state_dict().items())
         return cls(
             trunk_onnx_sha256=sha256_file(bundle.trunk_path),
             trunk_state_sha256=trunk_state_sha256(policy),

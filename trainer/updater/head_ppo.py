@@ -52,8 +52,8 @@ def collect_head_rollout(policy: MultiTaskPolicy, state: TaskState, config: PPOC
     logprobs, rewards_buf = torch.zeros(T, k), torch.zeros(T, k)
     ends, values = torch.zeros(T, k), torch.zeros(T, k)
     for step in range(T):
-        obs_norm = policy.normalize(torch.as_tensor(state.envs.obs))
-        features = policy.features(obs_norm)
+        obs_norm = policy.normalize(torch.as_tensor(state.envs.obs), task_id)
+        features = policy.features(obs_norm, task_id)
         dist = head.dist(features)
         action = dist.sample()
         obs_buf[step] = obs_norm
@@ -72,16 +72,16 @@ def collect_head_rollout(policy: MultiTaskPolicy, state: TaskState, config: PPOC
         # A time-limit truncation is not a failure: bootstrap γ V(s_final) (SB3's timeout handling).
         cut = result.truncated & ~result.terminated
         if cut.any():
-            final_norm = policy.normalize(torch.as_tensor(result.final_obs[cut]))
+            final_norm = policy.normalize(torch.as_tensor(result.final_obs[cut]), task_id)
             rewards[torch.as_tensor(cut)] += config.gamma * head.value(
-                policy.features(final_norm), final_norm
+                policy.features(final_norm, task_id), final_norm
             )
         rewards_buf[step] = rewards
         ends[step] = torch.as_tensor(ended, dtype=torch.float32)
         state.recent_returns.extend(result.episode_returns)
         state.episodes += len(result.episode_returns)
-    obs_norm = policy.normalize(torch.as_tensor(state.envs.obs))
-    next_value = head.value(policy.features(obs_norm), obs_norm)
+    obs_norm = policy.normalize(torch.as_tensor(state.envs.obs), task_id)
+    next_value = head.value(policy.features(obs_norm, task_id), obs_norm)
     return TaskRollout(
         obs=obs_buf,
         actions=actions,
@@ -235,8 +235,8 @@ def rollout_from_segments(
         if not keep.any():
             continue
         obs = pad_observations(np.asarray(seg.observations, np.float32).reshape(len(seg), -1), D)
-        obs_norm = policy.normalize(torch.as_tensor(obs))
-        features = policy.features(obs_norm)
+        obs_norm = policy.normalize(torch.as_tensor(obs), task_id)
+        features = policy.features(obs_norm, task_id)
         values = head.value(features, obs_norm)
         # Discounted-return scaling, walking the segment in order (gymnasium NormalizeReward).
         raw_rewards = np.asarray(seg.rewards, np.float64)
@@ -252,8 +252,8 @@ def rollout_from_segments(
         rewards = torch.as_tensor(raw_rewards / scale, dtype=torch.float32)
         if seg.next_observation is not None and seg.next_observation.size:
             nxt = pad_observations(np.asarray(seg.next_observation, np.float32).reshape(1, -1), D)
-            nxt_norm = policy.normalize(torch.as_tensor(nxt))
-            after_last = head.value(policy.features(nxt_norm), nxt_norm)[0]
+            nxt_norm = policy.normalize(torch.as_tensor(nxt), task_id)
+            after_last = head.value(policy.features(nxt_norm, task_id), nxt_norm)[0]
             exact = True
         else:
             after_last = values[-1]
@@ -318,16 +318,21 @@ def rollout_from_segments(
 # Phases 2 and 3: advantages and the PPO update of the head alone
 # ============================================================================================================
 class HeadLearner:
-    """Adam over one head's parameters; :meth:`update` runs PPO epochs on a rollout of that task."""
+    """Adam over one task's head (and own encoder) parameters; :meth:`update` runs PPO epochs on a rollout
+    of that task."""
 
     def __init__(self, policy: MultiTaskPolicy, task_id: str, config: PPOConfig, *, seed: int) -> None:
         self.policy = policy
         self.task_id = task_id
         # Gradient surgery acts on shared trunk weights; with one task and a frozen trunk there are none.
         self.config = replace(config, grad_surgery="none", log_grad_cosines=False, task_weights=())
-        self.optimizer = torch.optim.Adam(
-            policy.head(task_id).parameters(), lr=config.learning_rate, eps=1e-5
-        )
+        # The head, and the task's own encoder when it has one (shared encoders are frozen).
+        trainable = [
+            p
+            for p in (*policy.head(task_id).parameters(), *policy.encoder_of(task_id).parameters())
+            if p.requires_grad
+        ]
+        self.optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, eps=1e-5)
         self.generator = torch.Generator().manual_seed(seed)
         self.updates = 0
 

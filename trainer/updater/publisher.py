@@ -32,7 +32,15 @@ from torch import nn
 from polyhead.bundle import Bundle, HeadRecord
 from polyhead.spaces import SpaceSpec
 from polyhead.taskspec import TaskSpec
-from polyhead.trainer.export import Exporter, check_parity, export_head, head_meta
+from polyhead.trainer.export import (
+    ENCODER_OUTPUTS,
+    Exporter,
+    check_parity,
+    encoder_graph,
+    export_encoder,
+    export_head,
+    head_meta,
+)
 from polyhead.trainer.policy import MultiTaskPolicy, TaskHead
 from polyhead.trainer.updater.control import ServerControl
 from polyhead.trainer.updater.metrics import UpdaterMetrics
@@ -79,6 +87,8 @@ class HeadPublisher:
     metrics: UpdaterMetrics
     control: ServerControl | None = None
     exporter: Exporter = "dynamo"
+    #: A shared (frozen) group encoder's encoder.onnx, published unchanged; None: export the task's own.
+    shared_encoder: bytes | None = None
     published: dict[int, Published] = field(default_factory=dict)
 
     def publish(
@@ -90,17 +100,33 @@ class HeadPublisher:
         note: str = "",
         activate: bool = True,
     ) -> Published:
-        """Export, check, write and load the current head as the next version; returns what was published.
+        """Export, check, write and load the current encoder and head as the next version; returns what
+        was published.
 
         ``activate`` False stages it: written to the bundle and loaded into the server without moving the
         bundle's active pointer or the served version (``polyhead operate`` then makes it a canary)."""
         task_id = self.task.id
+        adapter = self.policy.adapter(task_id)
+        adapter.eval()
         head = self.policy.head(task_id)
-        head.eval()
+        slot = self.policy.slots[task_id]
+        obs = torch.as_tensor(self.parity_observations)
+        encoder_bytes = self.shared_encoder
+        if encoder_bytes is None:
+            encoder_bytes = export_encoder(self.policy, task_id, exporter=self.exporter)
+            check_parity(
+                f"encoder of task {task_id!r}",
+                encoder_graph(self.policy, task_id),
+                encoder_bytes,
+                {"obs": obs[:, : slot.observation_size].numpy()},
+                ENCODER_OUTPUTS,
+            )
         onnx_bytes = export_head(self.policy, task_id, exporter=self.exporter)
         with torch.no_grad():
-            features, obs_norm = self.policy.trunk(torch.as_tensor(self.parity_observations))
-        available = {"features": features.numpy(), "obs_norm": obs_norm.numpy()}
+            obs_norm = self.policy.normalize(obs, task_id)
+            features = self.policy.features(obs_norm, task_id)
+        width = self.policy.encoder_of(task_id).input_size
+        available = {"features": features.numpy(), "obs_norm": obs_norm[:, :width].numpy()}
         inputs = {name: available[name] for name in head.inputs}
         check_parity(f"head {task_id!r}", _HeadReference(head), onnx_bytes, inputs, head.outputs)
         meta = head_meta(
@@ -112,15 +138,17 @@ class HeadPublisher:
             training=dict(training),
             parent=parent,
         )
-        record = self.bundle.write_head(meta, onnx_bytes, activate=activate)
+        record = self.bundle.write_head(meta, onnx_bytes, encoder=encoder_bytes, activate=activate)
         if self.control is not None:
             head_json = record.path.joinpath("head.json").read_text(encoding="utf-8")
-            self.control.load(task_id, record.version, onnx_bytes, head_json, activate=activate)
+            self.control.load(
+                task_id, record.version, onnx_bytes, head_json, encoder=encoder_bytes, activate=activate
+            )
         now = time.time()
         published = Published(
             version=record.version,
             eval_return=eval_return,
-            state=copy.deepcopy(head.state_dict()),
+            state=copy.deepcopy(adapter.state_dict()),
             record=record,
             published_at=now,
             note=note,
@@ -153,5 +181,5 @@ class HeadPublisher:
         self.metrics.eval_return.labels(task=self.task.id).set(self.published[version].eval_return)
 
     def restore(self, version: int) -> None:
-        """Rewind the torch head to the parameters of a published version."""
-        self.policy.head(self.task.id).load_state_dict(self.published[version].state)
+        """Rewind the torch head (and own encoder) to the parameters of a published version."""
+        self.policy.adapter(self.task.id).load_state_dict(self.published[version].state)
