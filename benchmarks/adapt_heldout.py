@@ -1,12 +1,15 @@
-"""Held-out tasks of cartpole-family: head-only adaptation vs a from-scratch network vs full fine-tuning
-vs the best old head zero-shot, at the same number of new-task samples.
+"""Held-out tasks of a suite: head-only adaptation vs a from-scratch network vs full fine-tuning vs the
+best old head zero-shot, at the same number of new-task samples.
 
     .venv/bin/python benchmarks/adapt_heldout.py --bundle /tmp/cpf-bundle --samples 40000 --seeds 1 2 3 \
         --out docs/adapt_heldout.json --plot docs/adapt_heldout.png
 
-The bundle is a trained cartpole-family bundle (``polyhead train --suite cartpole-family --out
-/tmp/cpf-bundle --seed 1``). Methods (same PPO settings, the updater's defaults; the same evaluation
-episodes, deterministic, for every curve point):
+The bundle is a trained bundle of ``--suite`` (default cartpole-family: ``polyhead train --suite
+cartpole-family --out /tmp/cpf-bundle --seed 1``); its training tasks are the old heads, ``--tasks``
+(default: the suite's held-out tasks) the new ones. Every return is also reported on the normalised
+scale ``(R - random) / (target - random)``: 0 is a uniformly random policy's mean return (measured here,
+``--random-episodes`` seeded episodes), 1 the task's ``target_return``. Methods (same PPO settings, the
+updater's defaults; the same evaluation episodes, deterministic, for every curve point):
 
 * ``head-only (fresh)``: the updater's head-only PPO on the frozen trunk, a freshly initialised head;
 * ``head-only (nearest)``: the same, starting from the old head with the best zero-shot return;
@@ -14,6 +17,10 @@ episodes, deterministic, for every curve point):
 * ``full fine-tuning``: the bundle's trunk + a fresh head, every parameter trained (normaliser updating),
   then the old tasks are re-evaluated with their heads on the changed trunk (forgetting);
 * ``zero-shot``: the best old head, untrained.
+
+The analysis checks the issue-12 bar for a held-out task (best old head and a fresh head at 0 samples at
+most 0.3; a from-scratch network needs at least 30k samples to reach 0.9) and the target (head-only
+reaches 90% of from-scratch's final score with at most 30% of its samples).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from learning_common import random_return
 from trainer_common import machine
 
 from polyhead.envs import task_spaces
@@ -68,7 +76,7 @@ def run(
     torch.manual_seed(seed)
     np.random.seed(seed)
     _, action_space = task_spaces(task)
-    old_tasks: list[TaskSpec] = list(load_suite("cartpole-family").train_tasks)
+    old_tasks: list[TaskSpec] = list(load_suite(args.suite).train_tasks)
     base = load_policy(bundle)
     if method == "from scratch":
         policy = build_policy(base.config, [task], {task.id: task_spaces(task)})
@@ -140,8 +148,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bundle", type=Path, default=Path("/tmp/cpf-bundle"))
-    parser.add_argument("--tasks", nargs="+", default=["cartpole-short-heavy", "cartpole-reversed"])
+    parser.add_argument("--bundle", type=Path, default=Path("/tmp/cpf-bundle"), help="trained bundle")
+    parser.add_argument("--suite", default="cartpole-family", help="the bundle's suite (name or TOML file)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="new tasks (default: the held-out ones)")
+    parser.add_argument(
+        "--random-episodes", type=int, default=20, help="random-policy episodes for the normalised scale"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--samples", type=int, default=40_000, help="new-task samples per run")
     parser.add_argument("--eval-every", type=int, default=4_096)
@@ -154,7 +166,17 @@ def main() -> None:
         action="store_true",
         help="re-analyse --out, redraw --plot, print the markdown tables",
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="combine these reports (e.g. one per task, run in parallel) into --out, then as --report-only",
+    )
     args = parser.parse_args()
+    if args.merge:
+        args.out.write_text(json.dumps(merge([json.loads(f.read_text()) for f in args.merge]), indent=1))
+        args.report_only = True
     if args.report_only:
         saved: dict[str, Any] = json.loads(args.out.read_text())
         saved["analysis"] = analyse(saved)
@@ -164,11 +186,13 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     ppo = ADAPT_PPO
-    suite = load_suite("cartpole-family")
+    suite = load_suite(args.suite)
     base = load_policy(args.bundle)
     old_tasks = list(suite.train_tasks)
+    tasks = args.tasks or [t.id for t in suite.heldout_tasks]
     report: dict[str, Any] = {
         "machine": machine(),
+        "suite": suite.name,
         "bundle": str(args.bundle),
         "samples": args.samples,
         "episodes": args.episodes,
@@ -176,8 +200,11 @@ def main() -> None:
         "old_task_returns_before": _old_returns(base, old_tasks, args.episodes),
         "runs": [],
         "zero_shot": {},
+        "random_returns": {t: random_return(suite.task(t), args.random_episodes) for t in tasks},
+        "target_returns": {t: suite.task(t).target_return for t in tasks},
     }
-    for task_id in args.tasks:
+    print(f"random-policy returns: {report['random_returns']}", flush=True)
+    for task_id in tasks:
         task = suite.task(task_id)
         _, action_space = task_spaces(task)
         floor = zero_shot_floor(
@@ -208,6 +235,17 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=1))
     plot(report, args.plot)
     print(markdown(report))
+
+
+def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs of the same bundle: runs concatenated, per-task tables united."""
+    out = dict(reports[0])
+    out["runs"] = [r for report in reports for r in report["runs"]]
+    out["machine"] = " | ".join(report["machine"] for report in reports)
+    for key in ("zero_shot", "random_returns", "target_returns"):
+        if key in out:
+            out[key] = {k: v for report in reports for k, v in report[key].items()}
+    return out
 
 
 def _mean_curve(runs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -251,13 +289,118 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
                 entry["old_task_returns_after"] = after
                 entry["trunk_unchanged"] = all(r["trunk_unchanged"] for r in rs)
             task_out[m] = entry
+        if "random_returns" in report:
+            task_out["normalised"] = normalised(report, task_id, by_method)
         out[task_id] = task_out
     return out
 
 
+HARD_START = 0.3  # a held-out task is hard when the best old head and a fresh head start at most here
+SOLVED = 0.9  # "reaches 0.9": what a from-scratch network must need at least HARD_SAMPLES samples for
+HARD_SAMPLES = 30_000
+TARGET_SHARE = 0.9  # head-only reaches 90% of from-scratch's final score ...
+TARGET_SAMPLES = 0.3  # ... with at most 30% of its samples
+
+
+def normalised(
+    report: dict[str, Any], task_id: str, by_method: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """The issue-12 bar and target on the normalised scale (0 = random policy, 1 = target return)."""
+    low, high = report["random_returns"][task_id], report["target_returns"][task_id]
+
+    def norm(value: float) -> float:
+        return (value - low) / (high - low)
+
+    out: dict[str, Any] = {"random_return": low, "target_return": high}
+    out["zero_shot_best"] = norm(report["zero_shot"][task_id]["return"])
+    for m, rs in by_method.items():
+        xs, mean, _ = _mean_curve(rs)
+        mean_n = np.asarray([norm(v) for v in mean])
+        finals = [norm(r["final"]) for r in rs]
+        out[m] = {
+            "start": float(mean_n[0]),
+            "starts": [norm(r["curve"][0][1]) for r in rs],
+            "final_mean": float(np.mean(finals)),
+            "final_std": float(np.std(finals)),
+            "samples_to_0.9": next((int(x) for x, y in zip(xs, mean_n, strict=True) if y >= SOLVED), None),
+            "curve": [[int(x), float(y)] for x, y in zip(xs, mean_n, strict=True)],
+        }
+    scratch = out.get("from scratch")
+    fresh = out.get("head-only (fresh)")
+    reach = scratch["samples_to_0.9"] if scratch else None
+    out["hard"] = {
+        "zero_shot_at_most_0.3": out["zero_shot_best"] <= HARD_START,
+        "fresh_start_at_most_0.3": bool(fresh and fresh["start"] <= HARD_START),
+        "scratch_needs_30k_for_0.9": bool(scratch) and (reach is None or reach >= HARD_SAMPLES),
+    }
+    if scratch:
+        budget = scratch["curve"][-1][0]
+        bar = TARGET_SHARE * scratch["final_mean"]
+        for m in ("head-only (fresh)", "head-only (nearest)"):
+            if m in out:
+                xs_m = [x for x, _ in out[m]["curve"]]
+                ys_m = [y for _, y in out[m]["curve"]]
+                first = next((x for x, y in zip(xs_m, ys_m, strict=True) if y >= bar), None)
+                out[m]["samples_to_90pct_of_scratch_final"] = first
+                out[m]["target_met"] = first is not None and first <= TARGET_SAMPLES * budget
+        out["target_met"] = any(
+            out[m].get("target_met", False) for m in ("head-only (fresh)", "head-only (nearest)") if m in out
+        )
+    return out
+
+
+def markdown_normalised(report: dict[str, Any]) -> list[str]:
+    """Normalised scores per task and method, whether each task is hard enough, and the target."""
+    lines = [
+        "Normalised scores (0 = random policy, 1 = target return; seed means):",
+        "",
+        "| task | method | start (0 samples) | final (mean ± std) | samples to 0.9 "
+        "| samples to 90% of from-scratch final | target met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    met = 0
+    tasks = [t for t, a in report["analysis"].items() if "normalised" in a]
+    for task_id in tasks:
+        n = report["analysis"][task_id]["normalised"]
+        for m in METHODS:
+            if m not in n:
+                continue
+            e = n[m]
+            reach = e["samples_to_0.9"]
+            share = e.get("samples_to_90pct_of_scratch_final")
+            target = e.get("target_met")
+            lines.append(
+                f"| {task_id} | {m} | {e['start']:.2f} ({', '.join(f'{v:.2f}' for v in e['starts'])}) | "
+                f"{e['final_mean']:.2f} ± {e['final_std']:.2f} | "
+                f"{'not reached' if reach is None else f'{reach:,}'} | "
+                f"{'' if 'target_met' not in e else ('not reached' if share is None else f'{share:,}')} | "
+                f"{'' if target is None else ('yes' if target else 'no')} |"
+            )
+        zs = report["zero_shot"][task_id]
+        lines.append(f"| {task_id} | zero-shot ({zs['best_head']}) | {n['zero_shot_best']:.2f} | | | | |")
+        met += bool(n.get("target_met"))
+    lines += ["", "| task | best old head ≤ 0.3 | fresh head ≤ 0.3 | from scratch needs ≥ 30k for 0.9 |"]
+    lines.append("|---|---|---|---|")
+    for task_id in tasks:
+        h = report["analysis"][task_id]["normalised"]["hard"]
+        cells = [
+            "yes" if h[k] else "**no**"
+            for k in ("zero_shot_at_most_0.3", "fresh_start_at_most_0.3", "scratch_needs_30k_for_0.9")
+        ]
+        lines.append(f"| {task_id} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Target (head-only reaches 90% of from-scratch's final score with at most 30% of its samples on at "
+        f"least half of the held-out tasks): met on {met} of {len(tasks)} tasks: "
+        f"**{'met' if tasks and 2 * met >= len(tasks) else 'missed'}**.",
+        "",
+    ]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The tables of docs/benchmarks.md: per task and method, and old-task returns (forgetting)."""
-    lines = []
+    lines = markdown_normalised(report) if "random_returns" in report else []
     for task_id, a in report["analysis"].items():
         seeds = sorted({r["seed"] for r in report["runs"] if r["task"] == task_id})
         zs = a["zero_shot_best"]
@@ -316,25 +459,43 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(report["zero_shot"])
+    normalise = "random_returns" in report
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
     for ax, task_id in zip(axes[0], tasks, strict=True):
+        low, high = (
+            (report["random_returns"][task_id], report["target_returns"][task_id])
+            if normalise
+            else (0.0, 1.0)
+        )
         for m in METHODS:
             rs = [r for r in report["runs"] if r["task"] == task_id and r["method"] == m]
             if not rs:
                 continue
             xs, mean, std = _mean_curve(rs)
+            mean, std = (mean - low) / (high - low), std / abs(high - low)
             ax.plot(xs, mean, label=f"{m} (n={len(rs)})", color=COLORS[m])
             ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=COLORS[m])
         zs = report["zero_shot"][task_id]
         ax.axhline(
-            zs["return"], color="k", ls="--", lw=1, label=f"zero-shot best old head ({zs['best_head']})"
+            (zs["return"] - low) / (high - low),
+            color="k",
+            ls="--",
+            lw=1,
+            label=f"zero-shot best old head ({zs['best_head']})",
         )
         ax.set_title(task_id)
         ax.set_xlabel("new-task samples (env steps)")
-        ax.set_ylabel(f"deterministic eval return ({report.get('episodes', 5)} episodes)")
-        ax.set_ylim(0, 520)
+        episodes = report.get("episodes", 5)
+        if normalise:
+            ax.axhline(SOLVED, color="grey", ls=":", lw=1, label=f"{SOLVED} (solved)")
+            ax.set_ylabel(f"normalised return (0 random, 1 target; {episodes} deterministic episodes)")
+            ax.set_ylim(-0.1, 1.15)
+        else:
+            ax.set_ylabel(f"deterministic eval return ({episodes} episodes)")
+            ax.set_ylim(0, 520)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("cartpole-family held-out tasks: mean ± std over seeds (shared 2-core CPU)", fontsize=10)
+    suite = report.get("suite", "cartpole-family")
+    fig.suptitle(f"{suite} held-out tasks: mean ± std over seeds (shared 2-core CPU)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -104,6 +104,7 @@ class AsyncPolicyClient:
         return_log_prob: bool = False,
         return_value: bool = False,
         episode_ids: Sequence[str] | None = None,
+        steps: Sequence[int] | None = None,
         timeout: float | None = None,
     ) -> ActResult:
         task = await self.task(task_id)
@@ -116,6 +117,7 @@ class AsyncPolicyClient:
             return_log_prob=return_log_prob,
             return_value=return_value,
             episode_ids=episode_ids,
+            steps=steps,
         )
         return act_result(await self._unary(self._stub.Act, req, timeout), task)
 

@@ -66,7 +66,11 @@ def act_request(
     return_log_prob: bool = False,
     return_value: bool = False,
     episode_ids: Sequence[str] | None = None,
+    steps: Sequence[int] | None = None,
 ) -> policy_pb2.ActRequest:
+    """One ``Act`` request. With ``episode_ids`` the server records the actions for the experience feed;
+    ``steps`` (each observation's step index within its episode) makes a retried call record nothing twice.
+    """
     req = policy_pb2.ActRequest(
         task_id=task_id,
         observations=encode_observations(observations),
@@ -75,6 +79,7 @@ def act_request(
         return_value=return_value,
         version=version,
         episode_ids=list(episode_ids or ()),
+        steps=list(steps or ()),
     )
     if seed is not None:
         req.seed = seed

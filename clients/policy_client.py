@@ -126,11 +126,14 @@ class PolicyClient:
         return_log_prob: bool = False,
         return_value: bool = False,
         episode_ids: Sequence[str] | None = None,
+        steps: Sequence[int] | None = None,
         timeout: float | None = None,
     ) -> ActResult:
         """Actions for one observation (shape = the task's observation shape) or a batch ``[B, ...]``.
 
         Returns them decoded into the task's action space with the head version that produced them.
+        ``episode_ids`` (one per observation) has the server record the actions for the experience feed;
+        ``steps`` (each one's step index in its episode) makes a retried call record nothing twice.
         Raises TaskNotFound, InvalidRequest (shape, dtype, NaN, batch size; the server's message says
         which), Overloaded / Unavailable after retries, DeadlineExceeded.
         """
@@ -144,6 +147,7 @@ class PolicyClient:
             return_log_prob=return_log_prob,
             return_value=return_value,
             episode_ids=episode_ids,
+            steps=steps,
         )
         return act_result(self._unary(self._stub.Act, req, timeout), task)
 

@@ -311,6 +311,12 @@ async def _unary_run(
                     report.action.CopyFrom(to_proto(raw[i]))
                     report.log_prob = 0.0 if result.log_probs is None else float(result.log_probs[i])
                     report.head_version = result.head_version
+                    report.step = slot.length - 1
+                    # Mode actions are marked: the server records them, the updater never trains on them.
+                    report.deterministic = cfg.deterministic
+                    if truncated and not terminated:
+                        # The state the time limit cut the episode in: the updater bootstraps from it.
+                        report.final_observation.CopyFrom(encode_observations(slot.obs))
                     reports.put_nowait(report)
                 if done:
                     run.finish_episode(

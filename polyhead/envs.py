@@ -19,6 +19,7 @@ from polyhead.spaces import SpaceSpec, space_from_gymnasium
 from polyhead.taskspec import TaskSpec
 
 CONTINUOUS_CARTPOLE_ID = "polyhead/ContinuousCartPole-v0"
+ACROBOT_ID = "polyhead/Acrobot-v0"
 
 
 # --- derived physics ------------------------------------------------------------------------------------
@@ -84,6 +85,25 @@ def _reverse_action(env: Any) -> Any:
     raise InvalidTaskSpec(f"wrapper 'reverse-action' supports Discrete and Box actions, not {space}")
 
 
+def _permute_actions(env: Any, order: str) -> Any:
+    import gymnasium as gym
+
+    space = env.action_space
+    if not isinstance(space, gym.spaces.Discrete):
+        raise InvalidTaskSpec(f"wrapper 'permute-actions' supports Discrete actions, not {space}")
+    n, start = int(space.n), int(space.start)
+    try:
+        mapping = [int(part) for part in order.split(",")]
+    except ValueError:
+        mapping = []
+    if sorted(mapping) != list(range(n)):
+        raise InvalidTaskSpec(
+            f"wrapper 'permute-actions': parameter 'order' must list each of 0..{n - 1} once, "
+            f"comma-separated (e.g. {','.join(str(i) for i in reversed(range(n)))!r}), got {order!r}"
+        )
+    return gym.wrappers.TransformAction(env, lambda a: start + mapping[int(a) - start], space)
+
+
 def _scale_reward(env: Any, scale: float) -> Any:
     import gymnasium as gym
 
@@ -124,6 +144,15 @@ WRAPPERS: dict[str, WrapperDef] = {
         "reward term for holding an observation element (the cart) near a target",
     ),
     "reverse-action": WrapperDef(_reverse_action, {}, "reversed actuator: Discrete a -> n-1-a, Box a -> -a"),
+    "permute-actions": WrapperDef(
+        _permute_actions,
+        {
+            "order": Param(
+                str, required=True, help="the env action each action index sends, e.g. '1,2,0': 0 -> 1"
+            )
+        },
+        "rewired actuator: Discrete action i is sent to the env as order[i]",
+    ),
     "scale-reward": WrapperDef(
         _scale_reward, {"scale": Param(float, required=True, help="reward multiplier")}, "multiply rewards"
     ),
@@ -155,7 +184,9 @@ def _check_params(task: TaskSpec, index: int, name: str, params: dict[str, Any])
         value = params[pname]
         if p.kind is float and isinstance(value, int | float) and not isinstance(value, bool):
             out[pname] = float(value)
-        elif p.kind is int and isinstance(value, int) and not isinstance(value, bool):
+        elif (p.kind is int and isinstance(value, int) and not isinstance(value, bool)) or (
+            p.kind is str and isinstance(value, str)
+        ):
             out[pname] = value
         else:
             raise InvalidTaskSpec(f"{where}: parameter {pname!r} must be {p.kind.__name__}, got {value!r}")
@@ -173,6 +204,13 @@ def register_envs() -> None:
         return
     import gymnasium as gym
 
+    if ACROBOT_ID not in gym.registry:
+        gym.register(
+            id=ACROBOT_ID,
+            entry_point="polyhead.envs:AcrobotEnv",
+            max_episode_steps=500,
+            reward_threshold=-100.0,
+        )
     if CONTINUOUS_CARTPOLE_ID not in gym.registry:
         gym.register(
             id=CONTINUOUS_CARTPOLE_ID,
@@ -187,7 +225,44 @@ def __getattr__(name: str) -> Any:
     # The class needs gymnasium at definition time; build it only when gymnasium's registry asks for it.
     if name == "ContinuousCartPoleEnv":
         return _continuous_cartpole_class()
+    if name == "AcrobotEnv":
+        return _acrobot_class()
     raise AttributeError(name)
+
+
+_ACROBOT_CLS: Any = None
+
+
+def _acrobot_class() -> Any:
+    global _ACROBOT_CLS
+    if _ACROBOT_CLS is not None:
+        return _ACROBOT_CLS
+    from gymnasium.envs.classic_control.acrobot import AcrobotEnv as GymAcrobotEnv
+
+    class AcrobotEnv(GymAcrobotEnv):
+        """Acrobot-v1 with two more physics attributes a task spec can set (``attrs``).
+
+        * ``goal_height``: the episode ends when the tip rises above this height over the pivot, in link
+          lengths, ``-cos(θ1) - cos(θ1 + θ2) > goal_height`` (Acrobot-v1: 1.0; the tip can reach 2.0).
+        * ``torque_scale``: the elbow torques are ``(-s, 0, +s)`` (Acrobot-v1: s = 1).
+
+        With both at their defaults it is Acrobot-v1: same observations, dynamics and -1 per step.
+        """
+
+        goal_height: float = 1.0
+        torque_scale: float = 1.0
+
+        @property
+        def AVAIL_TORQUE(self) -> list[float]:  # type: ignore[override]  # noqa: N802  # read by step()
+            return [-self.torque_scale, 0.0, self.torque_scale]
+
+        def _terminal(self) -> bool:
+            s = self.state
+            assert s is not None, "Call reset before using AcrobotEnv object."
+            return bool(-math.cos(s[0]) - math.cos(s[1] + s[0]) > self.goal_height)
+
+    _ACROBOT_CLS = AcrobotEnv
+    return _ACROBOT_CLS
 
 
 _CONTINUOUS_CLS: Any = None

@@ -26,10 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
@@ -41,6 +40,7 @@ from polyhead.server.batcher import Batcher
 from polyhead.server.dataplane import DataPlane
 from polyhead.server.decoding import DecodeRequests
 from polyhead.server.experience import ExperienceHub
+from polyhead.server.health import HealthServicer
 from polyhead.server.inflight import InflightCounter
 from polyhead.server.metrics import MetricsHTTPServer, ServerMetrics, serve_metrics
 from polyhead.server.registry import HeadRegistry, TaskHeads
@@ -114,7 +114,8 @@ def _check_free(host: str, port: int, what: str) -> None:
     own multi-line error before failing. (The port may still be taken between this and grpc's bind; grpc's
     failure is then reported the same way.)"""
     try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        name = host.strip("[]") or None  # grpc takes "[::]:P"; getaddrinfo wants "::"
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         raise UsageError(_cannot_listen(f"{host}:{port}", what) + f" ({exc})") from exc
     family, kind, proto, _, sockaddr = infos[0]
@@ -147,7 +148,7 @@ class RunningServer:
     batcher: Batcher
     hub: ExperienceHub
     metrics: ServerMetrics
-    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped package)
+    health: HealthServicer
     watcher: BundleWatcher | None
     _servers: list[grpc.aio.Server] = field(repr=False)
     _metrics_http: MetricsHTTPServer | None = field(repr=False)
@@ -180,7 +181,10 @@ class RunningServer:
         stopping = [asyncio.ensure_future(server.stop(grace)) for server in self._servers]
         await asyncio.sleep(0)  # let each server's stop begin: it refuses new calls at once
         log.info("shutdown 2/3: new calls refused; draining in-flight calls for up to %.1f s", grace)
-        self.hub.close()  # experience subscribers are endless calls: end them so the drain can finish
+        # Endless calls would hold the drain for the whole grace period: end them now that their callers
+        # know (experience subscribers; health watchers, which have seen NOT_SERVING).
+        self.hub.close()
+        self.health.end_watches()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.watcher is not None:
@@ -276,7 +280,7 @@ async def start_server(
         max_abs_reward=settings.max_abs_reward,
     )
     observer = make_observer(metrics, registry)
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_servicer = HealthServicer()
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),

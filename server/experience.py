@@ -207,7 +207,7 @@ class ExperienceHub:
         if index < ep.done_below or index in ep.pending:
             self._drop(task_id, "duplicate_action", 1)
             return index
-        self._start(ep, version, deterministic)
+        self._start(ep, version, deterministic, index)
         while len(ep.pending) >= MAX_PENDING_STEPS:
             self._drop_oldest_pending(ep)
         ep.pending[index] = _Step(index, obs, action, float(log_prob), version, deterministic)
@@ -240,7 +240,7 @@ class ExperienceHub:
             if index < ep.done_below or index in ep.pending:
                 self._drop(task_id, "stale_step", 1)
                 return ReportOutcome(accepted=False, completed=False)
-            self._start(ep, transition.head_version, transition.deterministic)
+            self._start(ep, transition.head_version, transition.deterministic, index)
             while len(ep.pending) >= MAX_PENDING_STEPS:
                 self._drop_oldest_pending(ep)
             ep.pending[index] = _Step(
@@ -351,10 +351,12 @@ class ExperienceHub:
             self._drop(ep.task_id, "expired", len(ep.steps) + len(ep.pending))
         self._metrics.open_episodes.set(len(self._episodes))
 
-    def _start(self, ep: _Episode, version: int, deterministic: bool) -> None:
-        """Give a new episode its ordinal among the episodes started under (version, mode)."""
+    def _start(self, ep: _Episode, version: int, deterministic: bool, index: int) -> None:
+        """Give a new episode its ordinal among the episodes started under (version, mode); its first
+        recorded step (``index``, 0 unless the client numbers from elsewhere) is where it begins."""
         if ep.ordinal >= 0:
             return
+        ep.done_below = ep.reported = index
         key = (ep.task_id, version, deterministic)
         ep.ordinal = self._ordinals.get(key, 0)
         self._ordinals[key] = ep.ordinal + 1

@@ -196,7 +196,9 @@ class ServerMetrics:
         )
         self.experience_dropped = Counter(
             "polyhead_experience_dropped",
-            "Experience not assembled or not delivered, by reason (unknown_episode, expired, evicted, "
+            "Experience refused at the edge (invalid_reward, invalid_action, invalid_log_prob, "
+            "unknown_version, invalid_observation, invalid_step) or not assembled or delivered "
+            "(unknown_episode, no_action, stale_step, duplicate_action, missing_reward, expired, evicted, "
             "subscriber_full)",
             ["task", "reason"],
             registry=r,

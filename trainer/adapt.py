@@ -103,6 +103,7 @@ class CandidateResult:
     name: str  # "scratch" or "nearest:<old task>"
     steps: int
     final_return: float  # on the floor's episodes
+    start_return: float  # the starting head, 0 samples, on the same episodes as final_return
     curve: list[tuple[int, float]]  # (new-task samples, deterministic eval return)
     state: dict[str, torch.Tensor] = field(repr=False)
 
@@ -133,10 +134,17 @@ class AdaptResult:
     updates: int = 0
     metrics_port: int | None = None
     served_version: int | None = None  # the task's active version on --server's data plane at the end
+    # The head training started from, at 0 samples, on the same evaluation episodes as final_eval_return:
+    # a head counts as trained only when the final return beats it.
+    start_eval_return: float = math.nan
 
     @property
     def beat_floor(self) -> bool:
         return self.served_by.startswith("trained")
+
+    @property
+    def beat_start(self) -> bool:
+        return self.final_eval_return > self.start_eval_return
 
     def summary(self) -> dict[str, Any]:
         best = self.zero_shot.best_head
@@ -151,6 +159,9 @@ class AdaptResult:
             "rolled_back": self.rolled_back,
             "trunk_sha256_before": self.trunk_sha256_before,
             "trunk_sha256_after": self.trunk_sha256_after,
+            # Beyond the fixed keys above: the 0-sample start beside the final return.
+            "start_eval_return": self.start_eval_return,
+            "beat_start": self.beat_start,
             "trunk_state_sha256_before": self.trunk_state_sha256_before,
             "trunk_state_sha256_after": self.trunk_state_sha256_after,
             "rollbacks": self.rollbacks,
@@ -159,7 +170,8 @@ class AdaptResult:
             "beat_zero_shot": self.beat_floor,
             "zero_shot": self.zero_shot.returns,
             "candidates": {
-                c.name: {"final_return": c.final_return, "steps": c.steps} for c in self.candidates
+                c.name: {"start_return": c.start_return, "final_return": c.final_return, "steps": c.steps}
+                for c in self.candidates
             },
             "versions": self.versions,
             "updates": self.updates,
@@ -339,6 +351,7 @@ def train_candidate(
     policy, task = run.policy, run.task
     head = run.head()
     head.load_state_dict(init_state)
+    start_return = run.evaluate_head()
     learner = HeadLearner(policy, task.id, ppo, seed=seed)
     envs = TaskEnvs(task, ppo.envs_per_task, policy.observation_size, seed=seed * 10_000 + ENV_SEED_OFFSET)
     state = TaskState(task=task, envs=envs, weight=1.0, return_rms=RunningMeanStd())
@@ -379,10 +392,14 @@ def train_candidate(
         envs.close()
     head.load_state_dict(best[1])
     final = run.evaluate_head()
-    return CandidateResult(name=name, steps=steps, final_return=final, curve=curve, state=best[1])
+    return CandidateResult(
+        name=name, steps=steps, final_return=final, start_return=start_return, curve=curve, state=best[1]
+    )
 
 
-def _adapt_local(run: _Run, floor: Floor, publisher: HeadPublisher) -> tuple[int, list[CandidateResult], str]:
+def _adapt_local(
+    run: _Run, floor: Floor, publisher: HeadPublisher
+) -> tuple[int, list[CandidateResult], str, float]:
     config, ppo = run.config, run.ppo
     starts: list[tuple[str, dict[str, torch.Tensor]]] = []
     nearest = floor.best_head
@@ -409,7 +426,12 @@ def _adapt_local(run: _Run, floor: Floor, publisher: HeadPublisher) -> tuple[int
         served_by = f"trained:{best.name}"
         publisher.publish(
             eval_return=best.final_return,
-            training=_training_summary(run, start=best.name, steps=best.steps, extra={"curve": best.curve}),
+            training=_training_summary(
+                run,
+                start=best.name,
+                steps=best.steps,
+                extra={"start_eval_return": best.start_return, "curve": best.curve},
+            ),
             parent=nearest if best.name.startswith("nearest") else None,
             note=f"trained from {best.name}",
         )
@@ -429,7 +451,7 @@ def _adapt_local(run: _Run, floor: Floor, publisher: HeadPublisher) -> tuple[int
             parent=nearest,
             note=f"copy of {nearest}: no trained head beat it",
         )
-    return steps, candidates, served_by
+    return steps, candidates, served_by, best.start_return
 
 
 # ============================================================================================================
@@ -623,7 +645,7 @@ def _adapt_remote(
     active = publisher.published[rs.active]
     served_by = f"trained:{start}"
     nearest = floor.best_head
-    if nearest is not None and active.eval_return <= floor.best_return:
+    if nearest is not None and rs.active != rs.copy_version and active.eval_return <= floor.best_return:
         log.warning(
             "the served version %d (%.1f) does not beat the best old head %s (%.1f): serving a copy of it",
             rs.active,
@@ -705,7 +727,7 @@ def adapt(
         rs = _RemoteState()
         updates = 0
         if config.source == "local":
-            steps, candidates, served_by = _adapt_local(run, floor, publisher)
+            steps, candidates, served_by, start_eval_return = _adapt_local(run, floor, publisher)
             updates = sum(
                 math.ceil(c.steps / (config.ppo.envs_per_task * config.ppo.num_steps)) for c in candidates
             )
@@ -713,6 +735,8 @@ def adapt(
         else:
             assert control is not None
             steps, updates, rs, served_by = _adapt_remote(run, floor, publisher, control)
+            # Version 1 is the starting head, published untrained and evaluated on the floor's episodes.
+            start_eval_return = publisher.published[min(publisher.published)].eval_return
         after = Fingerprint.take(run.bundle, run.policy, task.id)
         before.assert_same(after)
         active = publisher.published[rs.active]
@@ -757,6 +781,7 @@ def adapt(
             updates=updates,
             metrics_port=metrics_port,
             served_version=served_version,
+            start_eval_return=start_eval_return,
         )
     finally:
         if control is not None:

@@ -109,15 +109,24 @@ def register_adapt(subparsers: Any) -> None:
         type=float,
         default=0.2,
         metavar="M",
-        help="roll a new version back when its live mean return is below the previous version's by more "
-        "than M x |previous mean| (default: %(default)s)",
+        help="roll a new version back when its live returns are significantly below the previous "
+        "version's minus M x |previous mean| (default: %(default)s)",
     )
     parser.add_argument(
         "--guard-episodes",
         type=int,
         default=8,
         metavar="N",
-        help="live episodes played wholly by a new version before it is judged (default: %(default)s)",
+        help="a new version is judged on the first N live episodes to start under it, once all have "
+        "finished (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--guard-alpha",
+        type=float,
+        default=0.05,
+        metavar="A",
+        help="false-alarm rate of the guard's one-sided Mann-Whitney test: a version as good as the one it "
+        "replaced is rolled back with probability at most A (default: %(default)s)",
     )
     parser.add_argument(
         "--max-version-lag",
@@ -201,6 +210,7 @@ def _adapt(args: argparse.Namespace) -> int:
             publish_every=args.publish_every,
             rollback_margin=args.rollback_margin,
             guard_episodes=args.guard_episodes,
+            guard_alpha=args.guard_alpha,
             max_version_lag=args.max_version_lag,
             zero_shot_episodes=args.zero_shot_episodes,
             idle_timeout_s=args.idle_timeout,
@@ -215,7 +225,8 @@ def _adapt(args: argparse.Namespace) -> int:
     lines = [
         f"{result.task}: {result.steps:,} samples ({result.source}) in {result.wall_seconds:.1f} s; "
         f"{result.versions_published} version(s) published, serving version {result.active_version} "
-        f"({result.served_by}), eval return {result.final_eval_return:.1f}",
+        f"({result.served_by}), eval return {result.start_eval_return:.1f} at 0 samples -> "
+        f"{result.final_eval_return:.1f}{'' if result.beat_start else ' (did not beat its start)'}",
         f"  best old head zero-shot: {best} {result.zero_shot.best_return:.1f}"
         if best
         else "  no old head fits the task's action space",

@@ -101,6 +101,7 @@ def register_train(subparsers: Any) -> None:
 # torchrun's environment for its workers (read here, at the edge; the trainer asks torch.distributed).
 _WORKER_ENV = "WORLD_SIZE"
 _RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
+_SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def _train(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
@@ -193,6 +194,10 @@ def _launch_torchrun(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         "train",
         *_worker_argv(args, parser),
     ]
+    # The workers get their own TCPStore instead of sharing the rendezvous one: with the shared store a
+    # restarted worker can read the previous attempt's keys and connect to a dead peer's port
+    # (pytorch/pytorch#135712; seen here as "Gloo connectFullMesh failed ... Connection refused").
+    os.environ.setdefault(_SHARED_STORE_ENV, "1")
     print(f"launching: torchrun {' '.join(command)}", file=sys.stderr)
     try:
         torchrun(command)

@@ -495,6 +495,9 @@ def summary(state: DemoState) -> dict[str, Any]:
         "new_task": {
             "id": state.config.new_task,
             "zero_shot_best": state.adapt.get("zero_shot_best"),
+            "start_eval_return": state.adapt.get("start_eval_return"),
+            "final_eval_return": state.adapt.get("final_eval_return"),
+            "beat_start": state.adapt.get("beat_start"),
             "versions_published": state.adapt.get("versions_published"),
             "versions": per_version_returns(state),
             "final_return": final.mean_return if final else None,

@@ -132,6 +132,10 @@ def plot_latency(state: DemoState, out: Path) -> bool:
     return True
 
 
+def _yes_no(value: object) -> str:
+    return "n/a" if value is None else ("**yes**" if value else "**NO**")
+
+
 def markdown(state: DemoState, data: dict[str, Any], plots: list[str]) -> str:
     lines = [
         "# polyhead demo report",
@@ -167,6 +171,12 @@ def markdown(state: DemoState, data: dict[str, Any], plots: list[str]) -> str:
         f"Best old head zero-shot: `{best.get('head')}` with return {_fmt(best.get('return'))}. "
         f"{_fmt(new['adapt_steps'], ',')} samples, {new['versions_published']} versions published, "
         f"served by `{new['served_by']}`, rolled back: {new['rolled_back']}.",
+        "",
+        "| updater eval (deterministic, same episodes) | return |",
+        "|---|---:|",
+        f"| start: the head training began from, 0 samples | {_fmt(new.get('start_eval_return'))} |",
+        f"| final: the served version | {_fmt(new.get('final_eval_return'))} |",
+        f"| trained (final beats start) | {_yes_no(new.get('beat_start'))} |",
         "",
         "| version | samples trained | updater eval return | live return (sampled) | live episodes "
         "| rolled back |",

@@ -94,8 +94,9 @@ if ((${#need[@]})); then
     t0=$(now)
     log "installing ${need[*]} with apt-get"
     apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" \
-        uidmap slirp4netns containernetworking-plugins iptables >&2
+    # With podman's recommends: netavark and aardvark-dns (networks with service-name DNS, which
+    # podman-compose needs), catatonit, slirp4netns.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
     SECONDS_IN[tools]=$(since "$t0")
 fi
 

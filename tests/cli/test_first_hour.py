@@ -69,6 +69,13 @@ def test_serve_port_in_use(tiny_bundle: Path, tmp_path: Path, taken_port: int, f
     assert "already in use" in line and "choose another" in line
 
 
+def test_adapt_metrics_port_in_use(tiny_bundle: Path, tmp_path: Path, taken_port: int) -> None:
+    argv = ["adapt", "--bundle", str(tiny_bundle), "--task-spec", "classic-mixed:acrobot-heavy"]
+    argv += ["--metrics-port", str(taken_port), "--no-progress", "--json"]
+    line = error_line(polyhead(*argv, cwd=tmp_path), "adapt")
+    assert f":{taken_port}" in line and "--metrics-port" in line and "choose another" in line
+
+
 def test_serve_bundle_missing(tmp_path: Path) -> None:
     line = error_line(serve(tmp_path / "no-such-bundle", tmp_path), "serve")
     assert "BundleNotFound" in line and "no-such-bundle" in line and "does not exist" in line

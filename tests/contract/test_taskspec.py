@@ -156,3 +156,65 @@ def test_continuous_cartpole_steps_with_bounded_force() -> None:
         assert obs.shape == (4,) and reward == 1.0 and not truncated
     finally:
         env.close()
+
+
+def test_permute_actions_rewires_the_actuator_and_rejects_bad_orders() -> None:
+    plain = make_env(TaskSpec(id="a", env="Acrobot-v1"))
+    rewired = make_env(
+        parse_suite(
+            '[[task]]\nid = "r"\nenv = "Acrobot-v1"\n[[task.wrappers]]\nname = "permute-actions"\n'
+            'params = { order = "1,2,0" }\n',
+            source="test",
+        ).tasks[0]
+    )
+    try:
+        plain.reset(seed=5)
+        rewired.reset(seed=5)
+        for action in (0, 1, 2):  # rewired action a sends the env action order[a]
+            assert (plain.step((1, 2, 0)[action])[0] == rewired.step(action)[0]).all()
+    finally:
+        plain.close()
+        rewired.close()
+    for order in ("0,1", "0,0,1", "a,b,c", "0,1,3"):
+        bad = parse_suite(
+            '[[task]]\nid = "r"\nenv = "Acrobot-v1"\n[[task.wrappers]]\nname = "permute-actions"\n'
+            f'params = {{ order = "{order}" }}\n',
+            source="test",
+        ).tasks[0]
+        with pytest.raises(InvalidTaskSpec, match=r"must list each of 0\.\.2 once"):
+            validate_task(bad)
+
+
+def test_polyhead_acrobot_goal_height_and_torque_scale() -> None:
+    env = make_env(
+        TaskSpec(id="a", env="polyhead/Acrobot-v0", attrs={"goal_height": 1.5, "torque_scale": 0.5})
+    )
+    reference = make_env(TaskSpec(id="b", env="Acrobot-v1"))
+    try:
+        assert env.unwrapped.AVAIL_TORQUE == [-0.5, 0.0, 0.5]
+        env.reset(seed=1)
+        env.unwrapped.state = [3.0, 0.0, 0.0, 0.0]  # tip at 2 cos(0.14) ≈ 1.98 above the pivot
+        assert env.unwrapped._terminal()
+        env.unwrapped.state = [2.0, 0.0, 0.0, 0.0]  # tip at 2 cos(1.14) ≈ 0.83: below 1.5
+        assert not env.unwrapped._terminal()
+        # With the defaults it is Acrobot-v1.
+        same = make_env(TaskSpec(id="c", env="polyhead/Acrobot-v0"))
+        try:
+            o1, _ = same.reset(seed=2)
+            o2, _ = reference.reset(seed=2)
+            assert (o1 == o2).all()
+            for action in (2, 0, 1, 2):
+                assert (same.step(action)[0] == reference.step(action)[0]).all()
+        finally:
+            same.close()
+    finally:
+        env.close()
+        reference.close()
+
+
+def test_minigrid_keys_heldout_tasks_share_the_old_heads_action_space() -> None:
+    pytest.importorskip("minigrid")
+    suite = load_suite("minigrid-keys")
+    assert len(suite.train_tasks) == 4 and [t.id for t in suite.heldout_tasks] == ["lavagap-7", "crossing-9"]
+    spaces = {t.id: validate_task(t) for t in suite.tasks}
+    assert len({(obs.shape, act.n) for obs, act in spaces.values()}) == 1  # type: ignore[union-attr]

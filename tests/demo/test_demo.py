@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +54,11 @@ def test_demo_fast_summary(tmp_path: Path) -> None:
     versions = [v["version"] for v in new["versions"]]
     assert versions == sorted(versions) and versions[0] == 1
     assert new["final_version"] and new["final_version"][0] in versions
+    # The start (0 samples) and the final updater evaluation sit side by side, in the summary and the table.
+    assert new["start_eval_return"] == versions_by_number(new)[1]["eval_return"]
+    assert new["beat_start"] == (new["final_eval_return"] > new["start_eval_return"])
+    table = (out / "summary.md").read_text()
+    assert "start: the head training began from, 0 samples" in table and "final: the served version" in table
     assert summary["swaps"] >= 1 and summary["head_loads"] >= 1
     assert summary["train"]["steps"] > 0 and set(summary["train"]["tasks"]) == set(summary["old_tasks"])
 
@@ -61,3 +67,7 @@ def test_demo_fast_summary(tmp_path: Path) -> None:
     report = (out / "summary.md").read_text()
     assert "cartpole-reversed" in report and "failed requests: **0**" in report
     assert (out / "bundle" / "manifest.json").is_file()
+
+
+def versions_by_number(new: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {int(v["version"]): v for v in new["versions"]}

@@ -63,6 +63,9 @@ def test_job_is_indexed_and_its_node_count_agrees() -> None:
     assert spec["completions"] == spec["parallelism"] == int(torchrun["nnodes"])
     assert spec["template"]["spec"]["restartPolicy"] == "Never"  # the Job, not the kubelet, replaces pods
     assert int(torchrun["max-restarts"]) >= 1
+    # Restarts need the workers' own TCPStore (pytorch/pytorch#135712).
+    env = {e["name"]: e["value"] for e in trainer_container()["env"]}
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
 def test_rendezvous_is_pod_zero_of_the_headless_service() -> None:

@@ -440,3 +440,46 @@ def test_truncation_carries_the_final_observation_and_deterministic_steps_are_ma
     np.testing.assert_allclose(from_proto(segment.next_observation), final, atol=1e-6)
     assert list(segment.deterministic) == [False, True]
     assert segment.episode_ordinal == 0
+
+
+def test_simulated_truncations_carry_their_final_observation_and_deterministic_runs_are_marked(
+    server: Any,
+) -> None:
+    from dataclasses import replace
+
+    from polyhead.clients.simulator import SimulationConfig, run_simulation
+    from polyhead.taskspec import load_suite
+
+    spec = replace(load_suite("classic-mixed").task("cartpole"), max_episode_steps=6)
+    for mode in ("unary", "stream"):
+        segments, call = _subscribe(server, ["cartpole"])
+        sampled = run_simulation(
+            server.target,
+            SimulationConfig("cartpole", episodes=3, envs=1, mode=mode, task_spec=spec, seed=2),  # type: ignore[arg-type]
+        )
+        deterministic = run_simulation(
+            server.target,
+            SimulationConfig(
+                "cartpole",
+                episodes=2,
+                envs=1,
+                mode=mode,
+                task_spec=spec,
+                seed=2,
+                deterministic=True,  # type: ignore[arg-type]
+            ),
+        )
+        got = [segments.get(timeout=10) for _ in range(5)]
+        call.cancel()
+        assert sampled.summary()["feeds_training"] and not deterministic.summary()["feeds_training"]
+        truncated = [s for s in got if s.truncated]
+        assert truncated, f"{mode}: no truncated episode in {[(s.terminated, s.episode_length) for s in got]}"
+        for s in truncated:
+            assert s.HasField("next_observation") and s.next_observation.shape, (
+                mode,
+                s.episode_length,
+                s.start_step,
+            )
+            final = from_proto(s.next_observation)
+            assert final.shape == (4,) and np.isfinite(final).all(), mode
+        assert [bool(any(s.deterministic)) for s in got] == [False] * 3 + [True] * 2, mode

@@ -200,17 +200,24 @@ def test_resume_continues_step_count_and_learning_rate(
 @pytest.mark.slow
 def test_two_rank_run_exports_a_valid_bundle(tmp_path: Path) -> None:
     out = tmp_path / "bundle"
+    # Gap sampling over 3 envs per task: a task's 2..4 active envs split 1:1 or 2:1 between the ranks.
     summary = polyhead_train(
         "--suite", str(suite_file(tmp_path)), "--out", str(out), "--nproc", "2",
-        "--total-steps", "256", "--eval-interval", "128", *TINY,
+        "--total-steps", "288", "--eval-interval", "128", *TINY, "--envs-per-task", "3",
+        "--task-sampling", "gap",
     )  # fmt: skip
     assert summary["ranks"] == 2
-    assert summary["steps"] == 256
+    assert summary["steps"] == 288
     bundle = assert_valid_bundle(out, {"cartpole", "cartpole-heavy"})
     assert bundle.manifest.training["ranks"] == 2
     # Rank 0 alone wrote the logs: one row per iteration, one eval row per task per evaluation.
-    assert [int(r["step"]) for r in metrics_rows(out / "logs")] == [64, 128, 192, 256]
-    assert all(r["ranks"] == "2" for r in metrics_rows(out / "logs"))
+    rows = metrics_rows(out / "logs")
+    assert [int(r["step"]) for r in rows] == [96, 192, 288]
+    assert all(r["ranks"] == "2" for r in rows)
+    for r in rows:  # the global allocation: 6 envs in all, at least one per rank for every task
+        envs = [int(r["cartpole/envs"]), int(r["cartpole-heavy/envs"])]
+        assert sum(envs) == 6
+        assert min(envs) >= 2
     evals = (out / "logs" / "eval.csv").read_text().splitlines()
     assert len(evals) == 1 + 2 * 3  # header; evaluations at 128, 256 and the final one
 

@@ -295,3 +295,37 @@ def test_remote_loop_rolls_back_when_the_world_changes_under_a_new_version(
         assert admin.versions(task.id)[1] == result.active_version
     assert Bundle.open(trained_copy).active_version(task.id) == result.active_version
     assert stats.failed_requests == 0 and normal.stats.failed_requests == 0
+
+
+def test_a_version_below_the_best_old_head_does_not_stay_live(
+    trained_copy: Path, serve: Callable[..., Any]
+) -> None:
+    """A fresh head on a task the old heads already solve: once the guard has its cohort, version 1 is
+    found below the best old head's live returns and a copy of that head serves instead, mid-run."""
+    srv = serve(trained_copy)
+    task = TaskSpec(id="cartpole-plain", env="CartPole-v1", target_return=475.0)
+    config = default_config(
+        bundle=trained_copy,
+        task=task,
+        source="remote",
+        server=srv.target,
+        admin_target=srv.admin_target,
+        init="scratch",
+        exporter="torchscript",
+        publish_every=1_000,  # only version 1 and what the guard does about it
+        guard_episodes=6,
+        guard_timeout_s=60.0,
+        zero_shot_episodes=4,
+        idle_timeout_s=60.0,
+        ppo={"total_steps": 1_500, "envs_per_task": 4, "num_steps": 64, "update_epochs": 2},
+    )
+    with SimulatorFleet(srv.target, task.id, clients=3, episodes_per_round=2, seed=4):
+        result = adapt(config)
+    versions = {v["version"]: v for v in result.versions}
+    assert versions[1]["rolled_back"], result.versions
+    copies = [v for v in result.versions if v["note"].startswith("copy of")]
+    assert copies and "below it on live episodes" in copies[0]["note"], result.versions
+    assert result.active_version == copies[0]["version"]
+    assert result.rollbacks >= 1
+    with AdminClient(srv.admin_target) as admin:
+        assert admin.versions(task.id)[1] == copies[0]["version"]

@@ -351,3 +351,16 @@ def test_guard_compares_like_with_like_modes_and_checks_the_floor() -> None:
         )
     )
     assert mixed.finished(1) == [] and mixed.finished(2) == []
+
+
+def test_the_version_rolled_back_to_keeps_its_reference_after_newer_versions_came_and_went() -> None:
+    """Found with live clients: after several rolled-back versions, the version serving again must still
+    have its cohort as the reference (versions are forgotten least recently observed first, not by number)."""
+    live = LiveReturns(keep_versions=4)
+    _episodes(live, 1, np.full(16, 470.0))
+    for bad in range(2, 7):
+        _episodes(live, bad, np.full(8, 9.0))  # each one judged and rolled back to version 1
+        _episodes(live, 1, np.full(2, 470.0), start_ordinal=16 + 2 * bad)  # version 1 serves again
+    decision = GuardedRollout(live, 6, 1, margin=0.2, min_episodes=8, alpha=0.05).decide()
+    assert decision.test is not None and decision.test.n_reference == 16
+    assert decision.verdict == "regressed"

@@ -6,11 +6,13 @@ and the episode's first segment (step 0) was seen. Sampled and deterministic epi
 each (version, mode) pair is its own sample, and versions are compared within one mode.
 
 **Like with like.** Short episodes finish first, so "the first N episodes to *finish* under a new
-version" is biased short (and for CartPole, low). The server numbers episodes in the order they *start*
-under a version (``EpisodeSegment.episode_ordinal``); the new version's sample is its *cohort*: the first
-``min_episodes`` ordinals, judged only once every one of them has finished (whatever its length). The
-version it replaced is sampled the same way: its most recent run of consecutive ordinals that have all
-finished (``2 x min_episodes`` at most), so neither side is selected by episode length.
+version" is biased short (and for CartPole, low); so is "the previous version's last N", since its long
+episodes straddle the swap and are left out. The server numbers episodes in the order they *start* under
+a version (``EpisodeSegment.episode_ordinal``), and each version is sampled by its **cohort**: the first
+``min_episodes`` ordinals, judged only once every one of them has finished (whatever its length). The new
+version's cohort is compared with the previous version's cohort (its first ``2 x min_episodes`` when all
+of those finished under it, else its first ``min_episodes``): both samples are fixed before anyone knows
+how long their episodes will be.
 
 **The test.** :func:`polyhead.trainer.updater.stats.worse_than`: a one-sided Mann-Whitney U test of
 "new + margin is not worse than previous" at level ``alpha``, where ``margin`` is ``rollback_margin`` of
@@ -91,6 +93,7 @@ class LiveReturns:
         )
         self._keep_versions = keep_versions
         self._max_open = max_open
+        self._seen_order: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     def observe(self, segment: SegmentData) -> None:
         if not segment.head_versions:
@@ -116,11 +119,14 @@ class LiveReturns:
             return
         value = float(segment.episode_return) if pure and not math.isnan(segment.episode_return) else _MIXED
         self._returns.setdefault((first, first_mode), {})[ordinal] = value
+        self._seen_order[first] = None
+        self._seen_order.move_to_end(first)
         self._forget_old()
 
     def _forget_old(self) -> None:
-        versions = sorted({v for v, _ in self._returns})
-        for old in versions[: -self._keep_versions]:
+        """Keep the versions observed most recently (a version rolled back to is observed again)."""
+        while len(self._seen_order) > self._keep_versions:
+            old, _ = self._seen_order.popitem(last=False)
             for mode in MODES:
                 self._returns.pop((old, mode), None)
 
@@ -133,10 +139,9 @@ class LiveReturns:
         return [seen[i] for i in range(n) if not math.isnan(seen[i])]
 
     def recent(self, version: int, mode: str, n: int) -> list[float]:
-        """Returns of the latest ``n`` episodes of a consecutive run of ordinals from 0 that all finished
-        under ``version``. The run stops at the first episode that is still running or mixed versions:
-        episodes that started shortly before a swap finish under the old version only when they are
-        short, so everything from the first straddling episode on is left out."""
+        """For progress output, not for verdicts: returns of the latest ``n`` episodes of the consecutive
+        run of ordinals from 0 that all finished under ``version`` (it stops at the first episode still
+        running or mixed)."""
         seen = self._returns.get((version, mode), {})
         end = 0
         while end in seen and not math.isnan(seen[end]):
@@ -164,16 +169,23 @@ class GuardedRollout:
     alpha: float
     floor: tuple[float, ...] = ()  # the best old head's sampled returns on the task; empty: no floor
 
+    def reference(self, mode: str) -> list[float]:
+        """The previous version's cohort: its first ``2 x min_episodes`` episodes when all of them finished
+        under it, else its first ``min_episodes`` (mixed ones left out); empty when it has none."""
+        if not self.previous_version:
+            return []
+        for n in (2 * self.min_episodes, self.min_episodes):
+            values = self.live.cohort(self.previous_version, mode, n)
+            if values is not None and (len(values) == n or n == self.min_episodes):
+                return values
+        return []
+
     def decide(self) -> Decision:
         for mode in MODES:
             new = self.live.cohort(self.new_version, mode, self.min_episodes)
             if new is None or len(new) < max(2, self.min_episodes // 2):
                 continue  # not complete yet (or mostly mixed episodes)
-            previous = (
-                self.live.recent(self.previous_version, mode, 2 * self.min_episodes)
-                if self.previous_version
-                else []
-            )
+            previous = self.reference(mode)
             test = None
             if len(previous) >= max(2, self.min_episodes // 2):
                 test = worse_than(

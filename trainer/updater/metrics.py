@@ -20,6 +20,8 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from polyhead.errors import UsageError
+
 
 class UpdaterMetrics:
     """Every updater metric, registered on ``registry``; children are created (at 0) per task."""
@@ -81,8 +83,15 @@ class UpdaterMetrics:
             self.dropped.labels(task=task_id, reason=reason)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` over HTTP on ``port`` (0: a free one); returns the bound port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve ``/metrics`` over HTTP on ``port`` (0: a free one); returns the bound port. UsageError
+        (naming --metrics-port) when the port is taken."""
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot listen on {host}:{port} (--metrics-port): {exc.strerror or exc}; stop what holds "
+                "the port or choose another (0 picks a free port)"
+            ) from exc
         self._http, self._http_thread = server, thread
         return int(server.server_port)
 
