@@ -42,7 +42,7 @@ OLD_TASKS = ("cartpole-long-pole", "cartpole-heavy-pole")
 
 
 def _bundle(root: Path) -> Path:
-    from polyhead.taskspec import Suite, load_suite
+    from polyhead.taskspec import EncoderSpec, Suite, load_suite
     from polyhead.trainer.config import PPOConfig
     from polyhead.trainer.policy import PolicyConfig
     from polyhead.trainer.train import train
@@ -51,7 +51,11 @@ def _bundle(root: Path) -> Path:
     if not (out / "manifest.json").is_file():
         family = load_suite("cartpole-family")
         train(
-            Suite(name="cartpole-pair", tasks=tuple(family.task(t) for t in OLD_TASKS)),
+            Suite(
+                name="cartpole-pair",
+                tasks=tuple(family.task(t) for t in OLD_TASKS),
+                encoders=(EncoderSpec(name="cartpole", tasks=tuple(OLD_TASKS)),),  # one group, as the family
+            ),
             out,
             config=PPOConfig(
                 total_steps=60_000,

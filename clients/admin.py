@@ -71,14 +71,18 @@ class AdminClient:
         repository_path: str | None = None,
         version: int = 0,
         activate: bool = True,
+        canary_percent: float | None = None,
         timeout: float | None = None,
     ) -> admin_pb2.LoadHeadResponse:
         """Load a task version from bytes (``onnx`` + ``head_json``, and ``encoder`` for a format-2 bundle)
         or from the server's bundle (``repository_path`` = ``heads/<task>/<version>``); ``version`` 0
-        means the next free one."""
+        means the next free one. ``canary_percent`` (with ``activate=False``): make it the task's canary
+        at that share."""
         if (onnx is None) == (repository_path is None):
             raise ValueError("give exactly one of onnx (with head_json) or repository_path")
         req = admin_pb2.LoadHeadRequest(task_id=task_id, version=version, activate=activate)
+        if canary_percent is not None:
+            req.canary_percent = canary_percent
         if onnx is not None:
             req.onnx = onnx
             req.head_json = head_json
@@ -112,6 +116,33 @@ class AdminClient:
             timeout,
         )
         return SwapResult(resp.previous_version, resp.active_version, resp.swap_seconds)
+
+    def set_canary(
+        self, task_id: str, version: int, percent: float, *, timeout: float | None = None
+    ) -> admin_pb2.CanaryState:
+        """Make loaded ``version`` the task's canary at ``percent`` of traffic (or change its share)."""
+        resp: admin_pb2.CanaryState = self._unary(
+            self._stub.SetCanary,
+            admin_pb2.SetCanaryRequest(task_id=task_id, version=version, canary_percent=percent),
+            timeout,
+        )
+        return resp
+
+    def promote_canary(self, task_id: str, version: int = 0, *, timeout: float | None = None) -> SwapResult:
+        """The canary (which must be ``version`` unless 0) becomes the stable version."""
+        resp = self._unary(
+            self._stub.PromoteCanary,
+            admin_pb2.PromoteCanaryRequest(task_id=task_id, version=version),
+            timeout,
+        )
+        return SwapResult(resp.previous_version, resp.active_version, resp.swap_seconds)
+
+    def clear_canary(self, task_id: str, *, timeout: float | None = None) -> admin_pb2.CanaryState:
+        """All traffic to the stable version again; ``cleared_version`` names the former canary."""
+        resp: admin_pb2.CanaryState = self._unary(
+            self._stub.ClearCanary, admin_pb2.ClearCanaryRequest(task_id=task_id), timeout
+        )
+        return resp
 
     def unload_head(
         self, task_id: str, version: int = 0, *, all_versions: bool = False, timeout: float | None = None

@@ -31,6 +31,11 @@ class RemoteTask:
     action_space: SpaceSpec
     active_version: int
     loaded_versions: tuple[int, ...]
+    canary_version: int = 0  # 0: no canary
+    canary_percent: float = 0.0
+    regressed: bool = False  # the server's live-return monitor finds the stable version worse
+    regression_detail: str = ""
+    reference_return: float = float("nan")  # the stable version's live reference mean (NaN: none yet)
 
     @property
     def observation_shape(self) -> tuple[int, ...]:
@@ -63,6 +68,11 @@ class RemoteTask:
             action_space=space_from_proto(msg.action_space),
             active_version=msg.active_version,
             loaded_versions=tuple(msg.loaded_versions),
+            canary_version=msg.canary_version,
+            canary_percent=msg.canary_percent,
+            regressed=msg.regressed,
+            regression_detail=msg.regression_detail,
+            reference_return=msg.reference_return,
         )
 
 

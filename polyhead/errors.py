@@ -68,6 +68,10 @@ class ActiveVersionInUse(PolyheadError):
     """An attempt to unload the version that is serving."""
 
 
+class CanaryError(PolyheadError):
+    """A canary change the task's state does not allow (the stable version as canary, promoting none)."""
+
+
 # --- bundle (model repository) problems ----------------------------------------------------------------
 class BundleError(PolyheadError):
     """A bundle directory that cannot be read as a complete, consistent bundle."""

@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from polyhead import __version__
 from polyhead.bundle import Bundle
 from polyhead.errors import UsageError
+from polyhead.livewatch import MonitorConfig
 from polyhead.server.auth import BearerTokenInterceptor
 from polyhead.server.batcher import Batcher
 from polyhead.server.dataplane import DataPlane
@@ -43,6 +44,7 @@ from polyhead.server.experience import ExperienceHub
 from polyhead.server.health import HealthServicer
 from polyhead.server.inflight import InflightCounter
 from polyhead.server.metrics import MetricsHTTPServer, ServerMetrics, serve_metrics
+from polyhead.server.monitor import LiveReturnWatch
 from polyhead.server.registry import HeadRegistry, TaskHeads
 from polyhead.server.runtime import TrunkRuntime, session_options
 from polyhead.server.servicers import DiagnosticsServicer, HeadAdminServicer, PolicyServicer, make_observer
@@ -278,7 +280,20 @@ async def start_server(
         hub,
         max_batch_size=settings.max_batch_size,
         max_abs_reward=settings.max_abs_reward,
+        metrics=metrics,
     )
+    live = LiveReturnWatch(
+        registry,
+        metrics,
+        MonitorConfig(
+            window=settings.regression_window,
+            reference_episodes=max(settings.regression_reference_episodes, settings.regression_window),
+            alpha=settings.regression_alpha,
+            margin_fraction=settings.regression_margin,
+            eval_margin_fraction=settings.regression_eval_margin,
+        ),
+    )
+    hub.add_episode_listener(live.on_episode)
     observer = make_observer(metrics, registry)
     health_servicer = HealthServicer()
 
@@ -297,7 +312,7 @@ async def start_server(
             options=options,
             interceptors=[inflight, *(token_interceptors if shared_admin else []), DecodeRequests()],
         )
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer), main)  # type: ignore[no-untyped-call]
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer, live), main)  # type: ignore[no-untyped-call]
         policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, main)
         main_services = [POLICY_SERVICE, DIAGNOSTICS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]

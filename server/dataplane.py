@@ -3,10 +3,19 @@
 
 The servicers translate protobuf to these calls and back; this layer resolves the head, validates
 observations against the task's space, hands them to the batcher and records experience.
+
+Canary routing: a request that names no version is served by the task's stable version or its canary
+(:meth:`polyhead.server.registry.TaskHeads.route`). An episode that is already open keeps the version of
+its first action while that version is still the task's stable or canary version (so widening, promoting or
+changing the share never moves a running episode, and a cleared canary's episodes move to stable); an
+``Act`` batch whose episodes route to both versions is served as two groups, each row naming its version.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,7 +28,8 @@ from polyhead.server import experience_checks as checks
 from polyhead.server.actions import Actions, Sampling
 from polyhead.server.batcher import Batcher
 from polyhead.server.experience import ExperienceHub, ReportOutcome, Transition
-from polyhead.server.registry import HeadRegistry, TaskHeads
+from polyhead.server.metrics import ServerMetrics
+from polyhead.server.registry import HeadRegistry, LoadedHead, TaskHeads
 from polyhead.spaces import DiscreteSpec, SpaceSpec, validate_observations
 
 T = TypeVar("T")
@@ -30,9 +40,10 @@ class ActOutcome:
     """Actions for one request; ``batched`` False means the caller sent one observation."""
 
     task_id: str
-    version: int
+    version: int  # the version that produced every action; 0 when the rows were split (see ``row_versions``)
     actions: Actions
     batched: bool
+    row_versions: tuple[int, ...] = ()  # per row, when the request carried episode ids
 
 
 @dataclass(frozen=True)
@@ -57,12 +68,44 @@ class DataPlane:
         *,
         max_batch_size: int,
         max_abs_reward: float = 1e6,
+        metrics: ServerMetrics | None = None,
     ):
         self.registry = registry
         self.batcher = batcher
         self.hub = hub
         self.max_batch_size = max_batch_size
         self.max_abs_reward = max_abs_reward
+        self._metrics = metrics
+        self._latency: dict[tuple[str, int], Any] = {}  # (task, version) -> histogram child
+        self._draw = random.Random().random  # per-request canary draws (no episode id)
+
+    # --- routing ---------------------------------------------------------------------------------------
+    def _route(self, entry: TaskHeads, episode_id: str) -> LoadedHead:
+        """Stable or canary for one episode (or one request when ``episode_id`` is empty)."""
+        if not entry.canary:
+            return entry.active_head
+        if episode_id:
+            first = self.hub.episode_version(entry.task_id, episode_id)
+            if first and first in (entry.active, entry.canary):
+                return entry.versions[first]
+        return entry.route(episode_id, self._draw)
+
+    async def _infer(
+        self, head: LoadedHead, flat: npt.NDArray[np.float32], sampling: Sampling, deadline: float | None
+    ) -> Actions:
+        """The batcher's actions, timed per (task, version) when metrics are on."""
+        if self._metrics is None:
+            return await self.batcher.act(head, flat, sampling, deadline=deadline)
+        t0 = time.perf_counter()
+        actions = await self.batcher.act(head, flat, sampling, deadline=deadline)
+        key = (head.task_id, head.version)
+        child = self._latency.get(key)
+        if child is None:
+            child = self._latency[key] = self._metrics.version_act_seconds.labels(
+                task=head.task_id, version=str(head.version)
+            )
+        child.observe(time.perf_counter() - t0)
+        return actions
 
     async def act(
         self,
@@ -98,8 +141,23 @@ class DataPlane:
                 )
             for i, s in enumerate(steps):
                 self._checked(task_id, checks.check_step, s, field=f"steps[{i}]")
-        sampling = Sampling(rows, deterministic, seed, log_prob=want_log_prob or bool(episode_ids))
-        actions = await self.batcher.act(head, flat, sampling, deadline=deadline)
+        want = want_log_prob or bool(episode_ids)
+        entry = self.registry.tasks.get(task_id)
+        heads = [head] * rows
+        if not version and entry is not None and entry.canary:
+            if episode_ids:
+                heads = [self._route(entry, episode_id) for episode_id in episode_ids]
+            else:
+                heads = [self._route(entry, "")] * rows
+        if all(h is heads[0] for h in heads):
+            head = heads[0]
+            actions = await self._infer(
+                head, flat, Sampling(rows, deterministic, seed, log_prob=want), deadline
+            )
+        else:
+            actions = await self._split(
+                heads, flat, deterministic=deterministic, seed=seed, want_log_prob=want, deadline=deadline
+            )
         if episode_ids:
             shape = _obs_shape(space)
             for i, episode_id in enumerate(episode_ids):
@@ -110,11 +168,52 @@ class DataPlane:
                         obs=flat[i].reshape(shape),
                         action=actions.raw[i],
                         log_prob=float(actions.log_prob[i]),
-                        version=head.version,
+                        version=heads[i].version,
                         deterministic=deterministic,
                         step=int(steps[i]) if steps else None,
                     )
-        return ActOutcome(task_id, head.version, actions, batched)
+        row_versions = tuple(h.version for h in heads) if episode_ids else ()
+        uniform = all(h is heads[0] for h in heads)
+        return ActOutcome(task_id, heads[0].version if uniform else 0, actions, batched, row_versions)
+
+    async def _split(
+        self,
+        heads: list[LoadedHead],
+        flat: npt.NDArray[np.float32],
+        *,
+        deterministic: bool,
+        seed: int | None,
+        want_log_prob: bool,
+        deadline: float | None,
+    ) -> Actions:
+        """Serve rows routed to different versions as one group per version, then restore row order."""
+        groups: dict[int, list[int]] = {}
+        for i, h in enumerate(heads):
+            groups.setdefault(h.version, []).append(i)
+        by_version = {h.version: h for h in heads}
+        parts = await asyncio.gather(
+            *(
+                self._infer(
+                    by_version[v],
+                    flat[rows],
+                    Sampling(
+                        len(rows), deterministic, None if seed is None else seed + k, log_prob=want_log_prob
+                    ),
+                    deadline,
+                )
+                for k, (v, rows) in enumerate(groups.items())
+            )
+        )
+        order = np.concatenate([np.asarray(rows) for rows in groups.values()])
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+
+        def merged(field: str) -> Any:
+            return np.concatenate([getattr(p, field) for p in parts])[inverse]
+
+        return Actions(
+            raw=merged("raw"), env=merged("env"), log_prob=merged("log_prob"), value=merged("value")
+        )
 
     async def step(
         self,
@@ -149,6 +248,9 @@ class DataPlane:
                 final_observation=final_observation,
                 prefix="feedback.",
             )
+        entry = self.registry.tasks.get(task_id)
+        if entry is not None and entry.canary:
+            head = self._route(entry, episode_id)
         if obs is None:
             if reward is None:
                 raise InvalidArgument("an ActStream message needs an observation, feedback, or both")
@@ -159,7 +261,7 @@ class DataPlane:
                 f"ActStream takes one observation per message of shape "
                 f"{list(_obs_shape(head.meta.observation_space))}; use Act for batches"
             )
-        actions = await self.batcher.act(head, flat, Sampling(1, deterministic, seed), deadline=deadline)
+        actions = await self._infer(head, flat, Sampling(1, deterministic, seed), deadline)
         step = self.hub.record_action(
             task_id,
             episode_id,

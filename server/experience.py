@@ -111,6 +111,22 @@ class _Episode:
     done_below: int = 0  # every step index below this is completed or dropped
     total_return: float = 0.0
     length: int = 0
+    first_version: int = 0  # the head version of the episode's first recorded action (canary stickiness)
+    versions: set[int] = field(default_factory=set)  # versions of the steps that got their rewards
+
+
+@dataclass(frozen=True)
+class EpisodeEnd:
+    """A completed episode, for episode listeners (per-version returns, the live-return monitor)."""
+
+    task_id: str
+    episode_id: str
+    versions: frozenset[int]  # every head version that acted in it (one: a single-version episode)
+    episode_return: float
+    length: int
+
+
+EpisodeListener = Callable[[EpisodeEnd], None]
 
 
 @dataclass(frozen=True)
@@ -162,6 +178,7 @@ class ExperienceHub:
         self._clock = clock
         self._episodes: collections.OrderedDict[tuple[str, str], _Episode] = collections.OrderedDict()
         self._subscribers: list[Subscription] = []
+        self._episode_listeners: list[EpisodeListener] = []
         self._last_sweep = clock()
         # Episodes started per (task, first version, deterministic): the next ordinal to hand out.
         self._ordinals: dict[tuple[str, int, bool], int] = {}
@@ -174,6 +191,16 @@ class ExperienceHub:
         """Expire idle episodes now (at most once a second). Recording sweeps too, but abandoned episodes
         must also be freed when no further experience call comes: the server calls this periodically."""
         self._maybe_sweep(self._clock())
+
+    def add_episode_listener(self, listener: EpisodeListener) -> None:
+        """Call ``listener(end)`` for every episode completed with every step rewarded (on the event loop;
+        it must not block)."""
+        self._episode_listeners.append(listener)
+
+    def episode_version(self, task_id: str, episode_id: str) -> int:
+        """The head version of an open episode's first recorded action; 0 when the episode is not open."""
+        ep = self._episodes.get((task_id, episode_id))
+        return 0 if ep is None else ep.first_version
 
     def refuse(self, task_id: str, reason: str) -> None:
         """Count one report (or action) refused at the edge, before it joined anything."""
@@ -296,6 +323,10 @@ class ExperienceHub:
         self._metrics.episode_return_last.labels(task=task_id).set(ep.total_return)
         self._metrics.episode_length.labels(task=task_id).observe(ep.length)
         self._metrics.open_episodes.set(len(self._episodes))
+        if complete:
+            end = EpisodeEnd(task_id, episode_id, frozenset(ep.versions), ep.total_return, ep.length)
+            for listener in self._episode_listeners:
+                listener(end)
         return ReportOutcome(accepted=True, completed=True)
 
     # --- subscribers -----------------------------------------------------------------------------------
@@ -356,6 +387,7 @@ class ExperienceHub:
         recorded step (``index``, 0 unless the client numbers from elsewhere) is where it begins."""
         if ep.ordinal >= 0:
             return
+        ep.first_version = version
         ep.done_below = ep.reported = index
         key = (ep.task_id, version, deterministic)
         ep.ordinal = self._ordinals.get(key, 0)
@@ -369,6 +401,7 @@ class ExperienceHub:
                 self._flush(ep, next_obs=step.obs, terminated=False, truncated=False, final=False)
             del ep.pending[ep.done_below]
             ep.steps.append(step)
+            ep.versions.add(step.version)
             ep.total_return += step.reward
             ep.length += 1
             ep.done_below += 1

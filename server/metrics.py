@@ -127,6 +127,18 @@ class ServerMetrics:
             ["task"],
             registry=r,
         )
+        self.canary_version = Gauge(
+            "polyhead_canary_version",
+            "Canary head version of the task (0: no canary)",
+            ["task"],
+            registry=r,
+        )
+        self.canary_percent = Gauge(
+            "polyhead_canary_percent",
+            "Share of the task's traffic routed to its canary, in percent",
+            ["task"],
+            registry=r,
+        )
         self.head_loads = Counter(
             "polyhead_head_loads",
             "Head versions loaded, by source (bundle, upload, watch)",
@@ -209,6 +221,31 @@ class ServerMetrics:
             ["task"],
             registry=r,
         )
+        self.version_episode_return = Summary(
+            "polyhead_version_episode_return",
+            "Returns of completed episodes played entirely by one head version (_count: their number)",
+            ["task", "version"],
+            registry=r,
+        )
+        self.version_act_seconds = Histogram(
+            "polyhead_version_act_seconds",
+            "Inference time (queue, trunk and head) of requests served by one head version",
+            ["task", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.task_regressed = Gauge(
+            "polyhead_task_regressed",
+            "1 while the live-return monitor finds the task's stable version worse than its own reference",
+            ["task"],
+            registry=r,
+        )
+        self.regression_events = Counter(
+            "polyhead_regression_events",
+            "Live-return monitor state changes, by kind (regressed, recovered)",
+            ["task", "kind"],
+            registry=r,
+        )
         self.open_episodes = Gauge(
             "polyhead_open_episodes",
             "Episodes being assembled",
@@ -239,6 +276,9 @@ class ServerMetrics:
             counter.labels(task=task_id)
         self.episode_return.labels(task=task_id)
         self.episode_length.labels(task=task_id)
+        self.task_regressed.labels(task=task_id).set(0)
+        for kind in ("regressed", "recovered"):
+            self.regression_events.labels(task=task_id, kind=kind)
 
 
 @dataclass

@@ -19,16 +19,24 @@ has a serving version); the active version cannot be unloaded alone (``ActiveVer
 number loaded with other bytes is a ``VersionConflict``; the same bytes again is a no-op.
 
 Bounded memory: at most ``max_loaded_versions`` versions of a task stay loaded (default 3: the active one,
-the one it replaced, and the newest candidate). Loading one more unloads the oldest version that is none of
-those three; its files stay in the bundle (a later load or a bundle-pointer change brings it back). An
-unloaded version stops being resolvable at once, and its session is freed when the last in-flight request
-holding it finishes (readers keep their ``LoadedHead``; nothing else references it).
+the one it replaced, and the newest candidate; the canary too, when there is one). Loading one more unloads
+the oldest version that is none of those; its files stay in the bundle (a later load or a bundle-pointer
+change brings it back). An unloaded version stops being resolvable at once, and its session is freed when
+the last in-flight request holding it finishes (readers keep their ``LoadedHead``; nothing else references
+it).
+
+Stable and canary labels: the active version is the task's *stable* version; a task may also have a
+*canary*, another loaded version that takes ``canary_percent`` of the traffic (:meth:`TaskHeads.route`:
+by a hash of the episode id, so every replica sends an episode to the same version, or per request when
+there is no episode id). The canary is set, changed, promoted (it becomes stable) and cleared by writers
+like any other change; it cannot be unloaded while it is the canary, and activating it promotes it.
 No grpc here: the servicers translate.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import threading
@@ -51,6 +59,7 @@ from polyhead.bundle import (
 from polyhead.errors import (
     ActiveVersionInUse,
     BundleNotFound,
+    CanaryError,
     CorruptHead,
     IncompatibleHead,
     InvalidArgument,
@@ -98,10 +107,29 @@ class TaskHeads:
     versions: Mapping[int, LoadedHead]
     active: int
     previous: int = 0  # the version active before ``active`` (kept loaded for a rollback), 0 if none
+    canary: int = 0  # a loaded version other than ``active`` taking ``canary_percent`` of traffic; 0: none
+    canary_percent: float = 0.0
 
     @property
     def active_head(self) -> LoadedHead:
         return self.versions[self.active]
+
+    def route(self, episode_id: str, draw: Callable[[], float]) -> LoadedHead:
+        """The head that serves a request without an explicit version: the canary for ``canary_percent``
+        of traffic, else the stable (active) version.
+
+        With an ``episode_id`` the choice is a hash of (task, episode id): the same on every call and every
+        replica, so an episode stays on one version while the share is unchanged (and a widened share only
+        moves stable episodes to the canary, never back). Without one, ``draw()`` (uniform in [0, 1)) decides
+        per request.
+        """
+        if not self.canary or self.canary_percent <= 0.0:
+            return self.versions[self.active]
+        if episode_id:
+            on_canary = canary_bucket(self.task_id, episode_id) < self.canary_percent * 100.0
+        else:
+            on_canary = draw() * 100.0 < self.canary_percent
+        return self.versions[self.canary if on_canary else self.active]
 
     def head(self, version: int = 0) -> LoadedHead:
         """The active head (version 0) or a specific loaded version; raises UnknownVersion."""
@@ -113,6 +141,13 @@ class TaskHeads:
                 f"task {self.task_id!r} has no loaded version {version}; loaded: {sorted(self.versions)}"
             )
         return found
+
+
+def canary_bucket(task_id: str, episode_id: str) -> int:
+    """The episode's bucket in 0..9999 (a canary at p percent takes buckets below 100 p): the first 8 bytes
+    of blake2b(task, episode id), so it is uniform for any id scheme and the same on every replica."""
+    digest = hashlib.blake2b(f"{task_id}\x00{episode_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 10_000
 
 
 @dataclass(frozen=True)
@@ -434,8 +469,12 @@ class HeadRegistry:
                 versions[number] = head
                 active = number if (activate or entry is None) else entry.active
                 previous = (entry.active if active != entry.active else entry.previous) if entry else 0
-                unloaded = self._bound(versions, keep={active, previous, number})
-                self._publish(task_id, TaskHeads(task_id, MappingProxyType(versions), active, previous))
+                canary = entry.canary if entry is not None and entry.canary != active else 0
+                unloaded = self._bound(versions, keep={active, previous, number, canary})
+                self._publish(
+                    task_id,
+                    _with_canary(entry, TaskHeads(task_id, MappingProxyType(versions), active, previous)),
+                )
                 swap_seconds = time.perf_counter() - t_swap
             elif not version or (concurrent.head_sha256, concurrent.encoder_sha256) != (sha, encoder_sha):
                 raise VersionConflict(
@@ -502,7 +541,8 @@ class HeadRegistry:
                 return None
             previous = entry.active
             if version != previous:
-                self._publish(task_id, replace(entry, active=version, previous=previous))
+                # Activating the canary promotes it: it is no longer a canary of itself.
+                self._publish(task_id, _with_canary(entry, replace(entry, active=version, previous=previous)))
             seconds = time.perf_counter() - t0
         if version != previous:
             self._metrics.head_swaps.labels(task=task_id).inc()
@@ -529,13 +569,81 @@ class HeadRegistry:
                         f"version {version} serves task {task_id!r}; activate another version first or "
                         "unload all_versions"
                     )
+                if version == entry.canary:
+                    raise ActiveVersionInUse(
+                        f"version {version} is the canary of task {task_id!r} "
+                        f"({entry.canary_percent:g}% of traffic); clear the canary first"
+                    )
                 versions = {v: h for v, h in entry.versions.items() if v != version}
                 self._publish(task_id, replace(entry, versions=MappingProxyType(versions)))
                 removed = [version]
         self._notify()
         return removed
 
+    # --- canary ----------------------------------------------------------------------------------------
+    def set_canary(self, task_id: str, version: int, percent: float) -> TaskHeads:
+        """Make loaded ``version`` the task's canary at ``percent`` (0..100) of traffic, or change the share
+        of the current canary. Raises UnknownTask, UnknownVersion, CanaryError (the stable version, or a
+        share outside 0..100)."""
+        if not (0.0 <= percent <= 100.0) or math.isnan(percent):
+            raise InvalidArgument(f"canary_percent must be within 0..100, got {percent}")
+        with self._lock:
+            entry = self._entry(task_id)
+            if version not in entry.versions:
+                raise UnknownVersion(
+                    f"task {task_id!r} has no loaded version {version} to make canary; loaded: "
+                    f"{sorted(entry.versions)} (load it with activate=false first)"
+                )
+            if version == entry.active:
+                raise CanaryError(
+                    f"version {version} is the stable version of task {task_id!r}; a canary is another "
+                    "loaded version"
+                )
+            updated = replace(entry, canary=version, canary_percent=float(percent))
+            self._publish(task_id, updated)
+        log.info("task %s: canary version %d at %g%% (stable %d)", task_id, version, percent, entry.active)
+        self._notify()
+        return updated
+
+    def promote_canary(self, task_id: str, version: int = 0) -> SwapResult:
+        """The canary becomes the stable version (one reference swap); ``version`` (if not 0) must name the
+        current canary, so a controller acting on stale state promotes nothing. Raises UnknownTask,
+        CanaryError (no canary, or another one)."""
+        entry = self._entry(task_id)
+        if not entry.canary or (version and version != entry.canary):
+            raise CanaryError(
+                f"task {task_id!r} has "
+                + (f"canary version {entry.canary}" if entry.canary else "no canary")
+                + (f", not version {version}" if version else "")
+                + "; nothing promoted"
+            )
+        result = self._swap(
+            task_id, entry.canary, still_wanted=lambda: self._tasks[task_id].canary == entry.canary
+        )
+        if result is None:
+            raise CanaryError(f"the canary of task {task_id!r} changed while promoting; nothing promoted")
+        return result
+
+    def clear_canary(self, task_id: str) -> int:
+        """Send all traffic to the stable version again; returns the cleared canary version (0: none).
+        The version stays loaded. Raises UnknownTask."""
+        with self._lock:
+            entry = self._entry(task_id)
+            cleared = entry.canary
+            if cleared:
+                self._publish(task_id, replace(entry, canary=0, canary_percent=0.0))
+        if cleared:
+            log.info("task %s: canary version %d cleared (stable %d)", task_id, cleared, entry.active)
+            self._notify()
+        return cleared
+
     # --- internals ---------------------------------------------------------------------------------------
+    def _entry(self, task_id: str) -> TaskHeads:
+        entry = self._tasks.get(task_id)
+        if entry is None:
+            raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+        return entry
+
     def _bound(self, versions: dict[int, LoadedHead], *, keep: set[int]) -> list[int]:
         """Drop the oldest versions beyond ``max_loaded_versions`` that are not in ``keep`` (in place)."""
         removed: list[int] = []
@@ -555,8 +663,13 @@ class HeadRegistry:
         tasks = dict(self._tasks)
         if entry is None:
             tasks.pop(task_id, None)
-            with contextlib.suppress(KeyError):
-                self._metrics.active_head_version.remove(task_id)
+            for gauge in (
+                self._metrics.active_head_version,
+                self._metrics.canary_version,
+                self._metrics.canary_percent,
+            ):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(task_id)
             self._metrics.loaded_heads.labels(task=task_id).set(0)
         else:
             if task_id not in tasks:
@@ -564,6 +677,8 @@ class HeadRegistry:
             tasks[task_id] = entry
             self._served[task_id] = self._served.get(task_id, frozenset()) | frozenset(entry.versions)
             self._metrics.active_head_version.labels(task=task_id).set(entry.active)
+            self._metrics.canary_version.labels(task=task_id).set(entry.canary)
+            self._metrics.canary_percent.labels(task=task_id).set(entry.canary_percent)
             self._metrics.loaded_heads.labels(task=task_id).set(len(entry.versions))
         self._tasks = MappingProxyType(tasks)
 
@@ -574,3 +689,10 @@ class HeadRegistry:
                 listener(snapshot)
             except Exception:  # a listener's bug must not fail the load that already succeeded
                 log.exception("registry listener failed")
+
+
+def _with_canary(before: TaskHeads | None, after: TaskHeads) -> TaskHeads:
+    """``after`` keeping ``before``'s canary unless the canary became the active version (promoted)."""
+    if before is None or not before.canary or before.canary == after.active:
+        return replace(after, canary=0, canary_percent=0.0)
+    return replace(after, canary=before.canary, canary_percent=before.canary_percent)

@@ -21,7 +21,8 @@ from polyhead.errors import InvalidArgument
 from polyhead.server.dataplane import DataPlane
 from polyhead.server.experience import ExperienceHub, Segment, Transition
 from polyhead.server.metrics import ServerMetrics
-from polyhead.server.registry import HeadRegistry, LoadedHead, LoadResult
+from polyhead.server.monitor import LiveReturnWatch
+from polyhead.server.registry import HeadRegistry, LoadedHead, LoadResult, TaskHeads
 from polyhead.server.status import code_label, status_for
 from polyhead.spaces import space_to_proto
 from polyhead.tensors import from_proto, is_empty, to_proto
@@ -109,9 +110,10 @@ def _deadline(context: Context) -> float | None:
 
 # --- PolicyService ------------------------------------------------------------------------------------
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, plane: DataPlane, observer: _Observer) -> None:
+    def __init__(self, plane: DataPlane, observer: _Observer, live: LiveReturnWatch | None = None) -> None:
         self._plane = plane
         self._observer = observer
+        self._live = live
 
     @_rpc("Act")
     async def Act(self, request: policy_pb2.ActRequest, context: Context) -> policy_pb2.ActResponse:
@@ -132,7 +134,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         def pick(x: Any) -> Any:
             return x if out.batched else x[0]
 
-        response = policy_pb2.ActResponse(task_id=out.task_id, head_version=out.version)
+        response = policy_pb2.ActResponse(
+            task_id=out.task_id, head_version=out.version, head_versions=out.row_versions
+        )
         to_proto(pick(a.env), response.actions)
         if request.return_log_prob:
             to_proto(pick(a.log_prob), response.log_probs)
@@ -203,6 +207,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         )
         for entry in self._plane.tasks():
             meta = entry.active_head.meta
+            state = self._live.state(entry.task_id) if self._live is not None else None
             response.tasks.append(
                 policy_pb2.TaskInfo(
                     task_id=entry.task_id,
@@ -211,6 +216,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     action_space=space_to_proto(meta.action_space),
                     active_version=entry.active,
                     loaded_versions=sorted(entry.versions),
+                    canary_version=entry.canary,
+                    canary_percent=entry.canary_percent,
+                    regressed=state is not None and state.regressed,
+                    regression_detail=state.last_test.describe()
+                    if state is not None and state.last_test is not None
+                    else "",
+                    reference_return=state.reference_mean if state is not None else math.nan,
                 )
             )
         return response
@@ -263,8 +275,11 @@ class DiagnosticsServicer(policy_pb2_grpc.DiagnosticsServicer):
 
 
 # --- HeadAdmin ----------------------------------------------------------------------------------------
-def head_info(head: LoadedHead, active: bool) -> admin_pb2.HeadInfo:
+def head_info(head: LoadedHead, active: bool, canary_percent: float | None = None) -> admin_pb2.HeadInfo:
+    """``canary_percent``: set when ``head`` is its task's canary."""
     return admin_pb2.HeadInfo(
+        canary=canary_percent is not None,
+        canary_percent=canary_percent or 0.0,
         task_id=head.task_id,
         version=head.version,
         active=active,
@@ -332,8 +347,14 @@ class HeadAdminServicer(admin_pb2_grpc.HeadAdminServicer):
             )
         else:
             raise InvalidArgument("LoadHead needs `onnx` bytes (with head_json) or a `repository_path`")
+        canary: float | None = None
+        if request.HasField("canary_percent"):
+            if request.activate:
+                raise InvalidArgument("LoadHead takes canary_percent only with activate=false")
+            self._registry.set_canary(request.task_id, result.head.version, request.canary_percent)
+            canary = request.canary_percent
         return admin_pb2.LoadHeadResponse(
-            head=head_info(result.head, result.active_version == result.head.version),
+            head=head_info(result.head, result.active_version == result.head.version, canary),
             active_version=result.active_version,
             load_seconds=result.load_seconds,
         )
@@ -368,8 +389,34 @@ class HeadAdminServicer(admin_pb2_grpc.HeadAdminServicer):
             if request.task_id and task_id != request.task_id:
                 continue
             for version, head in sorted(entry.versions.items()):
-                response.heads.append(head_info(head, version == entry.active))
+                canary = entry.canary_percent if version == entry.canary else None
+                response.heads.append(head_info(head, version == entry.active, canary))
         return response
+
+    @_rpc("SetCanary")
+    async def SetCanary(self, request: admin_pb2.SetCanaryRequest, context: Context) -> admin_pb2.CanaryState:
+        entry = self._registry.set_canary(request.task_id, request.version, request.canary_percent)
+        return _canary_state(entry)
+
+    @_rpc("PromoteCanary")
+    async def PromoteCanary(
+        self, request: admin_pb2.PromoteCanaryRequest, context: Context
+    ) -> admin_pb2.SetActiveVersionResponse:
+        swap = self._registry.promote_canary(request.task_id, request.version)
+        return admin_pb2.SetActiveVersionResponse(
+            previous_version=swap.previous_version,
+            active_version=swap.active_version,
+            swap_seconds=swap.swap_seconds,
+        )
+
+    @_rpc("ClearCanary")
+    async def ClearCanary(
+        self, request: admin_pb2.ClearCanaryRequest, context: Context
+    ) -> admin_pb2.CanaryState:
+        cleared = self._registry.clear_canary(request.task_id)
+        state = _canary_state(self._registry.tasks[request.task_id])
+        state.cleared_version = cleared
+        return state
 
     async def StreamExperience(
         self, request: admin_pb2.StreamExperienceRequest, context: Context
@@ -382,6 +429,15 @@ class HeadAdminServicer(admin_pb2_grpc.HeadAdminServicer):
         finally:
             subscription.close()
             self._observer.record("StreamExperience", "", grpc.StatusCode.OK, started)
+
+
+def _canary_state(entry: TaskHeads) -> admin_pb2.CanaryState:
+    return admin_pb2.CanaryState(
+        task_id=entry.task_id,
+        stable_version=entry.active,
+        canary_version=entry.canary,
+        canary_percent=entry.canary_percent,
+    )
 
 
 def make_observer(metrics: ServerMetrics, registry: HeadRegistry) -> _Observer:

@@ -120,6 +120,26 @@ class ServerSettings(BaseSettings):
         1024, ge=1, description="segments buffered per StreamExperience subscriber before dropping"
     )
 
+    # --- live-return monitor (polyhead.livewatch) ------------------------------------------------------
+    regression_window: int = Field(
+        20, ge=2, description="episodes of the stable version per regression test block"
+    )
+    regression_reference_episodes: int = Field(
+        40, ge=2, description="live episodes of a new stable version that form its reference"
+    )
+    regression_alpha: float = Field(
+        1e-3, gt=0.0, lt=1.0, description="false-alarm rate of one regression test block"
+    )
+    regression_margin: float = Field(
+        0.2, ge=0.0, description="a drop below this fraction of the reference mean is tolerated"
+    )
+    regression_eval_margin: float = Field(
+        0.8,
+        ge=0.0,
+        description="the tolerated drop against the head's (deterministic) eval return, used until the "
+        "stable version has a live reference; wide because live traffic usually samples",
+    )
+
     # --- transport ---------------------------------------------------------------------------------------
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest gRPC message accepted")
     max_head_bytes: int = Field(

@@ -21,6 +21,7 @@ STATUS_TABLE: tuple[tuple[type[errors.PolyheadError], grpc.StatusCode], ...] = (
     (errors.InvalidTaskSpec, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.IncompatibleHead, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ActiveVersionInUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.CanaryError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.VersionConflict, grpc.StatusCode.ALREADY_EXISTS),
     (errors.BundleIntegrityError, grpc.StatusCode.DATA_LOSS),
     (errors.UnsupportedBundleVersion, grpc.StatusCode.FAILED_PRECONDITION),

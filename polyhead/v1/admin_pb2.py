@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from polyhead.v1 import types_pb2 as polyhead_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17polyhead/v1/admin.proto\x12\x0bpolyhead.v1\x1a\x17polyhead/v1/types.proto\"\xa3\x01\n\x0fLoadHeadRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x04onnx\x18\x03 \x01(\x0cH\x00\x12\x19\n\x0frepository_path\x18\x04 \x01(\tH\x00\x12\x11\n\thead_json\x18\x05 \x01(\t\x12\x10\n\x08\x61\x63tivate\x18\x06 \x01(\x08\x12\x14\n\x0c\x65ncoder_onnx\x18\x07 \x01(\x0c\x42\x08\n\x06source\"\xc4\x01\n\x08HeadInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x08\x12\x13\n\x0bhead_sha256\x18\x04 \x01(\t\x12\x14\n\x0ctrunk_sha256\x18\x05 \x01(\t\x12\x11\n\tloaded_at\x18\x06 \x01(\x01\x12\x13\n\x0b\x65val_return\x18\x07 \x01(\x01\x12\x0e\n\x06source\x18\x08 \x01(\t\x12#\n\x04spec\x18\t \x01(\x0b\x32\x15.polyhead.v1.TaskSpec\"e\n\x10LoadHeadResponse\x12#\n\x04head\x18\x01 \x01(\x0b\x32\x15.polyhead.v1.HeadInfo\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\";\n\x17SetActiveVersionRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"b\n\x18SetActiveVersionResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\x03\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x14\n\x0cswap_seconds\x18\x03 \x01(\x01\"K\n\x11UnloadHeadRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0c\x61ll_versions\x18\x03 \x01(\x08\"/\n\x12UnloadHeadResponse\x12\x19\n\x11unloaded_versions\x18\x01 \x03(\x03\"#\n\x10ListHeadsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"9\n\x11ListHeadsResponse\x12$\n\x05heads\x18\x01 \x03(\x0b\x32\x15.polyhead.v1.HeadInfo\"+\n\x17StreamExperienceRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"\xb5\x03\n\x0e\x45pisodeSegment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12)\n\x0cobservations\x18\x03 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12$\n\x07\x61\x63tions\x18\x04 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12&\n\tlog_probs\x18\x05 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12$\n\x07rewards\x18\x06 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x15\n\rhead_versions\x18\x07 \x03(\x03\x12\x12\n\nterminated\x18\x08 \x01(\x08\x12\x11\n\ttruncated\x18\t \x01(\x08\x12\x12\n\nstart_step\x18\n \x01(\x03\x12\x16\n\x0e\x65pisode_return\x18\x0b \x01(\x01\x12\x16\n\x0e\x65pisode_length\x18\x0c \x01(\x03\x12-\n\x10next_observation\x18\r \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x15\n\rdeterministic\x18\x0e \x03(\x08\x12\x17\n\x0f\x65pisode_ordinal\x18\x0f \x01(\x03\x32\xa9\x03\n\tHeadAdmin\x12G\n\x08LoadHead\x12\x1c.polyhead.v1.LoadHeadRequest\x1a\x1d.polyhead.v1.LoadHeadResponse\x12_\n\x10SetActiveVersion\x12$.polyhead.v1.SetActiveVersionRequest\x1a%.polyhead.v1.SetActiveVersionResponse\x12M\n\nUnloadHead\x12\x1e.polyhead.v1.UnloadHeadRequest\x1a\x1f.polyhead.v1.UnloadHeadResponse\x12J\n\tListHeads\x12\x1d.polyhead.v1.ListHeadsRequest\x1a\x1e.polyhead.v1.ListHeadsResponse\x12W\n\x10StreamExperience\x12$.polyhead.v1.StreamExperienceRequest\x1a\x1b.polyhead.v1.EpisodeSegment0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17polyhead/v1/admin.proto\x12\x0bpolyhead.v1\x1a\x17polyhead/v1/types.proto\"\xd3\x01\n\x0fLoadHeadRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x04onnx\x18\x03 \x01(\x0cH\x00\x12\x19\n\x0frepository_path\x18\x04 \x01(\tH\x00\x12\x11\n\thead_json\x18\x05 \x01(\t\x12\x10\n\x08\x61\x63tivate\x18\x06 \x01(\x08\x12\x14\n\x0c\x65ncoder_onnx\x18\x07 \x01(\x0c\x12\x1b\n\x0e\x63\x61nary_percent\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06sourceB\x11\n\x0f_canary_percent\"\xec\x01\n\x08HeadInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x08\x12\x13\n\x0bhead_sha256\x18\x04 \x01(\t\x12\x14\n\x0ctrunk_sha256\x18\x05 \x01(\t\x12\x11\n\tloaded_at\x18\x06 \x01(\x01\x12\x13\n\x0b\x65val_return\x18\x07 \x01(\x01\x12\x0e\n\x06source\x18\x08 \x01(\t\x12#\n\x04spec\x18\t \x01(\x0b\x32\x15.polyhead.v1.TaskSpec\x12\x0e\n\x06\x63\x61nary\x18\n \x01(\x08\x12\x16\n\x0e\x63\x61nary_percent\x18\x0b \x01(\x01\"L\n\x10SetCanaryRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x03 \x01(\x01\"8\n\x14PromoteCanaryRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"%\n\x12\x43learCanaryRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x7f\n\x0b\x43\x61naryState\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0estable_version\x18\x02 \x01(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x04 \x01(\x01\x12\x17\n\x0f\x63leared_version\x18\x05 \x01(\x03\"e\n\x10LoadHeadResponse\x12#\n\x04head\x18\x01 \x01(\x0b\x32\x15.polyhead.v1.HeadInfo\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\";\n\x17SetActiveVersionRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"b\n\x18SetActiveVersionResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\x03\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x14\n\x0cswap_seconds\x18\x03 \x01(\x01\"K\n\x11UnloadHeadRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0c\x61ll_versions\x18\x03 \x01(\x08\"/\n\x12UnloadHeadResponse\x12\x19\n\x11unloaded_versions\x18\x01 \x03(\x03\"#\n\x10ListHeadsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"9\n\x11ListHeadsResponse\x12$\n\x05heads\x18\x01 \x03(\x0b\x32\x15.polyhead.v1.HeadInfo\"+\n\x17StreamExperienceRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"\xb5\x03\n\x0e\x45pisodeSegment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12)\n\x0cobservations\x18\x03 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12$\n\x07\x61\x63tions\x18\x04 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12&\n\tlog_probs\x18\x05 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12$\n\x07rewards\x18\x06 \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x15\n\rhead_versions\x18\x07 \x03(\x03\x12\x12\n\nterminated\x18\x08 \x01(\x08\x12\x11\n\ttruncated\x18\t \x01(\x08\x12\x12\n\nstart_step\x18\n \x01(\x03\x12\x16\n\x0e\x65pisode_return\x18\x0b \x01(\x01\x12\x16\n\x0e\x65pisode_length\x18\x0c \x01(\x03\x12-\n\x10next_observation\x18\r \x01(\x0b\x32\x13.polyhead.v1.Tensor\x12\x15\n\rdeterministic\x18\x0e \x03(\x08\x12\x17\n\x0f\x65pisode_ordinal\x18\x0f \x01(\x03\x32\x94\x05\n\tHeadAdmin\x12G\n\x08LoadHead\x12\x1c.polyhead.v1.LoadHeadRequest\x1a\x1d.polyhead.v1.LoadHeadResponse\x12_\n\x10SetActiveVersion\x12$.polyhead.v1.SetActiveVersionRequest\x1a%.polyhead.v1.SetActiveVersionResponse\x12M\n\nUnloadHead\x12\x1e.polyhead.v1.UnloadHeadRequest\x1a\x1f.polyhead.v1.UnloadHeadResponse\x12J\n\tListHeads\x12\x1d.polyhead.v1.ListHeadsRequest\x1a\x1e.polyhead.v1.ListHeadsResponse\x12\x44\n\tSetCanary\x12\x1d.polyhead.v1.SetCanaryRequest\x1a\x18.polyhead.v1.CanaryState\x12Y\n\rPromoteCanary\x12!.polyhead.v1.PromoteCanaryRequest\x1a%.polyhead.v1.SetActiveVersionResponse\x12H\n\x0b\x43learCanary\x12\x1f.polyhead.v1.ClearCanaryRequest\x1a\x18.polyhead.v1.CanaryState\x12W\n\x10StreamExperience\x12$.polyhead.v1.StreamExperienceRequest\x1a\x1b.polyhead.v1.EpisodeSegment0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'polyhead.v1.admin_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOADHEADREQUEST']._serialized_start=66
-  _globals['_LOADHEADREQUEST']._serialized_end=229
-  _globals['_HEADINFO']._serialized_start=232
-  _globals['_HEADINFO']._serialized_end=428
-  _globals['_LOADHEADRESPONSE']._serialized_start=430
-  _globals['_LOADHEADRESPONSE']._serialized_end=531
-  _globals['_SETACTIVEVERSIONREQUEST']._serialized_start=533
-  _globals['_SETACTIVEVERSIONREQUEST']._serialized_end=592
-  _globals['_SETACTIVEVERSIONRESPONSE']._serialized_start=594
-  _globals['_SETACTIVEVERSIONRESPONSE']._serialized_end=692
-  _globals['_UNLOADHEADREQUEST']._serialized_start=694
-  _globals['_UNLOADHEADREQUEST']._serialized_end=769
-  _globals['_UNLOADHEADRESPONSE']._serialized_start=771
-  _globals['_UNLOADHEADRESPONSE']._serialized_end=818
-  _globals['_LISTHEADSREQUEST']._serialized_start=820
-  _globals['_LISTHEADSREQUEST']._serialized_end=855
-  _globals['_LISTHEADSRESPONSE']._serialized_start=857
-  _globals['_LISTHEADSRESPONSE']._serialized_end=914
-  _globals['_STREAMEXPERIENCEREQUEST']._serialized_start=916
-  _globals['_STREAMEXPERIENCEREQUEST']._serialized_end=959
-  _globals['_EPISODESEGMENT']._serialized_start=962
-  _globals['_EPISODESEGMENT']._serialized_end=1399
-  _globals['_HEADADMIN']._serialized_start=1402
-  _globals['_HEADADMIN']._serialized_end=1827
+  _globals['_LOADHEADREQUEST']._serialized_end=277
+  _globals['_HEADINFO']._serialized_start=280
+  _globals['_HEADINFO']._serialized_end=516
+  _globals['_SETCANARYREQUEST']._serialized_start=518
+  _globals['_SETCANARYREQUEST']._serialized_end=594
+  _globals['_PROMOTECANARYREQUEST']._serialized_start=596
+  _globals['_PROMOTECANARYREQUEST']._serialized_end=652
+  _globals['_CLEARCANARYREQUEST']._serialized_start=654
+  _globals['_CLEARCANARYREQUEST']._serialized_end=691
+  _globals['_CANARYSTATE']._serialized_start=693
+  _globals['_CANARYSTATE']._serialized_end=820
+  _globals['_LOADHEADRESPONSE']._serialized_start=822
+  _globals['_LOADHEADRESPONSE']._serialized_end=923
+  _globals['_SETACTIVEVERSIONREQUEST']._serialized_start=925
+  _globals['_SETACTIVEVERSIONREQUEST']._serialized_end=984
+  _globals['_SETACTIVEVERSIONRESPONSE']._serialized_start=986
+  _globals['_SETACTIVEVERSIONRESPONSE']._serialized_end=1084
+  _globals['_UNLOADHEADREQUEST']._serialized_start=1086
+  _globals['_UNLOADHEADREQUEST']._serialized_end=1161
+  _globals['_UNLOADHEADRESPONSE']._serialized_start=1163
+  _globals['_UNLOADHEADRESPONSE']._serialized_end=1210
+  _globals['_LISTHEADSREQUEST']._serialized_start=1212
+  _globals['_LISTHEADSREQUEST']._serialized_end=1247
+  _globals['_LISTHEADSRESPONSE']._serialized_start=1249
+  _globals['_LISTHEADSRESPONSE']._serialized_end=1306
+  _globals['_STREAMEXPERIENCEREQUEST']._serialized_start=1308
+  _globals['_STREAMEXPERIENCEREQUEST']._serialized_end=1351
+  _globals['_EPISODESEGMENT']._serialized_start=1354
+  _globals['_EPISODESEGMENT']._serialized_end=1791
+  _globals['_HEADADMIN']._serialized_start=1794
+  _globals['_HEADADMIN']._serialized_end=2454
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoadHeadRequest(_message.Message):
-    __slots__ = ("task_id", "version", "onnx", "repository_path", "head_json", "activate", "encoder_onnx")
+    __slots__ = ("task_id", "version", "onnx", "repository_path", "head_json", "activate", "encoder_onnx", "canary_percent")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ONNX_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class LoadHeadRequest(_message.Message):
     HEAD_JSON_FIELD_NUMBER: _ClassVar[int]
     ACTIVATE_FIELD_NUMBER: _ClassVar[int]
     ENCODER_ONNX_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     version: int
     onnx: bytes
@@ -23,10 +24,11 @@ class LoadHeadRequest(_message.Message):
     head_json: str
     activate: bool
     encoder_onnx: bytes
-    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., onnx: _Optional[bytes] = ..., repository_path: _Optional[str] = ..., head_json: _Optional[str] = ..., activate: _Optional[bool] = ..., encoder_onnx: _Optional[bytes] = ...) -> None: ...
+    canary_percent: float
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., onnx: _Optional[bytes] = ..., repository_path: _Optional[str] = ..., head_json: _Optional[str] = ..., activate: _Optional[bool] = ..., encoder_onnx: _Optional[bytes] = ..., canary_percent: _Optional[float] = ...) -> None: ...
 
 class HeadInfo(_message.Message):
-    __slots__ = ("task_id", "version", "active", "head_sha256", "trunk_sha256", "loaded_at", "eval_return", "source", "spec")
+    __slots__ = ("task_id", "version", "active", "head_sha256", "trunk_sha256", "loaded_at", "eval_return", "source", "spec", "canary", "canary_percent")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +38,8 @@ class HeadInfo(_message.Message):
     EVAL_RETURN_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     version: int
     active: bool
@@ -45,7 +49,47 @@ class HeadInfo(_message.Message):
     eval_return: float
     source: str
     spec: _types_pb2.TaskSpec
-    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., active: _Optional[bool] = ..., head_sha256: _Optional[str] = ..., trunk_sha256: _Optional[str] = ..., loaded_at: _Optional[float] = ..., eval_return: _Optional[float] = ..., source: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.TaskSpec, _Mapping]] = ...) -> None: ...
+    canary: bool
+    canary_percent: float
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., active: _Optional[bool] = ..., head_sha256: _Optional[str] = ..., trunk_sha256: _Optional[str] = ..., loaded_at: _Optional[float] = ..., eval_return: _Optional[float] = ..., source: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.TaskSpec, _Mapping]] = ..., canary: _Optional[bool] = ..., canary_percent: _Optional[float] = ...) -> None: ...
+
+class SetCanaryRequest(_message.Message):
+    __slots__ = ("task_id", "version", "canary_percent")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    version: int
+    canary_percent: float
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., canary_percent: _Optional[float] = ...) -> None: ...
+
+class PromoteCanaryRequest(_message.Message):
+    __slots__ = ("task_id", "version")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    version: int
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ClearCanaryRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class CanaryState(_message.Message):
+    __slots__ = ("task_id", "stable_version", "canary_version", "canary_percent", "cleared_version")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    STABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    stable_version: int
+    canary_version: int
+    canary_percent: float
+    cleared_version: int
+    def __init__(self, task_id: _Optional[str] = ..., stable_version: _Optional[int] = ..., canary_version: _Optional[int] = ..., canary_percent: _Optional[float] = ..., cleared_version: _Optional[int] = ...) -> None: ...
 
 class LoadHeadResponse(_message.Message):
     __slots__ = ("head", "active_version", "load_seconds")

@@ -54,6 +54,21 @@ class HeadAdminStub:
                 request_serializer=polyhead_dot_v1_dot_admin__pb2.ListHeadsRequest.SerializeToString,
                 response_deserializer=polyhead_dot_v1_dot_admin__pb2.ListHeadsResponse.FromString,
                 _registered_method=True)
+        self.SetCanary = channel.unary_unary(
+                '/polyhead.v1.HeadAdmin/SetCanary',
+                request_serializer=polyhead_dot_v1_dot_admin__pb2.SetCanaryRequest.SerializeToString,
+                response_deserializer=polyhead_dot_v1_dot_admin__pb2.CanaryState.FromString,
+                _registered_method=True)
+        self.PromoteCanary = channel.unary_unary(
+                '/polyhead.v1.HeadAdmin/PromoteCanary',
+                request_serializer=polyhead_dot_v1_dot_admin__pb2.PromoteCanaryRequest.SerializeToString,
+                response_deserializer=polyhead_dot_v1_dot_admin__pb2.SetActiveVersionResponse.FromString,
+                _registered_method=True)
+        self.ClearCanary = channel.unary_unary(
+                '/polyhead.v1.HeadAdmin/ClearCanary',
+                request_serializer=polyhead_dot_v1_dot_admin__pb2.ClearCanaryRequest.SerializeToString,
+                response_deserializer=polyhead_dot_v1_dot_admin__pb2.CanaryState.FromString,
+                _registered_method=True)
         self.StreamExperience = channel.unary_stream(
                 '/polyhead.v1.HeadAdmin/StreamExperience',
                 request_serializer=polyhead_dot_v1_dot_admin__pb2.StreamExperienceRequest.SerializeToString,
@@ -94,6 +109,31 @@ class HeadAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCanary(self, request, context):
+        """Make a loaded version the task's canary at a share of traffic, or change the share. The canary serves
+        that percentage of episodes (by a hash of the episode id, the same on every replica) and of requests
+        without an episode id. Errors: NOT_FOUND (task or version not loaded), INVALID_ARGUMENT (share outside
+        0..100), FAILED_PRECONDITION (the version is the stable one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteCanary(self, request, context):
+        """The canary becomes the stable version (one reference swap). FAILED_PRECONDITION when the task has no
+        canary or (with `version`) another one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearCanary(self, request, context):
+        """All traffic to the stable version again; the canary version stays loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamExperience(self, request, context):
         """Completed episode segments (observations, actions, log-probs, rewards, versions) as they are
         assembled, for the online updater. Segments produced before the call are not replayed.
@@ -124,6 +164,21 @@ def add_HeadAdminServicer_to_server(servicer, server):
                     servicer.ListHeads,
                     request_deserializer=polyhead_dot_v1_dot_admin__pb2.ListHeadsRequest.FromString,
                     response_serializer=polyhead_dot_v1_dot_admin__pb2.ListHeadsResponse.SerializeToString,
+            ),
+            'SetCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCanary,
+                    request_deserializer=polyhead_dot_v1_dot_admin__pb2.SetCanaryRequest.FromString,
+                    response_serializer=polyhead_dot_v1_dot_admin__pb2.CanaryState.SerializeToString,
+            ),
+            'PromoteCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteCanary,
+                    request_deserializer=polyhead_dot_v1_dot_admin__pb2.PromoteCanaryRequest.FromString,
+                    response_serializer=polyhead_dot_v1_dot_admin__pb2.SetActiveVersionResponse.SerializeToString,
+            ),
+            'ClearCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearCanary,
+                    request_deserializer=polyhead_dot_v1_dot_admin__pb2.ClearCanaryRequest.FromString,
+                    response_serializer=polyhead_dot_v1_dot_admin__pb2.CanaryState.SerializeToString,
             ),
             'StreamExperience': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamExperience,
@@ -239,6 +294,87 @@ class HeadAdmin:
             '/polyhead.v1.HeadAdmin/ListHeads',
             polyhead_dot_v1_dot_admin__pb2.ListHeadsRequest.SerializeToString,
             polyhead_dot_v1_dot_admin__pb2.ListHeadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polyhead.v1.HeadAdmin/SetCanary',
+            polyhead_dot_v1_dot_admin__pb2.SetCanaryRequest.SerializeToString,
+            polyhead_dot_v1_dot_admin__pb2.CanaryState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polyhead.v1.HeadAdmin/PromoteCanary',
+            polyhead_dot_v1_dot_admin__pb2.PromoteCanaryRequest.SerializeToString,
+            polyhead_dot_v1_dot_admin__pb2.SetActiveVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polyhead.v1.HeadAdmin/ClearCanary',
+            polyhead_dot_v1_dot_admin__pb2.ClearCanaryRequest.SerializeToString,
+            polyhead_dot_v1_dot_admin__pb2.CanaryState.FromString,
             options,
             channel_credentials,
             insecure,

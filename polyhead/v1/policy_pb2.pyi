@@ -30,20 +30,22 @@ class ActRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., observations: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., deterministic: _Optional[bool] = ..., seed: _Optional[int] = ..., return_log_prob: _Optional[bool] = ..., return_value: _Optional[bool] = ..., version: _Optional[int] = ..., episode_ids: _Optional[_Iterable[str]] = ..., steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ActResponse(_message.Message):
-    __slots__ = ("task_id", "head_version", "actions", "log_probs", "values", "raw_actions")
+    __slots__ = ("task_id", "head_version", "actions", "log_probs", "values", "raw_actions", "head_versions")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     HEAD_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     RAW_ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     head_version: int
     actions: _types_pb2.Tensor
     log_probs: _types_pb2.Tensor
     values: _types_pb2.Tensor
     raw_actions: _types_pb2.Tensor
-    def __init__(self, task_id: _Optional[str] = ..., head_version: _Optional[int] = ..., actions: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., log_probs: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., raw_actions: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    head_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, task_id: _Optional[str] = ..., head_version: _Optional[int] = ..., actions: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., log_probs: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., values: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., raw_actions: _Optional[_Union[_types_pb2.Tensor, _Mapping]] = ..., head_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Feedback(_message.Message):
     __slots__ = ("reward", "terminated", "truncated", "step", "final_observation")
@@ -102,20 +104,30 @@ class ListTasksRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("task_id", "spec", "observation_space", "action_space", "active_version", "loaded_versions")
+    __slots__ = ("task_id", "spec", "observation_space", "action_space", "active_version", "loaded_versions", "canary_version", "canary_percent", "regressed", "regression_detail", "reference_return")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     OBSERVATION_SPACE_FIELD_NUMBER: _ClassVar[int]
     ACTION_SPACE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    REGRESSED_FIELD_NUMBER: _ClassVar[int]
+    REGRESSION_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_RETURN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     spec: _types_pb2.TaskSpec
     observation_space: _types_pb2.Space
     action_space: _types_pb2.Space
     active_version: int
     loaded_versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.TaskSpec, _Mapping]] = ..., observation_space: _Optional[_Union[_types_pb2.Space, _Mapping]] = ..., action_space: _Optional[_Union[_types_pb2.Space, _Mapping]] = ..., active_version: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    canary_version: int
+    canary_percent: float
+    regressed: bool
+    regression_detail: str
+    reference_return: float
+    def __init__(self, task_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.TaskSpec, _Mapping]] = ..., observation_space: _Optional[_Union[_types_pb2.Space, _Mapping]] = ..., action_space: _Optional[_Union[_types_pb2.Space, _Mapping]] = ..., active_version: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., canary_version: _Optional[int] = ..., canary_percent: _Optional[float] = ..., regressed: _Optional[bool] = ..., regression_detail: _Optional[str] = ..., reference_return: _Optional[float] = ...) -> None: ...
 
 class ListTasksResponse(_message.Message):
     __slots__ = ("tasks", "trunk_sha256", "observation_size", "max_batch_size")

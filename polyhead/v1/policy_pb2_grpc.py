@@ -79,7 +79,7 @@ class PolicyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """Every served task with its spaces and active head version.
+        """Every served task with its spaces, stable (active) version, canary and live-return state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -81,14 +81,22 @@ def test_dashboard_layout_is_well_formed() -> None:
         r"polyhead_head_load_failures_total",
         r"polyhead_episode_return_sum",
         r"polyhead_updater_versions_published_total",
+        r"max by \(task\) \(polyhead_task_regressed",
+        r"polyhead_version_episode_return_sum",
     ],
 )
 def test_dashboard_shows_what_operators_need(needle: str) -> None:
     assert any(re.search(needle, q.expr) for q in dashboard_queries()), needle
 
 
+def operate_series_names() -> set[str]:
+    from polyhead.trainer.operate import OperateMetrics
+
+    return series_names(OperateMetrics().registry)
+
+
 def test_every_series_named_by_dashboard_and_alerts_exists() -> None:
-    known = server_series_names() | updater_series_names()
+    known = server_series_names() | updater_series_names() | operate_series_names()
     for query in dashboard_queries() + alert_queries():
         unknown = metric_names(query.expr) - known
         assert not unknown, f"{query.where} names series no component exports: {sorted(unknown)}"
@@ -103,4 +111,6 @@ def test_alerts_cover_the_failure_modes() -> None:
         "PolyheadBundleUnreadable",
         "PolyheadReturnRegressionAfterSwap",
         "PolyheadNoExperience",
+        "PolyheadTaskRegressed",
+        "PolyheadOperateGaveUp",
     } <= names

@@ -158,6 +158,27 @@ class ServerControl:
         except PolicyClientError as exc:
             raise _domain_error(exc, f"activating {task_id!r} version {version}", self.target) from None
 
+    def set_canary(self, task_id: str, version: int, percent: float) -> admin_pb2.CanaryState:
+        """``SetCanary``: ``version`` (loaded) serves ``percent`` of the task's traffic."""
+        try:
+            return self._admin.set_canary(task_id, version, percent)
+        except PolicyClientError as exc:
+            raise _domain_error(exc, f"setting {task_id!r} canary version {version}", self.target) from None
+
+    def promote_canary(self, task_id: str, version: int) -> int:
+        """``PromoteCanary``: the canary ``version`` becomes stable; returns the server's stable version."""
+        try:
+            return self._admin.promote_canary(task_id, version).active_version
+        except PolicyClientError as exc:
+            raise _domain_error(exc, f"promoting {task_id!r} canary version {version}", self.target) from None
+
+    def clear_canary(self, task_id: str) -> int:
+        """``ClearCanary``: all traffic to the stable version; returns the cleared canary (0: none)."""
+        try:
+            return self._admin.clear_canary(task_id).cleared_version
+        except PolicyClientError as exc:
+            raise _domain_error(exc, f"clearing the canary of {task_id!r}", self.target) from None
+
     def experience(self, task_id: str) -> ExperienceFeed:
         """Start reading the server's experience feed for ``task_id`` (see :class:`ExperienceFeed`)."""
         return ExperienceFeed(self.target, task_id, token=self.token)

@@ -92,10 +92,19 @@ class HeadPublisher:
     published: dict[int, Published] = field(default_factory=dict)
 
     def publish(
-        self, *, eval_return: float, training: Mapping[str, Any], parent: str | None, note: str = ""
+        self,
+        *,
+        eval_return: float,
+        training: Mapping[str, Any],
+        parent: str | None,
+        note: str = "",
+        activate: bool = True,
     ) -> Published:
         """Export, check, write and load the current encoder and head as the next version; returns what
-        was published."""
+        was published.
+
+        ``activate`` False stages it: written to the bundle and loaded into the server without moving the
+        bundle's active pointer or the served version (``polyhead operate`` then makes it a canary)."""
         task_id = self.task.id
         adapter = self.policy.adapter(task_id)
         adapter.eval()
@@ -129,11 +138,11 @@ class HeadPublisher:
             training=dict(training),
             parent=parent,
         )
-        record = self.bundle.write_head(meta, onnx_bytes, encoder=encoder_bytes, activate=True)
+        record = self.bundle.write_head(meta, onnx_bytes, encoder=encoder_bytes, activate=activate)
         if self.control is not None:
             head_json = record.path.joinpath("head.json").read_text(encoding="utf-8")
             self.control.load(
-                task_id, record.version, onnx_bytes, head_json, encoder=encoder_bytes, activate=True
+                task_id, record.version, onnx_bytes, head_json, encoder=encoder_bytes, activate=activate
             )
         now = time.time()
         published = Published(

@@ -1,0 +1,201 @@
+"""A task's environment changes under a served head: time and samples to detection and to recovery, and
+false alarms while nothing changes.
+
+    nice -n 10 .venv/bin/python benchmarks/operate_drift.py --seeds 1 2 3 --stationary-s 120 \
+        --after-s 180 --out docs/operate_drift.json
+
+Per seed: a two-task CartPole bundle is trained briefly (as the updater tests do) unless ``--bundle`` is
+given; a real server (default monitor settings: blocks of 20 episodes, alpha 1e-3) serves it; stream
+simulators (sampled actions) play both tasks for ``--stationary-s`` seconds (false alarms counted); then
+one task's actuator is reversed in its simulators and ``polyhead operate`` (in-process) runs for
+``--after-s`` seconds. Reported: seconds and task samples from the change to the detection, to each
+decision, and to the first 20-episode window whose mean return is at least 90 % of the pre-change mean
+(null when it never was), the other task's served actions before and after, and failed requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from polyhead.clients.policy_client import PolicyClient
+from polyhead.server.app import BackgroundServer
+from polyhead.server.settings import ServerSettings
+from polyhead.taskspec import Suite, load_suite, load_task_spec
+from polyhead.trainer.operate import Decision, Operator, default_config
+from polyhead.trainer.updater.fleet import SimulatorFleet
+
+TASKS = ("cartpole-long-pole", "cartpole-heavy-pole")
+DRIFTING, STEADY = TASKS
+
+
+def train_bundle(out: Path, seed: int) -> None:
+    from polyhead.trainer.config import PPOConfig
+    from polyhead.trainer.policy import PolicyConfig
+    from polyhead.trainer.train import train
+
+    family = load_suite("cartpole-family")
+    train(
+        Suite(name="cartpole-pair", tasks=tuple(family.task(t) for t in TASKS)),
+        out,
+        config=PPOConfig(
+            total_steps=50_000, eval_interval=8_192, eval_episodes=3, final_eval_episodes=5, solved_evals=2,
+            seed=seed,
+        ),
+        policy_config=PolicyConfig(trunk_hidden=(32,), feature_size=32, critic_hidden=(32,)),
+        progress=False,
+        exporter="torchscript",
+    )  # fmt: skip
+
+
+def deterministic_actions(target: str, task: str) -> list[int]:
+    obs = np.random.default_rng(0).standard_normal((32, 4)).astype(np.float32) * 0.3
+    with PolicyClient(target, timeout=10.0) as client:
+        return [int(a) for a in np.asarray(client.act(task, obs, deterministic=True).actions).reshape(-1)]
+
+
+def run_seed(args: argparse.Namespace, seed: int, tmp: Path) -> dict[str, Any]:
+    bundle = tmp / f"bundle-{seed}"
+    if args.bundle:
+        shutil.copytree(args.bundle, bundle)
+    else:
+        t0 = time.perf_counter()
+        train_bundle(bundle, seed)
+        print(f"seed {seed}: bundle trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    settings = ServerSettings(
+        bundle=bundle, host="127.0.0.1", port=0, admin_port=0, metrics_port=None, watch_interval_s=1.0
+    )
+    base = load_suite("cartpole-family").task(DRIFTING)
+    drifted = replace(
+        base, wrappers=(*base.wrappers, *load_task_spec("cartpole-family:cartpole-reversed").wrappers)
+    )
+    with BackgroundServer(settings) as srv:
+        metrics = srv.running.metrics.registry
+
+        def value(name: str, labels: dict[str, str]) -> float:
+            return float(metrics.get_sample_value(name, labels) or 0.0)
+
+        def steps() -> float:
+            return value("polyhead_experience_steps_total", {"task": DRIFTING})
+
+        steady_before = deterministic_actions(srv.target, STEADY)
+        steady = SimulatorFleet(
+            srv.target, STEADY, clients=2, episodes_per_round=2, mode="stream", seed=seed
+        ).start()
+        normal = SimulatorFleet(
+            srv.target, DRIFTING, clients=3, episodes_per_round=2, mode="stream", seed=seed + 1
+        ).start()
+        time.sleep(args.stationary_s)
+        normal.stop()
+        stationary_episodes = normal.stats.episodes + steady.stats.episodes
+        false_alarms = sum(
+            value("polyhead_regression_events_total", {"task": t, "kind": "regressed"}) for t in TASKS
+        )
+        pre = [r for _, _, r in normal.stats.returns]
+        pre_mean = float(np.mean(pre[-60:]))
+        changed_at, steps_at_change = time.monotonic(), steps()
+        changed = SimulatorFleet(
+            srv.target,
+            DRIFTING,
+            clients=3,
+            episodes_per_round=4,
+            mode="stream",
+            seed=seed + 2,
+            task_spec=drifted,
+        ).start()
+        events: list[dict[str, Any]] = []
+
+        def on_decision(d: Decision) -> None:
+            events.append({
+                "t_s": round(time.monotonic() - changed_at, 1), "samples": int(steps() - steps_at_change),
+                "decision": d.decision, "version": d.version, "detail": d.detail,
+            })  # fmt: skip
+            print(
+                f"seed {seed} +{events[-1]['t_s']:6.1f}s {d.decision:8s} v{d.version}: {d.detail}", flush=True
+            )
+
+        state = tmp / f"state-{seed}"
+        operator = Operator(
+            default_config(
+                bundle=bundle, servers=(srv.target,), admin_targets=(srv.admin_target,), state_dir=state,
+                exporter="torchscript", judge_episodes=20, shares=(10.0, 25.0, 50.0),
+                ppo={"envs_per_task": 4, "num_steps": 128, "seed": seed},
+            ),
+            on_decision=on_decision,
+        )  # fmt: skip
+        stop = threading.Event()
+        runner = threading.Thread(target=operator.run, args=(stop,), daemon=True)
+        runner.start()
+        detected = None
+        while time.monotonic() - changed_at < args.after_s:
+            if detected is None and value("polyhead_task_regressed", {"task": DRIFTING}) == 1.0:
+                detected = {
+                    "t_s": round(time.monotonic() - changed_at, 1),
+                    "samples": int(steps() - steps_at_change),
+                }
+            time.sleep(0.5)
+        stop.set()
+        runner.join(timeout=120)
+        stats = changed.stop()
+        steady_stats = steady.stop()
+        after = [(t - changed_at, r) for t, _, r in stats.returns]
+        recovered_at = None
+        for i in range(20, len(after) + 1):
+            if np.mean([r for _, r in after[i - 20 : i]]) >= 0.9 * pre_mean:
+                recovered_at = round(after[i - 1][0], 1)
+                break
+        return {
+            "seed": seed,
+            "stationary_s": args.stationary_s,
+            "stationary_episodes": stationary_episodes,
+            "false_alarms_stationary": false_alarms,
+            "pre_change_mean_return": round(pre_mean, 1),
+            "drifted_first_20_mean": round(float(np.mean([r for _, r in after[:20]])), 1) if after else None,
+            "drifted_last_20_mean": round(float(np.mean([r for _, r in after[-20:]])), 1) if after else None,
+            "detection": detected,
+            "decisions": events,
+            "recovered_90pct_at_s": recovered_at,
+            "steady_actions_unchanged": deterministic_actions(srv.target, STEADY) == steady_before,
+            "failed_requests": stats.failed_requests
+            + steady_stats.failed_requests
+            + normal.stats.failed_requests,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--bundle", type=Path, default=None, help="a trained two-task bundle (default: train one per seed)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--stationary-s", type=float, default=120.0)
+    parser.add_argument("--after-s", type=float, default=180.0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            results.append(run_seed(args, seed, Path(tmp)))
+            text = json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1
+            )
+            if args.out:  # after every seed: a long run that is stopped keeps what it measured
+                args.out.write_text(text + "\n", encoding="utf-8")
+            print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
