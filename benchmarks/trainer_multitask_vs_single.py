@@ -176,7 +176,15 @@ def _side_by_side(
 
     tasks = suite.train_tasks
     per_task = replace(config, total_steps=max(1, config.total_steps // len(tasks)), task_weights=())
-    singles = [Suite(name=f"{suite.name}/{t.id}", tasks=(t,), source=suite.source) for t in tasks]
+    singles = [
+        Suite(
+            name=f"{suite.name}/{t.id}",
+            tasks=(t,),
+            source=suite.source,
+            encoders=(replace(suite.encoder_for(t.id), tasks=(t.id,)),),  # its group's kind, alone
+        )
+        for t in tasks
+    ]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         multi = pool.submit(_train, suite, config, policy_config)
         runs = [pool.submit(_train, one, per_task, policy_config) for one in singles]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from updater_helpers import OLD_TASKS
 
-from polyhead.taskspec import Suite, load_suite
+from polyhead.taskspec import EncoderSpec, Suite, load_suite
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,12 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from polyhead.trainer.train import train
 
     family = load_suite("cartpole-family")
-    suite = Suite(name="cartpole-pair", tasks=tuple(family.task(t) for t in OLD_TASKS))
+    # One encoder group, as in cartpole-family: new tasks of this space share it.
+    suite = Suite(
+        name="cartpole-pair",
+        tasks=tuple(family.task(t) for t in OLD_TASKS),
+        encoders=(EncoderSpec(name="cartpole", tasks=tuple(OLD_TASKS)),),
+    )
     out = tmp_path_factory.mktemp("trained") / "bundle"
     train(
         suite,
