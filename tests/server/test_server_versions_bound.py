@@ -61,7 +61,8 @@ def test_bundle_watch_publishes_stay_bounded_and_on_disk(
     ):
         admin = admin_pb2_grpc.HeadAdminStub(ch)
         for _ in range(8):
-            version = bundle.write_head(meta, onnx, activate=True).version
+            encoder = bundle.head("cartpole", 1).read_encoder()
+            version = bundle.write_head(meta, onnx, encoder=encoder, activate=True).version
             deadline = time.monotonic() + 30
             while _loaded(admin, "cartpole")[1] != version:
                 assert time.monotonic() < deadline, f"version {version} never served"
