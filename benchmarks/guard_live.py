@@ -3,9 +3,11 @@
     nice -n 10 .venv/bin/python benchmarks/guard_live.py [--trials 20] [--clients 4] [--guard-episodes 8]
 
 Setup: a short real multi-task PPO run on two CartPole variants (cached in the temp directory), a real
-server on that bundle, and ``--clients`` simulator clients acting on a new task ``cartpole-plain``
-(CartPole-v1) with *sampled* actions and reporting rewards, as in remote mode. Version 1 of the new task
-is a copy of the better old head (a head that balances the pole for a while).
+server on that bundle, and ``--clients`` simulator clients acting on a new task (``--task``, default
+``cartpole-family:cartpole-target-right``: CartPole with a reward for staying right of centre, where the
+old head's sampled returns spread over roughly 390-485 instead of all hitting the 500 cap, so an A/A
+comparison is not decided by ties) with *sampled* actions and reporting rewards, as in remote mode.
+Version 1 of the new task is a copy of the old head ``cartpole-heavy-pole``.
 
 * **A/A**: the same head is republished ``--trials`` times; each new version is judged by the guard
   (:class:`polyhead.trainer.updater.guard.RolloutGuard`, the adapt defaults: the first ``guard_episodes``
@@ -45,7 +47,7 @@ def _bundle(root: Path) -> Path:
     from polyhead.trainer.policy import PolicyConfig
     from polyhead.trainer.train import train
 
-    out = root / "guard-live-bundle"
+    out = root / "guard-live-bundle-format2"  # trained by this polyhead (per-task encoders)
     if not (out / "manifest.json").is_file():
         family = load_suite("cartpole-family")
         train(
@@ -83,6 +85,11 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.05, help="the guard's false-alarm rate")
     parser.add_argument("--margin", type=float, default=0.2, help="the guard's rollback margin")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait for one verdict (s)")
+    parser.add_argument(
+        "--task",
+        default="cartpole-family:cartpole-target-right",
+        help="the new task the clients act on (SUITE:TASK or a spec file)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -93,7 +100,7 @@ def main() -> None:
     from polyhead.envs import task_spaces
     from polyhead.server.app import BackgroundServer
     from polyhead.server.settings import ServerSettings
-    from polyhead.taskspec import TaskSpec
+    from polyhead.taskspec import load_task_spec
     from polyhead.trainer.export import sample_observations
     from polyhead.trainer.policy import load_policy
     from polyhead.trainer.updater.control import ServerControl
@@ -107,11 +114,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="polyhead-guard-live-"))
     bundle_dir = work / "bundle"
     shutil.copytree(source, bundle_dir)
-    task = TaskSpec(id="cartpole-plain", env="CartPole-v1", target_return=475.0)
+    task = load_task_spec(args.task)
     policy = load_policy(bundle_dir)
     freeze_trunk(policy)
     obs_space, act_space = task_spaces(task)
-    policy.add_head(task.id, act_space)
+    policy.add_head(task.id, act_space, policy.slots[OLD_TASKS[1]])  # on the old head's encoder
     policy.head(task.id).load_state_dict(policy.head(OLD_TASKS[1]).state_dict())
     good = {k: v.clone() for k, v in policy.head(task.id).state_dict().items()}
     last = [m for m in policy.head(task.id).actor if isinstance(m, torch.nn.Linear)][-1]
@@ -187,6 +194,7 @@ def main() -> None:
             control.close()
     aa, reg = verdicts["aa"], verdicts["regression"]
     summary = {
+        "task": task.id,
         "trials": args.trials,
         "clients": args.clients,
         "guard_episodes": args.guard_episodes,

@@ -51,6 +51,7 @@ def main() -> None:
     bundle_dir = build_bundle(work / "bundle")
     variants = [head_variant(bundle_dir, TASK, seed=s) for s in (1, 2)]
     bundle = Bundle.open(bundle_dir)
+    encoder = bundle.head(TASK).read_encoder()  # None in a format-1 bundle
     warm_at = max(1, args.publishes // 10)
     samples: dict[str, float] = {}
     with serve(
@@ -75,7 +76,7 @@ def main() -> None:
         for i in range(args.publishes):
             onnx, head_json = variants[i % 2]
             meta = HeadMeta.from_json_text(head_json, where="variant")
-            record = bundle.write_head(meta, onnx, activate=True)
+            record = bundle.write_head(meta, onnx, encoder=encoder, activate=True)
             deadline = time.monotonic() + 30
             while True:
                 heads = admin.ListHeads(admin_pb2.ListHeadsRequest(task_id=TASK), timeout=10).heads

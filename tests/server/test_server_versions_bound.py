@@ -55,13 +55,13 @@ def test_bundle_watch_publishes_stay_bounded_and_on_disk(
     onnx, head_json = new_head_version(bundle_copy, "cartpole", seed=4)
     meta = HeadMeta.from_json_text(head_json, where="test")
     bundle = Bundle.open(bundle_copy)
+    encoder = bundle.head("cartpole").read_encoder()  # None in a format-1 bundle
     with (
         BackgroundServer(server_settings(bundle_copy, watch_interval_s=0.05)) as srv,
         grpc.insecure_channel(srv.admin_target) as ch,
     ):
         admin = admin_pb2_grpc.HeadAdminStub(ch)
         for _ in range(8):
-            encoder = bundle.head("cartpole", 1).read_encoder()
             version = bundle.write_head(meta, onnx, encoder=encoder, activate=True).version
             deadline = time.monotonic() + 30
             while _loaded(admin, "cartpole")[1] != version:

@@ -25,7 +25,7 @@ from polyhead.trainer.config import PPOConfig
 from polyhead.trainer.distributed import Ranks, batch_moments
 from polyhead.trainer.envs import TaskEnvs
 from polyhead.trainer.evaluate import evaluate
-from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig
+from polyhead.trainer.policy import PolicyConfig, build_policy
 from polyhead.trainer.ppo import (
     MinibatchForward,
     TaskRollout,
@@ -61,7 +61,7 @@ def check_evaluate(ranks: Ranks) -> bool:
     """The ranks' shared evaluation returns exactly one process's lists."""
     tasks = list(load_suite("classic-mixed").train_tasks)
     torch.manual_seed(0)
-    policy = MultiTaskPolicy(PolicyConfig(), 6, {t.id: task_spaces(t)[1] for t in tasks})
+    policy = build_policy(PolicyConfig(), tasks, {t.id: task_spaces(t) for t in tasks})
     together = evaluate(policy, tasks, episodes=3, seed=11, ranks=ranks)
     alone = evaluate(policy, tasks, episodes=3, seed=11)
     return together == alone
@@ -87,7 +87,7 @@ def check_update(ranks: Ranks) -> float:
     tasks = list(suite.train_tasks)[:2]
     config = PPOConfig(envs_per_task=3, num_steps=16, update_epochs=3, num_minibatches=1)
     torch.manual_seed(5)
-    policy = MultiTaskPolicy(PolicyConfig(), 4, {t.id: task_spaces(t)[1] for t in tasks})
+    policy = build_policy(PolicyConfig(), tasks, {t.id: task_spaces(t) for t in tasks})
     states = [
         TaskState(task=t, envs=TaskEnvs(t, 3, 4, seed=100 * k), weight=1.0) for k, t in enumerate(tasks)
     ]

@@ -103,8 +103,8 @@ def test_a_regressing_version_is_rolled_back_automatically(
     policy = load_policy(trained_copy)
     freeze_trunk(policy)
     obs_space, act_space = task_spaces(task)
-    policy.add_head(task.id, act_space)
     best_old = OLD_TASKS[1]
+    policy.add_head(task.id, act_space, policy.slots[best_old])  # on the old head's encoder
     policy.head(task.id).load_state_dict(policy.head(best_old).state_dict())
     metrics = UpdaterMetrics()
     control = ServerControl(srv.admin_target)
