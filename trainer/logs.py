@@ -11,6 +11,7 @@ Files written to the run directory (also copied into the bundle's ``logs/`` at e
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -32,7 +33,8 @@ def _truncate_after(path: Path, step: int) -> None:
         return
     with path.open(newline="") as fh:
         rows = list(csv.reader(fh))
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    # A row cut short by a killed process has no valid step and goes too.
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
     with path.open("w", newline="") as fh:
         csv.writer(fh).writerows(kept)
 
@@ -66,11 +68,11 @@ class RunLogger:
             self._eval_file = eval_path.open("a", newline="")
             self._eval = csv.writer(self._eval_file)
             metrics_path = run_dir / "metrics.csv"
-            if metrics_path.is_file():
-                with metrics_path.open(newline="") as fh:
-                    fieldnames = next(csv.reader(fh))
-                self._metrics_file = metrics_path.open("a", newline="")
-                self._metrics = csv.DictWriter(self._metrics_file, fieldnames=fieldnames)
+            with contextlib.suppress(FileNotFoundError), metrics_path.open(newline="") as fh:
+                fieldnames = next(csv.reader(fh), None)
+                if fieldnames:  # else: empty (never flushed); iteration() starts it afresh
+                    self._metrics_file = metrics_path.open("a", newline="")
+                    self._metrics = csv.DictWriter(self._metrics_file, fieldnames=fieldnames)
             if (run_dir / "grad_cosines.csv").is_file():
                 self._cos_file = (run_dir / "grad_cosines.csv").open("a", newline="")
         else:

@@ -247,10 +247,12 @@ def train(
         # Buffers (the observation normaliser) are updated identically on every rank; no need to broadcast.
         forward = DistributedDataParallel(forward, forward_sync_buffers=False)
 
-    def save(iteration: int) -> None:
+    def save(iteration: int, logger: RunLogger | None) -> None:
         rngs = ranks.gather(rng_state(generator))  # a collective: every rank calls save
-        if not ranks.is_main:
+        if logger is None:
             return
+        # The logs on disk reach the checkpoint's step, so a resumed run continues them without a gap.
+        logger.flush()
         save_checkpoint(
             run_path,
             {
@@ -366,7 +368,7 @@ def train(
                     next_checkpoint = (
                         global_step // config.checkpoint_interval + 1
                     ) * config.checkpoint_interval
-                    save(iteration)
+                    save(iteration, logger)
 
             assert best is not None
             _, best_step, best_state = best
