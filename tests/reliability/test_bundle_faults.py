@@ -93,8 +93,8 @@ def test_a_broken_head_is_skipped_and_refused_on_load(
         assert sorted(srv.registry.tasks) == ["cartpole", "cartpole-continuous"]
         # The same damage on a version published later, loaded by path on the running server.
         spare.mkdir()
-        for name in ("head.onnx", "head.json"):
-            (spare / name).write_bytes((bundle_copy / "heads" / "cartpole" / "1" / name).read_bytes())
+        for source in (bundle_copy / "heads" / "cartpole" / "1").iterdir():  # head, encoder, head.json
+            (spare / source.name).write_bytes(source.read_bytes())
         edit_json(spare / "head.json", version=2)
         BROKEN_HEADS[case](spare)
         with grpc.insecure_channel(srv.admin_target) as ch:
