@@ -31,6 +31,12 @@ class Query:
     must_return_data: bool
 
 
+# Series exported only by `polyhead operate`, which the live Prometheus test does not run (its own end-to-end
+# test, tests/updater/test_operate.py, checks those metrics on the controller's registry); queries over them
+# must still be valid PromQL.
+NOT_RUN_LIVE = frozenset({"polyhead_operate_decisions_total", "polyhead_operate_gave_up"})
+
+
 def dashboard() -> dict[str, Any]:
     loaded: dict[str, Any] = json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))
     return loaded
@@ -52,9 +58,14 @@ def substitute(expr: str) -> str:
 
 
 def dashboard_queries() -> list[Query]:
-    """Every panel target (must return data) and every annotation query (must be valid)."""
+    """Every panel target (must return data, unless its metrics come only from a process the live test
+    does not run) and every annotation query (must be valid)."""
     queries = [
-        Query(f"panel {p['title']!r} target {t['refId']}", substitute(t["expr"]), must_return_data=True)
+        Query(
+            f"panel {p['title']!r} target {t['refId']}",
+            substitute(t["expr"]),
+            must_return_data=not metric_names(t["expr"]) & NOT_RUN_LIVE,
+        )
         for p in panels()
         for t in p.get("targets", [])
     ]
