@@ -82,6 +82,24 @@ def _unreachable(exc: Exception, target: str) -> UsageError:
     )
 
 
+# How long a command waits for the first connection before it says no server answered: long enough for a
+# loaded server's TLS handshake, short enough for a mistyped --target to fail promptly.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _require_reachable(channel: ChannelConfig, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """UsageError when no connection to the target is made within ``timeout_s``, before any RPC. A refused
+    connection reaches the first call as UNAVAILABLE or, when it races the call, as UNKNOWN; a check at the
+    connection level tells "nothing there" from a server error without reading status messages."""
+    import grpc
+
+    with channel.sync_channel() as ch:
+        try:
+            grpc.channel_ready_future(ch).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError as exc:
+            raise _unreachable(TimeoutError(f"no connection within {timeout_s:g}s"), channel.target) from exc
+
+
 def _channel(args: argparse.Namespace, target: str | None = None, token: str | None = None) -> ChannelConfig:
     _readable(args)
     return ChannelConfig(
@@ -179,6 +197,7 @@ def _simulate(args: argparse.Namespace, channel: ChannelConfig) -> int:
         report_rewards=not args.no_report,
         request_timeout_s=args.timeout,
     )
+    _require_reachable(channel)
     console = _console()
     if config.deterministic:
         console.print(
