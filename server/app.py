@@ -40,6 +40,7 @@ from polyhead.server.auth import BearerTokenInterceptor
 from polyhead.server.batcher import Batcher
 from polyhead.server.dataplane import DataPlane
 from polyhead.server.decoding import DecodeRequests
+from polyhead.server.draining import DrainGate
 from polyhead.server.experience import ExperienceHub
 from polyhead.server.health import HealthServicer
 from polyhead.server.inflight import InflightCounter
@@ -153,6 +154,7 @@ class RunningServer:
     health: HealthServicer
     watcher: BundleWatcher | None
     _servers: list[grpc.aio.Server] = field(repr=False)
+    _gate: DrainGate = field(repr=False)
     _metrics_http: MetricsHTTPServer | None = field(repr=False)
     _sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
     _stopped: bool = False
@@ -180,8 +182,10 @@ class RunningServer:
         if self.settings.shutdown_delay_s > 0:
             log.info("serving new calls for %.1f s more (shutdown delay)", self.settings.shutdown_delay_s)
             await asyncio.sleep(self.settings.shutdown_delay_s)
-        stopping = [asyncio.ensure_future(server.stop(grace)) for server in self._servers]
-        await asyncio.sleep(0)  # let each server's stop begin: it refuses new calls at once
+        deadline = asyncio.get_running_loop().time() + grace
+        # Refuse new calls ourselves (UNAVAILABLE, retryable) and stop gRPC only once the calls in progress
+        # are done: a call reaching gRPC's transport as it stops would be CANCELLED instead of refused.
+        self._gate.close()
         log.info("shutdown 2/3: new calls refused; draining in-flight calls for up to %.1f s", grace)
         # Endless calls would hold the drain for the whole grace period: end them now that their callers
         # know (experience subscribers; health watchers, which have seen NOT_SERVING).
@@ -191,7 +195,10 @@ class RunningServer:
             self._sweeper.cancel()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop)
-        await asyncio.gather(*stopping)
+        if not await self._gate.wait_idle(deadline - asyncio.get_running_loop().time()):
+            log.warning("grace period over with %d calls in progress: cancelling them", self._gate.running)
+        remaining = max(deadline - asyncio.get_running_loop().time(), 0.0)
+        await asyncio.gather(*(server.stop(remaining) for server in self._servers))
         self.batcher.close()
         await self.batcher.drain()
         await asyncio.to_thread(self.batcher.shutdown)
@@ -254,6 +261,7 @@ async def start_server(
         max_loaded_versions=settings.max_loaded_versions,
     )
     await asyncio.to_thread(registry.load_bundle_heads)
+    gate = DrainGate()
     inflight = InflightCounter(frozenset({f"/{POLICY_SERVICE}/Act"}))
     batcher = Batcher(
         trunk,
@@ -307,10 +315,10 @@ async def start_server(
     servers: list[grpc.aio.Server] = []
     metrics_http: MetricsHTTPServer | None = None
     try:
-        # Order: count the call, check the token, then decode the request inside the handler.
+        # Order: refuse when draining, count the call, check the token, then decode inside the handler.
         main = grpc.aio.server(
             options=options,
-            interceptors=[inflight, *(token_interceptors if shared_admin else []), DecodeRequests()],
+            interceptors=[gate, inflight, *(token_interceptors if shared_admin else []), DecodeRequests()],
         )
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer, live), main)  # type: ignore[no-untyped-call]
         policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)  # type: ignore[no-untyped-call]
@@ -326,7 +334,9 @@ async def start_server(
 
         admin_port: int | None = port if shared_admin else None
         if settings.admin_mode == "separate":
-            admin = grpc.aio.server(options=options, interceptors=[*token_interceptors, DecodeRequests()])
+            admin = grpc.aio.server(
+                options=options, interceptors=[gate, *token_interceptors, DecodeRequests()]
+            )
             admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, admin)  # type: ignore[no-untyped-call]
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
             reflection.enable_server_reflection(
@@ -412,6 +422,7 @@ async def start_server(
         health=health_servicer,
         watcher=watcher,
         _servers=servers,
+        _gate=gate,
         _metrics_http=metrics_http,
         _sweeper=sweeper,
     )
