@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -286,3 +287,54 @@ def test_killed_rank_is_restarted_and_the_run_resumes(tmp_path: Path) -> None:
     assert_valid_bundle(out, {"cartpole", "cartpole-heavy"})
     steps = [int(r["step"]) for r in metrics_rows(out / "logs")]
     assert steps == list(range(64, 2561, 64))  # continued, no iteration logged twice
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.slow
+def test_two_nodes_rendezvous_over_c10d(tmp_path: Path) -> None:
+    """Two torchrun agents (two "nodes", one worker each, so LOCAL_RANK is 0 on both) meet over a c10d
+    rendezvous on 127.0.0.1, as the Kubernetes Job's pods do, and train to a valid bundle; only global
+    rank 0 writes the logs, the summary and the bundle."""
+    out = tmp_path / "bundle"
+    run_dir = tmp_path / "bundle.logs"
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+        "-m", "polyhead", "train", "--suite", str(suite_file(tmp_path)), "--out", str(out),
+        "--total-steps", "192", *TINY,
+    ]  # fmt: skip
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    nodes = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=400) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.communicate()
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr[-4000:]
+    # One node's worker is global rank 0 and prints the summary; the other prints nothing on stdout.
+    summaries = [stdout.strip().splitlines()[-1] for stdout, _ in outputs if stdout.strip()]
+    assert len(summaries) == 1, [stdout for stdout, _ in outputs]
+    summary = json.loads(summaries[0])
+    assert summary["ranks"] == 2
+    assert summary["steps"] == 192
+    bundle = assert_valid_bundle(out, {"cartpole", "cartpole-heavy"})
+    assert bundle.manifest.training["ranks"] == 2
+    # One writer: one TensorBoard file, one row per iteration (two writers would double them or clash).
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert [int(r["step"]) for r in metrics_rows(run_dir)] == [64, 128, 192]
+    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 1
