@@ -84,6 +84,13 @@ class Ranks:
         out: npt.NDArray[np.float64] = (tensor / self.world_size).numpy()
         return out
 
+    def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Replace ``tensor`` by its element-wise mean over ranks, in place (a collective); returns it."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= self.world_size
+        return tensor
+
     def gather(self, value: T) -> list[T]:
         """Every rank's (picklable) ``value``, in rank order (a collective)."""
         if not self.distributed:

@@ -281,6 +281,7 @@ def ppo_update(
     generator: torch.Generator,
     forward: nn.Module | None = None,
     ranks: Ranks | None = None,
+    surgery_generator: torch.Generator | None = None,
 ) -> UpdateStats:
     """``config.update_epochs`` epochs of clipped-surrogate PPO over minibatches holding every task.
 
@@ -290,9 +291,15 @@ def ppo_update(
     samples (``n_local * world_size / n_total``, 1 when the shards are equal) to give the gradient of the
     loss over the whole batch. The early stop on ``target_kl`` uses the mean KL over ranks, so every rank
     runs the same number of epochs; the returned statistics are means over ranks.
+
+    With PCGrad or the cosine log under torchrun, each task's trunk gradient is averaged over the ranks
+    (:func:`_all_reduce_grads`) before the projection, so every rank projects the same global task
+    gradients. PCGrad's random task order comes from ``surgery_generator`` (default ``generator``), which
+    must then be seeded alike on every rank (``generator`` shuffles each rank's own minibatches).
     """
     ranks = ranks or Ranks()
     forward = forward or MinibatchForward(policy)
+    surgery_generator = surgery_generator or generator
     task_ids = list(rollouts)
     local_sizes = np.array([len(rollouts[t].logprobs) for t in task_ids], dtype=np.float64)
     share = dict(zip(task_ids, local_sizes / np.maximum(ranks.average(local_sizes), 1.0), strict=True))
@@ -300,6 +307,15 @@ def ppo_update(
     all_params = list(policy.parameters())
     surgery = config.grad_surgery == "pcgrad"
     want_cosines = surgery or config.log_grad_cosines
+    if want_cosines and ranks.distributed:
+        # DDP would all-reduce the trunk's summed gradient in backward(), but PCGrad needs each task's
+        # own global trunk gradient, and projecting after DDP's average would be a second pass over
+        # already-averaged numbers. So this path runs the plain module (no DDP hook fires) and does the
+        # one all-reduce itself: every task's flattened trunk gradient together with every parameter's
+        # gradient, averaged over ranks exactly as DDP would. The task losses carry each rank's
+        # sample share (below), so the average is the gradient over the whole batch. Every rank then
+        # holds identical gradients and applies the identical step; the parameters stay in sync.
+        forward = MinibatchForward(policy)
     sums: dict[str, dict[str, float]] = {t: {} for t in task_ids}
     count = 0
     cos_sum = np.zeros((len(task_ids), len(task_ids)))
@@ -365,11 +381,13 @@ def ppo_update(
             total = torch.stack(losses).sum()
             if want_cosines:
                 task_grads = torch.stack([_flat_grad(loss, trunk_params) for loss in losses])
-                cos_sum += cosine_matrix(task_grads).numpy()
-                cos_count += 1
                 total.backward()  # type: ignore[no-untyped-call]
+                if ranks.distributed:
+                    task_grads = _all_reduce_grads(task_grads, all_params, ranks)
+                cos_sum += cosine_matrix(task_grads).cpu().numpy()
+                cos_count += 1
                 if surgery:
-                    _assign_flat_grad(trunk_params, pcgrad(task_grads, generator))
+                    _assign_flat_grad(trunk_params, pcgrad(task_grads, surgery_generator))
             else:
                 total.backward()  # type: ignore[no-untyped-call]
             nn.utils.clip_grad_norm_(all_params, config.max_grad_norm, foreach=True)
@@ -401,6 +419,24 @@ def _flat_grad(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
             for g, p in zip(grads, params, strict=True)
         ]
     )
+
+
+def _all_reduce_grads(task_grads: torch.Tensor, params: list[nn.Parameter], ranks: Ranks) -> torch.Tensor:
+    """Average over the ranks, in one all-reduce, the task gradients ``[n_tasks, n]`` and the ``.grad``
+    of every parameter that has one (written back in place); returns the averaged task gradients.
+
+    A collective. Every rank runs the same model on every task (each rank steps at least one env of
+    every task), so the same parameters have gradients everywhere.
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    flat = torch.cat([task_grads.reshape(-1), *(p.grad.reshape(-1) for p in with_grad)])  # type: ignore[union-attr]
+    ranks.mean_(flat)
+    offset = task_grads.numel()
+    for p in with_grad:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
+        offset += n
+    return flat[: task_grads.numel()].view_as(task_grads)
 
 
 def _assign_flat_grad(params: list[nn.Parameter], flat: torch.Tensor) -> None:

@@ -179,6 +179,9 @@ def train(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed + ranks.rank)
+    # PCGrad's task order must be the same on every rank (each projects the same global gradients);
+    # one process keeps using ``generator`` for it, as before torchrun existed.
+    surgery_generator = torch.Generator().manual_seed(config.seed + 104_729) if ranks.distributed else None
     policy = build_policy(policy_config, tasks, spaces, suite.encoders)
     D = policy.observation_size  # the trainer's padded multi-task arrays; each encoder reads its own width
     # foreach: one kernel per step for all the small parameter tensors instead of one per tensor.
@@ -211,6 +214,8 @@ def train(
         rngs = checkpoint["rng"]
         if len(rngs) == ranks.world_size:
             restore_rng(rngs[ranks.rank], generator)
+            if surgery_generator is not None and checkpoint.get("surgery_rng") is not None:
+                surgery_generator.set_state(checkpoint["surgery_rng"])
         else:
             # Another number of ranks than the checkpoint's. Everything the checkpoint holds is global
             # (the whole batch's normalisers, reward scaling and recent returns, the optimizer, the
@@ -296,6 +301,7 @@ def train(
                     for s in states
                 },
                 "rng": rngs,
+                "surgery_rng": None if surgery_generator is None else surgery_generator.get_state(),
                 "wall_seconds": time.perf_counter() - started,
             },
         )
@@ -332,6 +338,7 @@ def train(
                     generator=generator,
                     forward=forward,
                     ranks=ranks,
+                    surgery_generator=surgery_generator,
                 )
                 elapsed = time.perf_counter() - started
                 if logger is not None:
@@ -466,11 +473,6 @@ def _check_ranks(config: PPOConfig, ranks: Ranks) -> None:
         raise InvalidArgument(
             f"--envs-per-task {config.envs_per_task} is fewer than the {ranks.world_size} ranks; every rank "
             f"needs at least one environment of every task (use --envs-per-task >= {ranks.world_size})"
-        )
-    if config.grad_surgery != "none" or config.log_grad_cosines:
-        raise InvalidArgument(
-            "--grad-surgery pcgrad and --log-grad-cosines need every task's own trunk gradient, which "
-            "DistributedDataParallel does not all-reduce; run them on one process (no torchrun)"
         )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from polyhead.envs import task_spaces
 from polyhead.taskspec import load_suite
-from polyhead.trainer.config import PPOConfig
+from polyhead.trainer.config import GradSurgery, PPOConfig
 from polyhead.trainer.distributed import Ranks, batch_moments
 from polyhead.trainer.envs import TaskEnvs
 from polyhead.trainer.evaluate import evaluate
-from polyhead.trainer.policy import PolicyConfig, build_policy
+from polyhead.trainer.policy import MultiTaskPolicy, PolicyConfig, build_policy
 from polyhead.trainer.ppo import (
     MinibatchForward,
     TaskRollout,
@@ -80,12 +82,18 @@ def shard(rollout: TaskRollout, owned: np.ndarray) -> TaskRollout:
     )
 
 
-def check_update(ranks: Ranks) -> float:
+def check_update(ranks: Ranks, *, grad_surgery: GradSurgery = "none") -> dict[str, float]:
     """A DDP update on the ranks' uneven shards (3 envs: 2 on rank 0, 1 on rank 1) moves the weights as
-    one process's update on the whole batch does; returns the largest parameter difference."""
+    one process's update on the whole batch does. Returns the largest parameter difference ("error") and,
+    for PCGrad, how far the one-process PCGrad update lands from the plain one ("projection"; 0 would
+    mean no gradient was projected, and the comparison proves nothing about the projection)."""
     suite = load_suite("cartpole-family")
     tasks = list(suite.train_tasks)[:2]
-    config = PPOConfig(envs_per_task=3, num_steps=16, update_epochs=3, num_minibatches=1)
+    if grad_surgery != "none":  # a task whose actions are reversed: its gradients conflict with the others'
+        tasks.append(next(t for t in suite.tasks if t.id == "cartpole-reversed"))
+    config = PPOConfig(
+        envs_per_task=3, num_steps=16, update_epochs=3, num_minibatches=1, grad_surgery=grad_surgery
+    )
     torch.manual_seed(5)
     policy = build_policy(PolicyConfig(), tasks, {t.id: task_spaces(t) for t in tasks})
     states = [
@@ -97,15 +105,34 @@ def check_update(ranks: Ranks) -> float:
     owned = ranks.owned(3)
     mine = {t: shard(r, owned) for t, r in full.items()}
 
-    alone = copy.deepcopy(policy)
-    alone_opt = torch.optim.Adam(alone.parameters(), lr=1e-3, eps=1e-5)
+    def optimizer(params: Iterator[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if grad_surgery == "none":
+            return torch.optim.Adam(params, lr=1e-3, eps=1e-5)
+        # Plain SGD for PCGrad: the step is proportional to the gradient, so a projection shows in the
+        # weights (Adam's first steps are about lr * sign(g) and hide most of it); a large rate, so the
+        # trunk (whose gradient is small next to the heads') moves well above float32 resolution.
+        return torch.optim.SGD(params, lr=10.0)
+
+    def alone_update(config: PPOConfig) -> MultiTaskPolicy:
+        alone = copy.deepcopy(policy)
+        alone_opt = optimizer(alone.parameters())
+        ppo_update(
+            alone,
+            alone_opt,
+            copy.deepcopy(full),
+            dict.fromkeys(full, 1.0),
+            config,
+            generator=torch.Generator().manual_seed(0),
+            surgery_generator=torch.Generator().manual_seed(42),
+        )
+        return alone
+
     compute_advantages(full, config)
-    ppo_update(
-        alone, alone_opt, full, dict.fromkeys(full, 1.0), config, generator=torch.Generator().manual_seed(0)
-    )
+    alone = alone_update(config)
+    plain = alone_update(replace(config, grad_surgery="none"))
 
     together = copy.deepcopy(policy)
-    opt = torch.optim.Adam(together.parameters(), lr=1e-3, eps=1e-5)
+    opt = optimizer(together.parameters())
     forward = DistributedDataParallel(MinibatchForward(together))
     compute_advantages(mine, config, ranks=ranks)
     ppo_update(
@@ -117,6 +144,7 @@ def check_update(ranks: Ranks) -> float:
         generator=torch.Generator().manual_seed(0),
         forward=forward,
         ranks=ranks,
+        surgery_generator=torch.Generator().manual_seed(42),
     )
     start = {n: p.detach().clone() for n, p in policy.named_parameters()}
     moved = max(float((p.detach() - start[n]).abs().max()) for n, p in alone.named_parameters())
@@ -124,7 +152,18 @@ def check_update(ranks: Ranks) -> float:
         float((a.detach() - b.detach()).abs().max())
         for a, b in zip(alone.parameters(), together.parameters(), strict=True)
     )
-    return diff if moved > 1e-4 else float("nan")  # an update that moved nothing proves nothing
+    # PCGrad changes only the trunk's step; measured relative to how far the trunk moved.
+    trunk = [n for n, _ in policy.named_parameters() if n.startswith("trunk.")]
+    p_alone, p_plain, p_together = (dict(p.named_parameters()) for p in (alone, plain, together))
+    trunk_moved = max(float((p_alone[n] - start[n]).abs().max()) for n in trunk)
+    trunk_error = max(float((p_alone[n] - p_together[n]).abs().max()) for n in trunk)
+    projection = max(float((p_alone[n] - p_plain[n]).abs().max()) for n in trunk)
+    # An update that moved nothing proves nothing.
+    return {
+        "error": diff if moved > 1e-4 else float("nan"),
+        "trunk_error": trunk_error / trunk_moved,
+        "projection": projection / trunk_moved,
+    }
 
 
 def main() -> None:
@@ -137,7 +176,8 @@ def main() -> None:
         "world_size": ranks.world_size,
         "moments_error": check_moments(ranks),
         "evaluate_equal": check_evaluate(ranks),
-        "update_error": check_update(ranks),
+        "update_error": check_update(ranks)["error"],
+        "pcgrad": check_update(ranks, grad_surgery="pcgrad"),
     }
     (out / f"rank{ranks.rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
