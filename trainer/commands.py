@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ def register_train(subparsers: Any) -> None:
         default=None,
         metavar="RUN_DIR",
         help="continue the run whose logs and checkpoint are in RUN_DIR (its suite, --out and settings "
-        "come from the checkpoint; PPO and policy options given here are ignored)",
+        "come from the checkpoint; PPO and policy options given here are ignored, except --device), "
+        "also on another number of ranks",
     )
     add_common_flags(parser)
     add_dataclass_options(parser.add_argument_group("PPO"), PPOConfig)
@@ -100,26 +102,36 @@ def register_train(subparsers: Any) -> None:
 
 # torchrun's environment for its workers (read here, at the edge; the trainer asks torch.distributed).
 _WORKER_ENV = "WORLD_SIZE"
+_LOCAL_RANK_ENV = "LOCAL_RANK"
 _RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 _SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def _train(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
+    from polyhead.trainer.distributed import backend_for, resolve_device
+
     if args.nproc < 1 or args.max_restarts < 0:
         raise InvalidArgument("--nproc must be at least 1 and --max-restarts at least 0")
     if args.out is None and args.resume is None:
         raise InvalidArgument("--out is required (unless --resume RUN_DIR names a run to continue)")
+    device = resolve_device(args.device)  # --device cuda without a GPU: the one-line error, before any work
     worker = _WORKER_ENV in os.environ
     if (args.nproc > 1 or args.max_restarts > 0) and not worker:
         return _launch_torchrun(args, parser)
     restarted = worker and int(os.environ.get(_RESTART_ENV, "0")) > 0
+    if device.type == "cuda":
+        import torch
+
+        # One GPU per rank: torchrun's LOCAL_RANK (0 for a single process). The trainer resolves
+        # --device again, to this current device.
+        torch.cuda.set_device(int(os.environ.get(_LOCAL_RANK_ENV, "0")))
     if worker and int(os.environ[_WORKER_ENV]) > 1:
         import torch.distributed as dist
 
         if args.independent:
             raise InvalidArgument("--independent trains one process per task; run it without torchrun")
-        # gloo: the trainer's policy and rollouts live on the CPU (see docs/benchmarks.md for GPUs).
-        dist.init_process_group(backend="gloo")
+        # gloo on the CPU; on GPUs NCCL for the CUDA tensors and gloo for the CPU-side statistics.
+        dist.init_process_group(backend=backend_for(device))
         try:
             return _train_here(args, restarted=restarted)
         finally:
@@ -139,6 +151,7 @@ def _train_here(args: argparse.Namespace, *, restarted: bool) -> int:
     if args.resume is not None:
         suite, out, config, policy_config = resume_settings(args.resume)
         out = Path(args.out) if args.out is not None else out
+        config = replace(config, device=args.device)  # where to run is this machine's business
     else:
         suite = load_suite(args.suite)
         out = Path(args.out)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 TaskSampling = Literal["uniform", "gap"]
 GradSurgery = Literal["none", "pcgrad"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,16 @@ class PPOConfig:
     torch_threads: int = field(
         default=1, metadata={"help": "torch CPU threads (1 is fastest for small MLPs)"}
     )
+    device: Device = field(
+        default="auto",
+        metadata={
+            "help": "where the policy, optimizer and rollout tensors live: 'cuda' (under torchrun each "
+            "rank on cuda:LOCAL_RANK, NCCL for the gradients), 'cpu' (gloo), 'auto' (cuda when torch "
+            "sees a GPU); the environments step on the CPU and the export runs on the CPU either way. "
+            "Also applies to --resume. The cuda path has not been run on a GPU yet",
+            "choices": ("auto", "cpu", "cuda"),
+        },
+    )
     checkpoint_interval: int = field(
         default=50_000,
         metadata={
@@ -115,13 +126,15 @@ class PPOConfig:
             raise ValueError("gamma and gae_lambda must lie in [0, 1]")
         if self.task_sampling not in ("uniform", "gap"):
             raise ValueError(f"task_sampling must be 'uniform' or 'gap', got {self.task_sampling!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.grad_surgery not in ("none", "pcgrad"):
             raise ValueError(f"grad_surgery must be 'none' or 'pcgrad', got {self.grad_surgery!r}")
         if any(w < 0 for _, w in self.task_weights):
             raise ValueError("task weights must be non-negative")
 
     # Settings that may change between a run and its resumption (they do not change the maths).
-    RESUMABLE_CHANGES = ("checkpoint_interval", "torch_threads")
+    RESUMABLE_CHANGES = ("checkpoint_interval", "torch_threads", "device")
 
     def weight(self, task_id: str) -> float:
         return dict(self.task_weights).get(task_id, 1.0)

@@ -24,6 +24,7 @@ import numpy.typing as npt
 import torch
 import torch.distributed as dist
 
+from polyhead.errors import InvalidArgument
 from polyhead.trainer.running_stats import fold_moments
 
 T = TypeVar("T")
@@ -104,6 +105,29 @@ class Ranks:
         (sorted by step, then env index); returns the returns only (a collective)."""
         merged = sorted(r for part in self.gather(list(records)) for r in part)
         return [r[2] for r in merged]
+
+
+def resolve_device(choice: str) -> torch.device:
+    """The device ``--device`` names: ``cpu``; ``cuda``: the current CUDA device (``polyhead train``
+    sets it to ``cuda:LOCAL_RANK`` under torchrun); ``auto``: cuda when torch sees a GPU, else cpu.
+
+    Raises InvalidArgument for ``cuda`` when torch sees no GPU.
+    """
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InvalidArgument(
+            f"--device cuda: torch {torch.__version__} sees no CUDA GPU (a CPU-only build, no driver, or "
+            "CUDA_VISIBLE_DEVICES empty); use --device cpu or auto"
+        )
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def backend_for(device: torch.device) -> str:
+    """The process group backend for a trainer on ``device``: gloo on the CPU; on a GPU NCCL for CUDA
+    tensors (the gradients) and gloo for CPU ones (the statistics and episode records, which come from
+    the environments and stay on the CPU)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

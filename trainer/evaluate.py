@@ -52,12 +52,14 @@ def evaluate(
     records: dict[str, list[tuple[int, int, float]]] = {t.id: [] for t in tasks}
     running = [np.arange(len(e)) for e in envs]
     step = 0
-    generator = torch.Generator().manual_seed(seed + 7919 * ranks.rank)
+    generator = torch.Generator().manual_seed(seed + 7919 * ranks.rank)  # a CPU one: samples on the CPU
+    device = policy.device
     try:
         while any(len(r) for r in running):
             obs = np.concatenate([e.obs[r] for e, r in zip(envs, running, strict=True)])
             segments = [(t.id, len(r)) for t, r in zip(tasks, running, strict=True) if len(r)]
-            features = policy.features(policy.normalize(torch.as_tensor(obs), segments), segments)
+            x = torch.as_tensor(obs, device=device)
+            features = policy.features(policy.normalize(x, segments), segments)
             start = 0
             for k, (task, task_envs) in enumerate(zip(tasks, envs, strict=True)):
                 active = running[k]
@@ -65,9 +67,10 @@ def evaluate(
                     continue
                 head, rows = policy.head(task.id), features[start : start + len(active)]
                 if deterministic:
-                    actions = head.deterministic(rows).numpy()
+                    actions = head.deterministic(rows).cpu().numpy()
                 else:
                     first, log_std = head.actor_params(rows)
+                    first, log_std = first.cpu(), None if log_std is None else log_std.cpu()
                     if log_std is None:
                         actions = torch.multinomial(first.softmax(-1), 1, generator=generator)[:, 0].numpy()
                     else:

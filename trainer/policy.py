@@ -200,8 +200,8 @@ class ObsNormalizer(nn.Module):
             self.mean,
             self.var,
             self.count,
-            batch_mean=batch_mean.to(torch.float64),
-            batch_var=batch_var.to(torch.float64),
+            batch_mean=batch_mean.to(self.mean.device, torch.float64),  # statistics come from the CPU
+            batch_var=batch_var.to(self.mean.device, torch.float64),
             batch_count=float(batch_count),
         )
         self.mean.copy_(mean)
@@ -447,6 +447,11 @@ class MultiTaskPolicy(nn.Module):
         return list(self.action_spaces)
 
     @property
+    def device(self) -> torch.device:
+        """Where the parameters live (the trainer moves the whole policy at once)."""
+        return next(self.parameters()).device
+
+    @property
     def observation_size(self) -> int:
         """Width of the trainer's padded multi-task arrays: the widest encoder input."""
         return max((e.input_size for e in self._encoders()), default=0)
@@ -527,7 +532,7 @@ class MultiTaskPolicy(nn.Module):
 
     def normalize(self, obs: torch.Tensor, tasks: str | Segments) -> torch.Tensor:
         """Each task's rows through its encoder's normaliser: [N, D] padded -> [N, D] (padding stays 0)."""
-        out = torch.zeros(obs.shape, dtype=torch.float32)
+        out = torch.zeros(obs.shape, dtype=torch.float32, device=obs.device)
         for encoder, start, stop in self._runs(tasks, obs.shape[0]):
             w = encoder.input_size
             out[start:stop, :w] = encoder.normalizer(obs[start:stop, :w])
@@ -594,10 +599,10 @@ class MultiTaskPolicy(nn.Module):
     @torch.no_grad()
     def act_deterministic(self, task_id: str, obs: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
         """Raw deterministic actions for observations [B, d] of one task (argmax index / Gaussian mean)."""
-        x = torch.zeros(obs.shape[0], self.observation_size)
+        x = torch.zeros(obs.shape[0], self.observation_size, device=self.device)
         x[:, : obs.shape[1]] = torch.as_tensor(obs, dtype=torch.float32)
         features = self.features(self.normalize(x, task_id), task_id)
-        return self.head(task_id).deterministic(features).numpy()
+        return self.head(task_id).deterministic(features).cpu().numpy()
 
     def parameter_count(self, *, task_ids: list[str] | None = None, include_critic: bool = True) -> int:
         """Trainable parameters of the trunk plus the given (default all) tasks' encoders and heads."""

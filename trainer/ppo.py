@@ -88,18 +88,21 @@ def collect_rollout(
     """
     ranks = ranks or Ranks()
     T, D = config.num_steps, policy.observation_size
+    device = policy.device  # the rollout's tensors live with the policy; the envs take numpy on the CPU
     sizes = [len(a) for a in active]
     buf: dict[str, dict[str, torch.Tensor]] = {}
     for state, k in zip(states, sizes, strict=True):
         head = policy.head(state.task.id)
         act_shape = () if head.distribution == "categorical" else (policy.action_spaces[state.task.id].size,)  # type: ignore[union-attr]
         buf[state.task.id] = {
-            "obs": torch.zeros(T, k, D),
-            "actions": torch.zeros((T, k, *act_shape), dtype=torch.long if not act_shape else torch.float32),
-            "logprobs": torch.zeros(T, k),
-            "rewards": torch.zeros(T, k),
-            "episode_ends": torch.zeros(T, k),
-            "values": torch.zeros(T, k),
+            "obs": torch.zeros(T, k, D, device=device),
+            "actions": torch.zeros(
+                (T, k, *act_shape), dtype=torch.long if not act_shape else torch.float32, device=device
+            ),
+            "logprobs": torch.zeros(T, k, device=device),
+            "rewards": torch.zeros(T, k, device=device),
+            "episode_ends": torch.zeros(T, k, device=device),
+            "values": torch.zeros(T, k, device=device),
         }
     # (step, global env index, return) of every episode that ends, to merge the ranks' in one order.
     episodes: list[list[tuple[int, int, float]]] = [[] for _ in states]
@@ -114,7 +117,7 @@ def collect_rollout(
     policy.update_normalizer_moments(mean, var, count)
     for step in range(T):
         raw = observations()
-        obs_norm = policy.normalize(torch.as_tensor(raw), segments)
+        obs_norm = policy.normalize(torch.as_tensor(raw, device=device), segments)
         features = policy.features(obs_norm, segments)
         start = 0
         results: list[StepResult] = []
@@ -130,7 +133,7 @@ def collect_rollout(
             b["logprobs"][step] = head.log_prob(dist, action)
             b["values"][step] = head.value(f, o)
 
-            result = state.envs.step(idx, action.numpy())
+            result = state.envs.step(idx, action.cpu().numpy())
             results.append(result)
             state.discounted_returns[idx] = state.discounted_returns[idx] * config.gamma + result.rewards
             ended_envs = state.envs.indices[idx[result.terminated | result.truncated]]
@@ -161,15 +164,16 @@ def collect_rollout(
             ended = result.terminated | result.truncated
             scale = state.return_rms.std if config.norm_reward else 1.0
             state.discounted_returns[idx[ended]] = 0.0
-            rewards = torch.as_tensor(result.rewards / scale, dtype=torch.float32)
+            rewards = torch.as_tensor(result.rewards / scale, dtype=torch.float32, device=device)
             # A time-limit truncation is not a failure: bootstrap γ V(s_final) (SB3's timeout handling).
             cut = result.truncated & ~result.terminated
             if cut.any():
-                final_norm = policy.normalize(torch.as_tensor(result.final_obs[cut]), state.task.id)
+                final_obs = torch.as_tensor(result.final_obs[cut], device=device)
+                final_norm = policy.normalize(final_obs, state.task.id)
                 final_value = head.value(policy.features(final_norm, state.task.id), final_norm)
-                rewards[torch.as_tensor(cut)] += config.gamma * final_value
+                rewards[torch.as_tensor(cut, device=device)] += config.gamma * final_value
             b["rewards"][step] = rewards
-            b["episode_ends"][step] = torch.as_tensor(ended, dtype=torch.float32)
+            b["episode_ends"][step] = torch.as_tensor(ended, dtype=torch.float32, device=device)
         policy.update_normalizer_moments(mean[n_tasks:], var[n_tasks:], count[n_tasks:])
 
     # Every rank's finished episodes, in the order one process would have seen them (drives gap sampling).
@@ -181,7 +185,7 @@ def collect_rollout(
 
     rollouts: dict[str, TaskRollout] = {}
     raw = np.concatenate([s.envs.obs[a] for s, a in zip(states, active, strict=True)])
-    obs_norm = policy.normalize(torch.as_tensor(raw), segments)
+    obs_norm = policy.normalize(torch.as_tensor(raw, device=device), segments)
     features = policy.features(obs_norm, segments)
     start = 0
     for state, k in zip(states, sizes, strict=True):
@@ -222,7 +226,8 @@ def compute_advantages(
         r.advantages = advantages.reshape(-1)
     if config.norm_adv:
         # Per task, so a task with large advantages does not drown the others' policy gradient.
-        moments = [batch_moments(r.advantages.reshape(-1, 1)) for r in rollouts.values()]
+        # (On the CPU, where every rank's statistics are combined.)
+        moments = [batch_moments(r.advantages.reshape(-1, 1).cpu()) for r in rollouts.values()]
         mean, var, count = ranks.combine_moments(*(torch.cat(m) for m in zip(*moments, strict=True)))
         for n, r in enumerate(rollouts.values()):
             total = float(count[n])
@@ -331,7 +336,7 @@ def ppo_update(
         }
         epoch_kl: list[float] = []
         for mb in range(config.num_minibatches):
-            mb_inds = {t: chunks[t][mb] for t in task_ids}
+            mb_inds = {t: chunks[t][mb].to(policy.device) for t in task_ids}
             mb_obs = torch.cat([rollouts[t].obs[mb_inds[t]] for t in task_ids])
             outputs = forward(mb_obs, {t: rollouts[t].actions[mb_inds[t]] for t in task_ids})
             losses: list[torch.Tensor] = []

@@ -26,7 +26,7 @@ from polyhead.spaces import SpaceSpec
 from polyhead.taskspec import EncoderSpec, Suite, TaskSpec
 from polyhead.trainer.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 from polyhead.trainer.config import PPOConfig
-from polyhead.trainer.distributed import Ranks
+from polyhead.trainer.distributed import Ranks, resolve_device
 from polyhead.trainer.envs import TaskEnvs
 from polyhead.trainer.evaluate import evaluate
 from polyhead.trainer.export import DEFAULT_EXPORTER, Exporter, export_bundle, sample_task_observations
@@ -160,6 +160,7 @@ def train(
     config = config or PPOConfig()
     policy_config = policy_config or PolicyConfig()
     ranks = Ranks.current()
+    device = resolve_device(config.device)
     out_path = Path(out)
     _check_out(out_path, overwrite)
     started = time.perf_counter()
@@ -182,7 +183,7 @@ def train(
     # PCGrad's task order must be the same on every rank (each projects the same global gradients);
     # one process keeps using ``generator`` for it, as before torchrun existed.
     surgery_generator = torch.Generator().manual_seed(config.seed + 104_729) if ranks.distributed else None
-    policy = build_policy(policy_config, tasks, spaces, suite.encoders)
+    policy = build_policy(policy_config, tasks, spaces, suite.encoders).to(device)
     D = policy.observation_size  # the trainer's padded multi-task arrays; each encoder reads its own width
     # foreach: one kernel per step for all the small parameter tensors instead of one per tensor.
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=1e-5, foreach=True)
@@ -262,7 +263,11 @@ def train(
     forward: torch.nn.Module = MinibatchForward(policy)
     if ranks.distributed:
         # Buffers (the observation normaliser) are updated identically on every rank; no need to broadcast.
-        forward = DistributedDataParallel(forward, forward_sync_buffers=False)
+        forward = DistributedDataParallel(
+            forward,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            forward_sync_buffers=False,
+        )
 
     def save(iteration: int, logger: RunLogger | None) -> None:
         rngs = ranks.gather(rng_state(generator))  # a collective: every rank calls save
@@ -400,6 +405,7 @@ def train(
                 ranks=ranks,
             )
             eval_returns = {t: float(np.mean(v)) for t, v in final.items()}
+            policy.cpu()  # the relations report, the export and its parity check run on the CPU
             if logger is not None:
                 logger.evaluation(global_step, time.perf_counter() - started, final)
                 log_files = logger.files()

@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from polyhead.bundle import Bundle
 from polyhead.cli import main
+from polyhead.trainer.distributed import backend_for, resolve_device
 
 FAST = [
     "--envs-per-task", "2", "--num-steps", "16", "--update-epochs", "1", "--eval-episodes", "1",
@@ -133,3 +135,21 @@ def test_independent_baseline_from_the_cli(tmp_path: Path, capsys: pytest.Captur
     assert set(summary["tasks"]) == {"cartpole", "acrobot", "cartpole-continuous"}
     for task_id in summary["tasks"]:
         assert Bundle.open(out / task_id).task_ids() == [task_id]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
+def test_device_cuda_without_a_gpu_is_a_one_line_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for extra in ([], ["--nproc", "2"]):  # refused before torchrun starts, too
+        code = main(["train", "--device", "cuda", "--out", str(tmp_path / "b"), *extra])
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert "--device cuda" in err
+        assert "sees no CUDA GPU" in err
+        assert "use --device cpu or auto" in err
+    assert not (tmp_path / "b").exists()
+    # Without a GPU, auto is the CPU: the trainer as it always ran.
+    assert resolve_device("auto") == torch.device("cpu")
+    assert backend_for(resolve_device("auto")) == "gloo"
