@@ -4,8 +4,10 @@ A checkpoint holds what a run needs to continue where it stopped instead of star
 tasks and the configs it was started with (a resume must match them), where the bundle goes, the policy
 (its observation normaliser included), the optimizer, the iteration and step counters (so the learning
 rate schedule continues), the evaluation bookkeeping (next evaluation, best checkpoint so far, solved
-streak), each task's reward-scaling statistics and recent returns, and every rank's random number
-generators. Environments are not saved (a gymnasium env need not be picklable): a resumed run resets them
+streak), each task's reward-scaling statistics and recent returns, every rank's CPU random number
+generators, and under torchrun PCGrad's task-order generator (the same on every rank). CUDA's generators
+are not saved: a run on a GPU (``--device cuda``) resumes with the same maths but another action stream.
+Environments are not saved (a gymnasium env need not be picklable): a resumed run resets them
 with fresh seeds, so the episodes in flight at the checkpoint are lost, as in SB3 or CleanRL.
 
 A checkpoint does not tie a run to its number of ranks: everything in it but the random generators is

@@ -9,11 +9,14 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polyhead.cli import add_common_flags, emit_summary
 from polyhead.errors import InvalidArgument
 from polyhead.taskspec import builtin_suites, load_suite
+
+if TYPE_CHECKING:  # torch is imported lazily, so `polyhead --help` stays fast
+    import torch
 
 
 def register_train(subparsers: Any) -> None:
@@ -103,6 +106,7 @@ def register_train(subparsers: Any) -> None:
 # torchrun's environment for its workers (read here, at the edge; the trainer asks torch.distributed).
 _WORKER_ENV = "WORLD_SIZE"
 _LOCAL_RANK_ENV = "LOCAL_RANK"
+_LOCAL_WORLD_SIZE_ENV = "LOCAL_WORLD_SIZE"
 _RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 _SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
@@ -114,8 +118,11 @@ def _train(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
         raise InvalidArgument("--nproc must be at least 1 and --max-restarts at least 0")
     if args.out is None and args.resume is None:
         raise InvalidArgument("--out is required (unless --resume RUN_DIR names a run to continue)")
-    device = resolve_device(args.device)  # --device cuda without a GPU: the one-line error, before any work
     worker = _WORKER_ENV in os.environ
+    # The ranks on this node: the ones we would launch, or torchrun's count. A bad --device is the
+    # one-line error here, before torchrun or any work starts.
+    local_ranks = int(os.environ.get(_LOCAL_WORLD_SIZE_ENV, "1")) if worker else args.nproc
+    device = resolve_device(args.device, local_ranks=local_ranks)
     if (args.nproc > 1 or args.max_restarts > 0) and not worker:
         return _launch_torchrun(args, parser)
     restarted = worker and int(os.environ.get(_RESTART_ENV, "0")) > 0
@@ -133,13 +140,13 @@ def _train(args: argparse.Namespace, *, parser: argparse.ArgumentParser) -> int:
         # gloo on the CPU; on GPUs NCCL for the CUDA tensors and gloo for the CPU-side statistics.
         dist.init_process_group(backend=backend_for(device))
         try:
-            return _train_here(args, restarted=restarted)
+            return _train_here(args, restarted=restarted, device=device)
         finally:
             dist.destroy_process_group()
-    return _train_here(args, restarted=restarted)
+    return _train_here(args, restarted=restarted, device=device)
 
 
-def _train_here(args: argparse.Namespace, *, restarted: bool) -> int:
+def _train_here(args: argparse.Namespace, *, restarted: bool, device: torch.device) -> int:
     from polyhead.trainer.checkpoint import has_checkpoint
     from polyhead.trainer.config import PPOConfig
     from polyhead.trainer.distributed import Ranks
@@ -174,6 +181,7 @@ def _train_here(args: argparse.Namespace, *, restarted: bool) -> int:
         "overwrite": args.overwrite,
         "progress": args.progress,
         "exporter": args.exporter,
+        "device": device,
     }
     if args.independent:
         result = train_independent(suite, out, **common)

@@ -107,18 +107,28 @@ class Ranks:
         return [r[2] for r in merged]
 
 
-def resolve_device(choice: str) -> torch.device:
-    """The device ``--device`` names: ``cpu``; ``cuda``: the current CUDA device (``polyhead train``
-    sets it to ``cuda:LOCAL_RANK`` under torchrun); ``auto``: cuda when torch sees a GPU, else cpu.
+def resolve_device(choice: str, *, local_ranks: int = 1) -> torch.device:
+    """The device ``--device`` names for one of ``local_ranks`` ranks on this node, each needing its own
+    GPU: ``cpu``; ``cuda``: the current CUDA device (``polyhead train`` sets it to ``cuda:LOCAL_RANK``);
+    ``auto``: cuda when torch sees a GPU for every local rank, else cpu (the same answer on every rank
+    of a node).
 
-    Raises InvalidArgument for ``cuda`` when torch sees no GPU.
+    Raises InvalidArgument for ``cuda`` when torch sees no GPU or fewer GPUs than local ranks.
     """
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if choice == "auto":
+        choice = "cuda" if gpus >= max(local_ranks, 1) else "cpu"
+    if choice == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
+    if gpus == 0:
         raise InvalidArgument(
             f"--device cuda: torch {torch.__version__} sees no CUDA GPU (a CPU-only build, no driver, or "
             "CUDA_VISIBLE_DEVICES empty); use --device cpu or auto"
+        )
+    if gpus < local_ranks:
+        raise InvalidArgument(
+            f"--device cuda: the {local_ranks} ranks on this node need a GPU each and torch sees {gpus}; "
+            f"use at most {gpus} processes per node, or --device cpu"
         )
     return torch.device("cuda", torch.cuda.current_device())
 

@@ -141,6 +141,7 @@ def train(
     progress: bool = True,
     exporter: Exporter = DEFAULT_EXPORTER,
     resume: bool = False,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train one policy on the suite's training tasks and export the best checkpoint to ``out``.
 
@@ -154,13 +155,16 @@ def train(
     statistics are combined across ranks (polyhead.trainer.distributed), and rank 0 alone writes logs,
     checkpoints and the bundle (the other ranks return the same result without writing it).
 
+    ``device`` holds the policy, optimizer and rollout tensors (default: ``config.device`` resolved for
+    one rank per GPU); the environments step on the CPU and the export runs there.
+
     Raises InvalidTaskSpec (bad suite), BundleError (``out`` not empty) or InvalidArgument (a setting
     the process group cannot run, a checkpoint that does not match) before any training.
     """
     config = config or PPOConfig()
     policy_config = policy_config or PolicyConfig()
     ranks = Ranks.current()
-    device = resolve_device(config.device)
+    device = device or resolve_device(config.device)
     out_path = Path(out)
     _check_out(out_path, overwrite)
     started = time.perf_counter()
@@ -545,6 +549,7 @@ def train_independent(
     overwrite: bool = False,
     progress: bool = True,
     exporter: Exporter = DEFAULT_EXPORTER,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """The baseline: one separate policy per training task, each on ``total_steps / n_tasks`` steps,
     exported as one bundle per task under ``out/<task>/``. The result aggregates them."""
@@ -567,6 +572,7 @@ def train_independent(
             overwrite=overwrite,
             progress=progress,
             exporter=exporter,
+            device=device,
         )
     eval_returns = {t: r.eval_returns[t] for t, r in runs.items()}
     return TrainResult(

@@ -150,6 +150,7 @@ def test_device_cuda_without_a_gpu_is_a_one_line_usage_error(
         assert "sees no CUDA GPU" in err
         assert "use --device cpu or auto" in err
     assert not (tmp_path / "b").exists()
-    # Without a GPU, auto is the CPU: the trainer as it always ran.
-    assert resolve_device("auto") == torch.device("cpu")
+    # Without a GPU, auto is the CPU (the trainer as it always ran), for any number of ranks.
+    for local_ranks in (1, 2):
+        assert resolve_device("auto", local_ranks=local_ranks) == torch.device("cpu")
     assert backend_for(resolve_device("auto")) == "gloo"
