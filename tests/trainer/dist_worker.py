@@ -32,6 +32,7 @@ from polyhead.trainer.ppo import (
     MinibatchForward,
     TaskRollout,
     TaskState,
+    UpdateStats,
     collect_rollout,
     compute_advantages,
     ppo_update,
@@ -113,10 +114,10 @@ def check_update(ranks: Ranks, *, grad_surgery: GradSurgery = "none") -> dict[st
         # trunk (whose gradient is small next to the heads') moves well above float32 resolution.
         return torch.optim.SGD(params, lr=10.0)
 
-    def alone_update(config: PPOConfig) -> MultiTaskPolicy:
+    def alone_update(config: PPOConfig) -> tuple[MultiTaskPolicy, UpdateStats]:
         alone = copy.deepcopy(policy)
         alone_opt = optimizer(alone.parameters())
-        ppo_update(
+        stats = ppo_update(
             alone,
             alone_opt,
             copy.deepcopy(full),
@@ -125,17 +126,17 @@ def check_update(ranks: Ranks, *, grad_surgery: GradSurgery = "none") -> dict[st
             generator=torch.Generator().manual_seed(0),
             surgery_generator=torch.Generator().manual_seed(42),
         )
-        return alone
+        return alone, stats
 
     compute_advantages(full, config)
-    alone = alone_update(config)
-    plain = alone_update(replace(config, grad_surgery="none"))
+    alone, alone_stats = alone_update(config)
+    plain, _ = alone_update(replace(config, grad_surgery="none"))
 
     together = copy.deepcopy(policy)
     opt = optimizer(together.parameters())
     forward = DistributedDataParallel(MinibatchForward(together))
     compute_advantages(mine, config, ranks=ranks)
-    ppo_update(
+    stats = ppo_update(
         together,
         opt,
         mine,
@@ -158,9 +159,16 @@ def check_update(ranks: Ranks, *, grad_surgery: GradSurgery = "none") -> dict[st
     trunk_moved = max(float((p_alone[n] - start[n]).abs().max()) for n in trunk)
     trunk_error = max(float((p_alone[n] - p_together[n]).abs().max()) for n in trunk)
     projection = max(float((p_alone[n] - p_plain[n]).abs().max()) for n in trunk)
+    # The task-gradient cosines come from the global task gradients: one process's matrix.
+    cosines_error = (
+        float(np.abs(stats.grad_cosines - alone_stats.grad_cosines).max())
+        if stats.grad_cosines is not None and alone_stats.grad_cosines is not None
+        else float("nan")
+    )
     # An update that moved nothing proves nothing.
     return {
         "error": diff if moved > 1e-4 else float("nan"),
+        "cosines_error": cosines_error,
         "trunk_error": trunk_error / trunk_moved,
         "projection": projection / trunk_moved,
     }
