@@ -18,7 +18,7 @@ and the server's live-return monitor, :mod:`polyhead.livewatch`). For a task who
 3. **Judge, widen, promote, roll back.** A canary is compared with the stable version on episodes that
    both played in the same period (each needs ``judge_episodes`` whole episodes), by the one-sided
    Mann-Whitney tests of :mod:`polyhead.stats` at level ``alpha``: significantly **better** widens its share
-   to the next of ``shares`` (training pauses, ``widening``); better again at the last share **promotes** it
+   to the next of ``shares`` (``widening``; training goes on, no new candidate); better again at the last share **promotes** it
    (bundle pointer first, then every replica); significantly **worse** (by more than ``worse_margin`` of
    the stable mean) **rolls it back** (canary cleared, training resumes from the last candidate). Neither
    after ``3 x judge_episodes``: inconclusive (a rollback while widening; at the first share the canary is
@@ -403,7 +403,10 @@ class Operator:
             rec.phase = "training"
             rec.reset_counts()
             return
-        if rec.phase == "training" and not self._exhausted(rec):
+        if rec.phase in ("training", "widening") and not self._exhausted(rec):
+            # Training goes on while a canary is widened: the verdict is about the published snapshot,
+            # and the steps played meanwhile are the next candidate's data (pausing wasted a third of
+            # the recovery's traffic in benchmarks/operate_drift.py).
             self._train(rec, live, segments)
         if rec.canary:
             self._judge(rec)
