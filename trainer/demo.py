@@ -67,6 +67,7 @@ class DemoConfig:
     stationary_s: float = 60.0  # drift: seconds of unchanged traffic before the change
     drift_s: float = 330.0  # drift: the longest the changed environment runs
     recover_fraction: float = 0.9  # drift: recovered = a 20-episode mean at this share of the pre-change one
+    budget_s: float = 600.0  # drift: the changed environment runs at most until this much of the run is used
 
     @property
     def bundle_dir(self) -> Path:

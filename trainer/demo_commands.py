@@ -77,6 +77,13 @@ def register_demo(subparsers: Any) -> None:
         help="drift: the longest the changed environment runs (the run ends earlier once the task is "
         "recovered and a window of episodes has been played under the recovered head)",
     )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=600.0,
+        help="drift: the whole run's time budget; the changed environment stops early enough to keep it "
+        "(the report says when the cut came before --drift-s)",
+    )
     add_common_flags(parser)
     parser.set_defaults(func=_run)
 
@@ -104,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         drift_task=args.drift_task,
         stationary_s=args.stationary_s,
         drift_s=args.drift_s,
+        budget_s=args.budget_s,
     )
     if config.scenario == "drift":
         return _run_drift(config, args, console)

@@ -72,6 +72,7 @@ class DriftState:
     server_exit_code: int | None = None
     steps_wall: dict[str, float] = field(default_factory=dict)
     drift_s: float = 0.0  # how long the changed environment ran
+    drift_limit_s: float = 0.0  # the longest it could run: --drift-s, or less to stay in --budget-s
 
 
 def drifted_spec(base: TaskSpec) -> TaskSpec:
@@ -268,7 +269,11 @@ def run_drift_demo(config: DemoConfig, say: Say) -> DriftState:
         decisions_file = out / "operate" / "decisions.jsonl"
         recovered_since: float | None = None
         last_said = 0.0
-        while time.monotonic() - changed_at < drift_s:
+        # The demo's budget: the changed world runs at most until budget_s of the whole run is used, less a
+        # reserve for the checks and the report (a loaded machine trains slower; the cut is reported).
+        left = config.budget_s - (time.perf_counter() - state.started) - 45.0
+        state.drift_limit_s = max(30.0, min(drift_s, left))
+        while time.monotonic() - changed_at < state.drift_limit_s:
             time.sleep(1.0)
             elapsed = time.monotonic() - changed_at
             state.decisions = _read_decisions(decisions_file, change_wall[0], state.timeline)
@@ -431,6 +436,8 @@ def drift_summary(state: DriftState) -> dict[str, Any]:
         "drift_task": drift,
         "change": "actuator reversed (reverse-action wrapper)",
         "drift_seconds": round(state.drift_s, 1),
+        "drift_limit_seconds": round(state.drift_limit_s, 1),
+        "budget_seconds": cfg.budget_s,
         "pre_change_mean_return": pre_mean,
         "pre_change_episodes": len(pre),
         "drifted_first_20_mean": float(np.mean([r for _, r in post[:window]])) if post else None,

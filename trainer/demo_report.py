@@ -345,6 +345,9 @@ def drift_markdown(state: DriftState, data: dict[str, Any], plots: list[str]) ->
         f"| last 20 episodes (at +{data['drift_seconds']:.0f} s) | | | "
         f"{_fmt(data['drifted_last_20_mean'])} |",
         "",
+        f"The changed environment could run {data['drift_limit_seconds']:.0f} s (`--drift-s`, or less to end "
+        f"inside `--budget-s` {data['budget_seconds']:.0f} s); it ran {data['drift_seconds']:.0f} s.",
+        "",
         "### The controller's decisions (`polyhead operate`, decisions.jsonl)",
         "",
         "| t (s) | samples | decision | version | numbers |",
