@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from learning_common import random_return
 from trainer_common import machine
 
 from polyhead.envs import task_spaces
+from polyhead.scores import random_return
 from polyhead.taskspec import TaskSpec, load_suite
 from polyhead.trainer.adapt import ADAPT_PPO
 from polyhead.trainer.config import PPOConfig

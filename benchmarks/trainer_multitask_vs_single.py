@@ -5,7 +5,7 @@ For each seed: ``train`` on the suite's training tasks with ``--total-steps`` ov
 fixed budget (no early stop) with the same PPO settings and report the exported best checkpoint's
 deterministic return over 10 fresh episodes. Prints per-task mean ± std over seeds and parameter counts,
 and the same on the normalised scale (0 = a random policy, 1 = the task's target return; see
-learning_common.py) with the issue-12 target: multi-task at least matches independent on 3 of 4 tasks
+polyhead/scores.py) with the issue-12 target: multi-task at least matches independent on 3 of 4 tasks
 (here: on at least 3/4 of the tasks), "matches" meaning a seed-mean normalised score no more than
 ``--match-tolerance`` below independent's, on a task where at least one arm reached 0.3 (where neither learned
 there is no verdict and the task does not count as matched).
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from learning_common import normalise, random_return
 from trainer_common import machine, mean_std
 
+from polyhead.scores import normalise, random_return
 from polyhead.taskspec import load_suite
 from polyhead.trainer.config import PPOConfig
 from polyhead.trainer.policy import PolicyConfig

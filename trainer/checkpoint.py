@@ -8,6 +8,11 @@ streak), each task's reward-scaling statistics and recent returns, and every ran
 generators. Environments are not saved (a gymnasium env need not be picklable): a resumed run resets them
 with fresh seeds, so the episodes in flight at the checkpoint are lost, as in SB3 or CleanRL.
 
+A checkpoint does not tie a run to its number of ranks: everything in it but the random generators is
+global (the normalisers and per-task statistics of every rank's environments, the optimizer, the
+counters), and the batch size does not depend on the ranks, so a run checkpointed by N ranks continues on
+M; only the per-rank random streams start afresh.
+
 Rank 0 writes it atomically (a temporary file in the same folder, fsync, rename), so a rank killed while
 it writes leaves the previous checkpoint intact. It is loaded with ``torch.load(weights_only=True)``:
 only tensors and plain Python values, no pickled code.

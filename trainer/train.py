@@ -211,9 +211,21 @@ def train(
         rngs = checkpoint["rng"]
         if len(rngs) == ranks.world_size:
             restore_rng(rngs[ranks.rank], generator)
-        else:  # another number of ranks than the run had: fresh, distinct streams
+        else:
+            # Another number of ranks than the checkpoint's. Everything the checkpoint holds is global
+            # (the whole batch's normalisers, reward scaling and recent returns, the optimizer, the
+            # counters), and the batch is --envs-per-task x tasks x --num-steps whatever the ranks, so the
+            # run continues with the same maths. Only the per-rank random streams have no counterpart:
+            # fresh, distinct ones. (The environments restart with fresh seeds on every resume.)
             torch.manual_seed(config.seed + 7919 * (ranks.rank + 1) + done_iterations)
             generator.manual_seed(config.seed + ranks.rank + 7919 * done_iterations)
+            log.warning(
+                "resuming a %d-rank checkpoint on %d rank(s): the step count, learning-rate schedule, "
+                "optimizer, normalisers and per-task statistics continue; each rank's random streams "
+                "start afresh",
+                len(rngs),
+                ranks.world_size,
+            )
         log.info(
             "resuming %s from its checkpoint at %s steps (iteration %d of %d)",
             run_path,

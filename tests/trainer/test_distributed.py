@@ -10,7 +10,9 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -286,3 +288,138 @@ def test_killed_rank_is_restarted_and_the_run_resumes(tmp_path: Path) -> None:
     assert_valid_bundle(out, {"cartpole", "cartpole-heavy"})
     steps = [int(r["step"]) for r in metrics_rows(out / "logs")]
     assert steps == list(range(64, 2561, 64))  # continued, no iteration logged twice
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.slow
+def test_two_nodes_rendezvous_over_c10d(tmp_path: Path) -> None:
+    """Two torchrun agents (two "nodes", one worker each, so LOCAL_RANK is 0 on both) meet over a c10d
+    rendezvous on 127.0.0.1, as the Kubernetes Job's pods do, and train to a valid bundle; only global
+    rank 0 writes the logs, the summary and the bundle."""
+    out = tmp_path / "bundle"
+    run_dir = tmp_path / "bundle.logs"
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+        "-m", "polyhead", "train", "--suite", str(suite_file(tmp_path)), "--out", str(out),
+        "--total-steps", "192", *TINY,
+    ]  # fmt: skip
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    nodes = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=400) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.communicate()
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr[-4000:]
+    # One node's worker is global rank 0 and prints the summary; the other prints nothing on stdout.
+    summaries = [stdout.strip().splitlines()[-1] for stdout, _ in outputs if stdout.strip()]
+    assert len(summaries) == 1, [stdout for stdout, _ in outputs]
+    summary = json.loads(summaries[0])
+    assert summary["ranks"] == 2
+    assert summary["steps"] == 192
+    bundle = assert_valid_bundle(out, {"cartpole", "cartpole-heavy"})
+    assert bundle.manifest.training["ranks"] == 2
+    # One writer: one TensorBoard file, one row per iteration (two writers would double them or clash).
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert [int(r["step"]) for r in metrics_rows(run_dir)] == [64, 128, 192]
+    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 1
+
+
+def _checkpoint_then_stop(args: list[str], run_dir: Path, *, launcher: bool) -> dict[str, Any]:
+    """Start ``polyhead train ARGS``, wait for its first checkpoint, keep a copy, stop the run, and put the
+    copy back as the run's checkpoint (the run is "interrupted" there); returns the copy's contents.
+
+    ``launcher``: the run is a ``--nproc`` torchrun launcher, stopped with SIGTERM (its agent stops the
+    workers); otherwise the one training process is killed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polyhead", "train", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    snapshot = run_dir / "snapshot.pt"
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint_path(run_dir).is_file():
+            assert proc.poll() is None, proc.communicate()[1][-4000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+        shutil.copyfile(checkpoint_path(run_dir), snapshot)  # written by rename: always whole
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM if launcher else signal.SIGKILL)
+        proc.communicate(timeout=60)
+    shutil.copyfile(snapshot, checkpoint_path(run_dir))
+    state: dict[str, Any] = torch.load(snapshot, weights_only=True)
+    return state
+
+
+def _normaliser_count(state: dict[str, Any]) -> float:
+    """Observations every encoder's normaliser has seen, summed."""
+    return sum(float(v) for k, v in state["policy"].items() if k.endswith("normalizer.count"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks(
+    tmp_path: Path, before: int, after: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint written by N ranks continues on M ranks: step count, learning-rate schedule,
+    normalisers and per-task statistics carry on (only the environments and random streams restart)."""
+    out = tmp_path / "bundle"
+    run_dir = tmp_path / "bundle.logs"
+    # 64 steps an iteration, 12 iterations, a checkpoint every 2 (the last one, at 640, after iteration 10).
+    settings = [
+        "--suite", str(suite_file(tmp_path)), "--out", str(out), "--total-steps", "768",
+        "--checkpoint-interval", "128", "--eval-interval", "100000", "--solved-evals", "0", *TINY,
+    ]  # fmt: skip
+    first = _checkpoint_then_stop([*settings, "--nproc", str(before)], run_dir, launcher=before > 1)
+    assert first["world_size"] == before
+    start = int(first["global_step"])
+    assert start < 640, "the first run went too far before it was stopped to leave a checkpoint to compare"
+
+    resume = ["--resume", str(run_dir), "--json", "--no-progress"]
+    if after == 1:
+        assert main(["train", *resume]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    else:
+        summary = polyhead_train(*resume, "--nproc", str(after))
+    assert summary["ranks"] == after
+    assert summary["resumed_from_step"] == start
+    assert summary["steps"] == 768
+    assert_valid_bundle(out, {"cartpole", "cartpole-heavy"})
+
+    # The log continues the step count and the annealed learning rate over all 12 iterations.
+    rows = metrics_rows(run_dir)
+    assert [int(r["step"]) for r in rows] == list(range(64, 769, 64))
+    for i, row in enumerate(rows, start=1):
+        assert float(row["learning_rate"]) == pytest.approx(1e-3 * (1 - (i - 1) / 12))
+        assert int(row["ranks"]) == (before if int(row["step"]) <= start else after)
+
+    # The resumed run's last checkpoint (at 640) extends the first one's statistics by exactly what its
+    # iterations saw: every observation of every rank's envs (2 tasks x 2 envs x 16 steps an iteration)
+    # in the normalisers, and 2 envs x 16 steps of discounted returns per task in the reward scaling.
+    last = torch.load(checkpoint_path(run_dir), weights_only=True)
+    assert last["world_size"] == after
+    assert int(last["global_step"]) == 640
+    iterations = int(last["iteration"]) - int(first["iteration"])
+    assert iterations == (640 - start) // 64
+    assert _normaliser_count(last) - _normaliser_count(first) == pytest.approx(64 * iterations)
+    for task in ("cartpole", "cartpole-heavy"):
+        old, new = first["tasks"][task], last["tasks"][task]
+        assert new["return_rms"][2] - old["return_rms"][2] == pytest.approx(32 * iterations)
+        assert new["episodes"] > old["episodes"]

@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from polyhead.envs import make_env
+from polyhead.scores import normalise, random_return
 from polyhead.taskspec import TaskSpec, parse_task
 from polyhead.trainer.adapt import AdaptConfig, _no_progress, _prepare, adapt, default_config
 from polyhead.trainer.updater.metrics import UpdaterMetrics
@@ -36,22 +35,6 @@ REVERSED_SHORT = {
     "wrappers": [{"name": "reverse-action"}],
     "description": "reversed actuator, 200 steps",
 }
-
-
-def random_policy_return(task: TaskSpec, episodes: int = 30, seed: int = 0) -> float:
-    env = make_env(task)
-    env.action_space.seed(seed)
-    returns = []
-    for episode in range(episodes):
-        env.reset(seed=seed + episode)
-        total, done = 0.0, False
-        while not done:
-            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
-            total += float(reward)
-            done = bool(terminated or truncated)
-        returns.append(total)
-    env.close()
-    return float(np.mean(returns))
 
 
 def _config(bundle: Path, task: TaskSpec, seed: int) -> AdaptConfig:
@@ -83,10 +66,10 @@ def low_start_seed(bundle: Path, task: TaskSpec, score: Callable[[float], float]
 
 def test_a_fresh_head_that_starts_low_ends_high(trained_copy: Path) -> None:
     task = parse_task(REVERSED_SHORT)
-    low = random_policy_return(task)
+    low = random_return(task, episodes=30, seed=0)
 
     def score(value: float) -> float:
-        return (value - low) / (TARGET - low)
+        return normalise(value, low, TARGET)
 
     result = adapt(_config(trained_copy, task, low_start_seed(trained_copy, task, score)))
     summary = result.summary()

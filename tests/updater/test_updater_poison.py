@@ -12,10 +12,11 @@ from typing import Any
 
 import grpc
 import numpy as np
+from updater_helpers import remote_config
 
 from polyhead.taskspec import load_task_spec
 from polyhead.tensors import from_proto, to_proto
-from polyhead.trainer.adapt import adapt, default_config
+from polyhead.trainer.adapt import adapt
 from polyhead.trainer.updater.fleet import SimulatorFleet
 from polyhead.v1 import policy_pb2, policy_pb2_grpc
 
@@ -116,19 +117,14 @@ def test_poisoned_experience_is_refused_and_the_updater_finishes(
     random_copy: Path, serve: Callable[..., Any]
 ) -> None:
     srv = serve(random_copy)
-    config = default_config(
-        bundle=random_copy,
-        task=TASK,
-        source="remote",
-        server=srv.target,
-        admin_target=srv.admin_target,
+    config = remote_config(
+        random_copy,
+        TASK,
+        srv,
         init="scratch",
-        exporter="torchscript",
-        publish_every=2,
         guard_episodes=2,
         guard_timeout_s=20.0,
         zero_shot_episodes=2,
-        idle_timeout_s=60.0,
         ppo={"total_steps": 1_500, "envs_per_task": 4, "num_steps": 64, "update_epochs": 2},
     )
     with (

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from updater_helpers import OLD_TASKS, served_actions, wait_for
+from updater_helpers import OLD_TASKS, remote_config, served_actions, wait_for
 
 from polyhead.bundle import Bundle
 from polyhead.clients.admin import AdminClient
@@ -40,20 +40,15 @@ def test_remote_loop_publishes_versions_clients_see_live(
     before_heads = _head_hashes(srv.admin_target)
     task = load_task_spec("cartpole-family:cartpole-reversed")
     metrics = UpdaterMetrics()
-    config = default_config(
-        bundle=trained_copy,
-        task=task,
-        source="remote",
-        server=srv.target,
-        admin_target=srv.admin_target,
+    config = remote_config(
+        trained_copy,
+        task,
+        srv,
         init="scratch",
-        exporter="torchscript",
-        publish_every=2,
         guard_episodes=2,
         guard_timeout_s=30.0,
         rollback_margin=10.0,  # this test is about publishing; rollback has its own test
         zero_shot_episodes=3,
-        idle_timeout_s=60.0,
         ppo={"total_steps": 3_000, "envs_per_task": 4, "num_steps": 64, "update_epochs": 10},
     )
     with SimulatorFleet(srv.target, task.id, clients=4, episodes_per_round=2, seed=5) as fleet:
@@ -250,15 +245,11 @@ def test_remote_loop_rolls_back_when_the_world_changes_under_a_new_version(
     task = TaskSpec(id="cartpole-plain", env="CartPole-v1", target_return=475.0)
     surprise = load_task_spec("cartpole-family:cartpole-reversed")
     metrics = UpdaterMetrics()
-    config = default_config(
-        bundle=trained_copy,
-        task=task,
-        source="remote",
-        server=srv.target,
-        admin_target=srv.admin_target,
+    config = remote_config(
+        trained_copy,
+        task,
+        srv,
         init="nearest",
-        exporter="torchscript",
-        publish_every=2,
         guard_episodes=6,
         guard_timeout_s=60.0,
         rollback_margin=0.2,
@@ -304,19 +295,15 @@ def test_a_version_below_the_best_old_head_does_not_stay_live(
     found below the best old head's live returns and a copy of that head serves instead, mid-run."""
     srv = serve(trained_copy)
     task = TaskSpec(id="cartpole-plain", env="CartPole-v1", target_return=475.0)
-    config = default_config(
-        bundle=trained_copy,
-        task=task,
-        source="remote",
-        server=srv.target,
-        admin_target=srv.admin_target,
+    config = remote_config(
+        trained_copy,
+        task,
+        srv,
         init="scratch",
-        exporter="torchscript",
         publish_every=1_000,  # only version 1 and what the guard does about it
         guard_episodes=6,
         guard_timeout_s=60.0,
         zero_shot_episodes=4,
-        idle_timeout_s=60.0,
         ppo={"total_steps": 1_500, "envs_per_task": 4, "num_steps": 64, "update_epochs": 2},
     )
     with SimulatorFleet(srv.target, task.id, clients=3, episodes_per_round=2, seed=4):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from polyhead.clients.policy_client import PolicyClient
+from polyhead.taskspec import TaskSpec
+from polyhead.trainer.adapt import AdaptConfig, default_config
 
 #: The tasks of the test bundles (trained_bundle and random_bundle).
 OLD_TASKS = ("cartpole-long-pole", "cartpole-heavy-pole")
@@ -37,3 +41,18 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.2)
+
+
+def remote_config(bundle: Path, task: TaskSpec, srv: Any, **overrides: Any) -> AdaptConfig:
+    """An updater config that learns from ``srv``'s clients (``source="remote"``), exporting with torchscript
+    (fast) and publishing every 2 updates; ``overrides`` set the rest."""
+    settings: dict[str, Any] = {
+        "source": "remote",
+        "server": srv.target,
+        "admin_target": srv.admin_target,
+        "exporter": "torchscript",
+        "publish_every": 2,
+        "idle_timeout_s": 60.0,
+        **overrides,
+    }
+    return default_config(bundle=bundle, task=task, **settings)

@@ -1,4 +1,4 @@
-"""The normalised score of the learning benchmarks: 0 = a uniformly random policy, 1 = the task's target.
+"""Normalised scores for learning benchmarks and tests: 0 = a uniformly random policy, 1 = the target.
 
 ``(R - random) / (target - random)`` puts tasks with different reward scales (Acrobot's -500..0, MiniGrid's
 0..1, CartPole's 0..500) on one axis, and says how far a policy is from the task's own bar rather than
