@@ -1,16 +1,18 @@
-"""A task's environment changes under a served head: time and samples to detection and to recovery, and
-false alarms while nothing changes.
+"""A task's environment changes under a served head: time and samples to detection and to recovery.
 
-    nice -n 10 .venv/bin/python benchmarks/operate_drift.py --seeds 1 2 3 --stationary-s 120 \
-        --after-s 180 --out docs/operate_drift.json
+    nice -n 10 .venv/bin/python benchmarks/operate_drift.py --seeds 1 2 3 --stationary-s 90 \
+        --after-s 300 --out docs/operate_drift.json --plot docs/operate_drift.png
 
 Per seed: a two-task CartPole bundle is trained briefly (as the updater tests do) unless ``--bundle`` is
 given; a real server (default monitor settings: blocks of 20 episodes, alpha 1e-3) serves it; stream
 simulators (sampled actions) play both tasks for ``--stationary-s`` seconds (false alarms counted); then
-one task's actuator is reversed in its simulators and ``polyhead operate`` (in-process) runs for
-``--after-s`` seconds. Reported: seconds and task samples from the change to the detection, to each
-decision, and to the first 20-episode window whose mean return is at least 90 % of the pre-change mean
-(null when it never was), the other task's served actions before and after, and failed requests.
+one task's actuator is reversed in its simulators and ``polyhead operate`` (in-process, the settings of
+``polyhead demo --scenario drift``: canary shares 25/50 %, 20 episodes per verdict, the adapt PPO
+settings) runs until 90 % of the pre-change return is back (plus ``--tail-s``) or ``--after-s`` passes.
+Reported: seconds and task samples from the change to the detection, to each decision, and to the end of
+the first 20-episode window whose mean return is at least 90 % of the pre-change mean (null when it never
+was), the other task's served actions before and after, and failed requests. The long stationary run for
+false alarms is ``benchmarks/livewatch_stationary.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from polyhead.clients.policy_client import PolicyClient
 from polyhead.server.app import BackgroundServer
 from polyhead.server.settings import ServerSettings
 from polyhead.taskspec import Suite, load_suite, load_task_spec
+from polyhead.trainer.demo_drift import DRIFT_SHARES
 from polyhead.trainer.operate import Decision, Operator, default_config
 from polyhead.trainer.updater.fleet import SimulatorFleet
 
@@ -62,6 +65,17 @@ def deterministic_actions(target: str, task: str) -> list[int]:
     obs = np.random.default_rng(0).standard_normal((32, 4)).astype(np.float32) * 0.3
     with PolicyClient(target, timeout=10.0) as client:
         return [int(a) for a in np.asarray(client.act(task, obs, deterministic=True).actions).reshape(-1)]
+
+
+def first_recovered(fleet: SimulatorFleet, changed_at: float, bar: float, window: int = 20) -> float | None:
+    """Seconds from the change to the end of the first ``window`` changed-environment episodes whose mean
+    return is at least ``bar`` (None while there is none)."""
+    with fleet._lock:
+        after = [(t - changed_at, r) for t, _, r in fleet.stats.returns]
+    for i in range(window, len(after) + 1):
+        if np.mean([r for _, r in after[i - window : i]]) >= bar:
+            return after[i - 1][0]
+    return None
 
 
 def run_seed(args: argparse.Namespace, seed: int, tmp: Path) -> dict[str, Any]:
@@ -128,8 +142,7 @@ def run_seed(args: argparse.Namespace, seed: int, tmp: Path) -> dict[str, Any]:
         operator = Operator(
             default_config(
                 bundle=bundle, servers=(srv.target,), admin_targets=(srv.admin_target,), state_dir=state,
-                exporter="torchscript", judge_episodes=20, shares=(10.0, 25.0, 50.0),
-                ppo={"envs_per_task": 4, "num_steps": 128, "seed": seed},
+                exporter="torchscript", judge_episodes=20, shares=DRIFT_SHARES, ppo={"seed": seed},
             ),
             on_decision=on_decision,
         )  # fmt: skip
@@ -137,23 +150,27 @@ def run_seed(args: argparse.Namespace, seed: int, tmp: Path) -> dict[str, Any]:
         runner = threading.Thread(target=operator.run, args=(stop,), daemon=True)
         runner.start()
         detected = None
+        counted: list[tuple[float, int]] = []  # (seconds since the change, task samples since it)
+        recovered_at = None
         while time.monotonic() - changed_at < args.after_s:
+            now = time.monotonic() - changed_at
+            counted.append((now, int(steps() - steps_at_change)))
             if detected is None and value("polyhead_task_regressed", {"task": DRIFTING}) == 1.0:
-                detected = {
-                    "t_s": round(time.monotonic() - changed_at, 1),
-                    "samples": int(steps() - steps_at_change),
-                }
+                detected = {"t_s": round(now, 1), "samples": counted[-1][1]}
+            if recovered_at is None:
+                recovered_at = first_recovered(changed, changed_at, 0.9 * pre_mean)
+            elif now - recovered_at > args.tail_s:
+                break  # recovered, and a tail of episodes played under the recovered head
             time.sleep(0.5)
         stop.set()
         runner.join(timeout=120)
         stats = changed.stop()
         steady_stats = steady.stop()
         after = [(t - changed_at, r) for t, _, r in stats.returns]
-        recovered_at = None
-        for i in range(20, len(after) + 1):
-            if np.mean([r for _, r in after[i - 20 : i]]) >= 0.9 * pre_mean:
-                recovered_at = round(after[i - 1][0], 1)
-                break
+        recovered_at = first_recovered(changed, changed_at, 0.9 * pre_mean)
+        recovered_samples = (
+            max((n for t, n in counted if t <= recovered_at), default=0) if recovered_at is not None else None
+        )
         return {
             "seed": seed,
             "stationary_s": args.stationary_s,
@@ -164,12 +181,52 @@ def run_seed(args: argparse.Namespace, seed: int, tmp: Path) -> dict[str, Any]:
             "drifted_last_20_mean": round(float(np.mean([r for _, r in after[-20:]])), 1) if after else None,
             "detection": detected,
             "decisions": events,
-            "recovered_90pct_at_s": recovered_at,
+            "recovered_90pct_at_s": None if recovered_at is None else round(recovered_at, 1),
+            "recovered_90pct_samples": recovered_samples,
+            "after_s": round(time.monotonic() - changed_at, 1),
+            "return_curve": [(round(t, 1), round(r, 1)) for t, r in after],
             "steady_actions_unchanged": deterministic_actions(srv.target, STEADY) == steady_before,
             "failed_requests": stats.failed_requests
             + steady_stats.failed_requests
             + normal.stats.failed_requests,
         }
+
+
+def plot(results: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, res in enumerate(results):
+        color = f"C{i}"
+        curve = res["return_curve"]
+        if len(curve) >= 20:
+            ts = [t for t, _ in curve][19:]
+            means = np.convolve([r for _, r in curve], np.ones(20) / 20, mode="valid")
+            ax.plot(
+                ts,
+                means,
+                color=color,
+                label=f"seed {res['seed']} (pre-change {res['pre_change_mean_return']})",
+            )
+        ax.axhline(0.9 * res["pre_change_mean_return"], color=color, linestyle="--", linewidth=0.8)
+        if res["detection"]:
+            ax.axvline(res["detection"]["t_s"], color=color, linestyle=":", linewidth=0.8)
+        for d in res["decisions"]:
+            if d["decision"] == "promote":
+                ax.plot(d["t_s"], 0, marker="^", color=color, markersize=8)
+        if res["recovered_90pct_at_s"] is not None:
+            ax.plot(res["recovered_90pct_at_s"], 0.9 * res["pre_change_mean_return"], marker="o", color=color)
+    ax.set_xlabel("seconds since the actuator was reversed")
+    ax.set_ylabel("20-episode mean live return")
+    ax.set_title("operate_drift: recovery per seed (dashed: 90 % of pre-change; ^ promotions; o recovered)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -181,7 +238,11 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--stationary-s", type=float, default=120.0)
-    parser.add_argument("--after-s", type=float, default=180.0)
+    parser.add_argument("--after-s", type=float, default=300.0, help="longest run after the change")
+    parser.add_argument(
+        "--tail-s", type=float, default=20.0, help="seconds played after recovery before the seed ends"
+    )
+    parser.add_argument("--plot", type=Path, default=None, help="PNG: return after the change, per seed")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -195,6 +256,8 @@ def main() -> None:
             if args.out:  # after every seed: a long run that is stopped keeps what it measured
                 args.out.write_text(text + "\n", encoding="utf-8")
             print(text, flush=True)
+            if args.plot:
+                plot(results, args.plot)
 
 
 if __name__ == "__main__":

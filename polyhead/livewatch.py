@@ -14,7 +14,10 @@ own reference:
 * returns are tested in consecutive, non-overlapping blocks of ``window`` episodes. A block is compared
   with the reference by the one-sided Mann-Whitney test (:func:`polyhead.stats.worse_than`), or, while the
   reference is still the evaluation return, by the sign test (:func:`polyhead.stats.below_level`), with a
-  margin of ``margin_fraction`` of the reference's mean;
+  margin of ``margin_fraction`` of the reference's mean; while the reference is forming (at least one
+  block, fewer than ``reference_episodes``), a block is also tested against the part formed, each test at
+  ``alpha / 2``, so that a change during the formation is caught; a block whose p-value against the part
+  formed is below ``admit_p`` (suspicious, not significant) is left out of the reference;
 * **false-alarm rate**: each block test rejects at level ``alpha`` at most, whatever the return
   distribution, when the version is as good as its reference (both tests are distribution-free; the
   margin makes them more conservative). Over a stationary run of ``B`` blocks the expected number of false
@@ -54,6 +57,9 @@ class MonitorConfig:
     """the same against the evaluation return, before there is a live reference (see the module doc)"""
     recover_blocks: int = 2
     """consecutive blocks not worse that clear a regression"""
+    admit_p: float = 0.05
+    """a block joins a forming reference only when its test against the part formed has at least this
+    p-value (a suspicious block is neither an alarm nor reference: the false-alarm rate is unchanged)"""
 
     def __post_init__(self) -> None:
         if self.window < 2 or self.reference_episodes < self.window:
@@ -66,8 +72,11 @@ class MonitorConfig:
             or self.margin_fraction < 0.0
             or self.eval_margin_fraction < 0.0
             or self.recover_blocks < 1
+            or not 0.0 <= self.admit_p <= 1.0
         ):
-            raise ValueError("alpha must be in (0, 1), the margins >= 0 and recover_blocks >= 1")
+            raise ValueError(
+                "alpha must be in (0, 1), the margins >= 0, recover_blocks >= 1 and admit_p in [0, 1]"
+            )
 
 
 @dataclass(frozen=True)
@@ -130,8 +139,17 @@ class TaskMonitor:
         block, self.block = self.block, []
         return self._judge(block)
 
+    def _eval_test(self, block: list[float], alpha: float) -> ShiftTest:
+        return below_level(
+            block,
+            self.eval_return,
+            margin=relative_margin(self.eval_return, self.config.eval_margin_fraction),
+            alpha=alpha,
+        )
+
     def _judge(self, block: list[float]) -> MonitorEvent | None:
         cfg = self.config
+        admit = True  # whether a block that is not worse may join a forming reference
         if len(self.reference) >= cfg.reference_episodes:
             test = worse_than(
                 block,
@@ -139,13 +157,24 @@ class TaskMonitor:
                 margin=relative_margin(self.reference, cfg.margin_fraction),
                 alpha=cfg.alpha,
             )
-        elif math.isfinite(self.eval_return):
-            test = below_level(
+        elif self.reference:
+            # A reference still forming is tested against too: an environment that changes while it forms
+            # must not be let into it (a half-changed block that passed the wide eval test made the
+            # reference bimodal, and no later block could ever be significantly below it). Both tests at
+            # alpha/2 (Bonferroni): the block's false-alarm rate stays at most alpha.
+            partial = worse_than(
                 block,
-                self.eval_return,
-                margin=relative_margin(self.eval_return, cfg.eval_margin_fraction),
-                alpha=cfg.alpha,
+                self.reference,
+                margin=relative_margin(self.reference, cfg.margin_fraction),
+                alpha=cfg.alpha / 2 if math.isfinite(self.eval_return) else cfg.alpha,
             )
+            admit = partial.p_value >= cfg.admit_p
+            tests = [partial]
+            if math.isfinite(self.eval_return):
+                tests.append(self._eval_test(block, cfg.alpha / 2))
+            test = min(tests, key=lambda t: t.p_value / t.alpha)
+        elif math.isfinite(self.eval_return):
+            test = self._eval_test(block, cfg.alpha)
         else:  # no reference at all yet: this block starts it
             self.reference.extend(block)
             return None
@@ -157,7 +186,7 @@ class TaskMonitor:
                 self.regressed = True
                 return MonitorEvent(self.task_id, self.version, True, test)
             return None
-        if len(self.reference) < cfg.reference_episodes and not self.regressed:
+        if len(self.reference) < cfg.reference_episodes and not self.regressed and admit:
             self.reference.extend(block[: cfg.reference_episodes - len(self.reference)])
         if self.regressed:
             self._clean_blocks += 1

@@ -13,7 +13,7 @@ from polyhead.cli import add_common_flags, emit_summary
 def register_demo(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "demo",
-        help="train, serve, simulate and adapt a new task online, with a report",
+        help="train, serve, simulate and adapt a new task online (or --scenario drift), with a report",
         description=(
             "The whole story in one command: train the default suite and export the bundle; serve it and "
             "run simulators on every task; a new task arrives and its head is adapted online from the "
@@ -50,6 +50,40 @@ def register_demo(subparsers: Any) -> None:
         action="store_true",
         help="tiny budgets: proves the whole chain in about a minute, not the learning",
     )
+    parser.add_argument(
+        "--scenario",
+        choices=("adapt", "drift"),
+        default="adapt",
+        help="'adapt': a new task arrives and its head is adapted online (the default story); 'drift': "
+        "partway through, one served task's actuator is reversed in its simulators; the server detects "
+        "the drop and `polyhead operate` re-adapts the task through canaries while the other tasks keep "
+        "acting identically (report: drift_timeline.png)",
+    )
+    parser.add_argument(
+        "--drift-task",
+        default="cartpole-long-pole",
+        help="drift: the training task whose environment changes",
+    )
+    parser.add_argument(
+        "--stationary-s",
+        type=float,
+        default=60.0,
+        help="drift: seconds of unchanged traffic before the change",
+    )
+    parser.add_argument(
+        "--drift-s",
+        type=float,
+        default=330.0,
+        help="drift: the longest the changed environment runs (the run ends earlier once the task is "
+        "recovered and a window of episodes has been played under the recovered head)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=600.0,
+        help="drift: the whole run's time budget; the changed environment stops early enough to keep it "
+        "(the report says when the cut came before --drift-s)",
+    )
     add_common_flags(parser)
     parser.set_defaults(func=_run)
 
@@ -73,11 +107,37 @@ def _run(args: argparse.Namespace) -> int:
         sim_envs=args.sim_envs,
         bundle=args.bundle,
         fast=args.fast,
+        scenario=args.scenario,
+        drift_task=args.drift_task,
+        stationary_s=args.stationary_s,
+        drift_s=args.drift_s,
+        budget_s=args.budget_s,
     )
+    if config.scenario == "drift":
+        return _run_drift(config, args, console)
     state = run_demo(config, say=console.print)
     data = write_report(state)
     console.print(Path(config.out / "summary.md").read_text(), markup=False)
     ok = data["failed_requests"] == 0 and data["old_tasks_unchanged"] and data["server_exit_code"] == 0
+    human = f"report: {config.out / 'summary.md'}" + ("" if ok else "  (some checks FAILED, see the report)")
+    emit_summary(data, as_json=args.json, human=human)
+    sys.stdout.flush()
+    return 0 if ok else 1
+
+
+def _run_drift(config: Any, args: argparse.Namespace, console: Any) -> int:
+    from polyhead.trainer.demo_drift import run_drift_demo
+    from polyhead.trainer.demo_report import write_drift_report
+
+    state = run_drift_demo(config, say=console.print)
+    data = write_drift_report(state)
+    console.print(Path(config.out / "summary.md").read_text(), markup=False)
+    ok = (
+        data["failed_requests"] == 0
+        and data["untouched_unchanged"]
+        and data["server_exit_code"] == 0
+        and data["operate_exit_code"] == 0
+    )
     human = f"report: {config.out / 'summary.md'}" + ("" if ok else "  (some checks FAILED, see the report)")
     emit_summary(data, as_json=args.json, human=human)
     sys.stdout.flush()

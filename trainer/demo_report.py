@@ -4,7 +4,9 @@
   sampled training-episode returns, lighter), from the trainer's ``eval.csv`` / ``metrics.csv``;
 * ``adaptation.png``: the new task's live episode returns while its head is trained, one point per
   simulator batch coloured by the head version that played it, version changes marked;
-* ``latency_histogram.png``: client-measured latency of every request the demo made.
+* ``latency_histogram.png``: client-measured latency of every request the demo made;
+* ``drift_timeline.png`` (``--scenario drift``): the drifting task's live returns by version, the canary's
+  share, and the change, detection, promotions and recovery marked.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from polyhead.cli import jsonable
 from polyhead.trainer.demo import DemoState, summary
+from polyhead.trainer.demo_drift import DriftState, drift_summary, rolling_mean
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
@@ -226,4 +229,177 @@ def write_report(state: DemoState) -> dict[str, Any]:
     data["plots"] = [str(out / p) for p in plots]
     (out / "summary.json").write_text(json.dumps(jsonable(data), indent=2) + "\n")
     (out / "summary.md").write_text(markdown(state, data, plots))
+    return data
+
+
+# ============================================================================================================
+# The drift scenario (polyhead demo --scenario drift)
+# ============================================================================================================
+def plot_drift(state: DriftState, data: dict[str, Any], out: Path) -> bool:
+    """``drift_timeline.png``: the drifting task's live returns (coloured by the version that played
+    them, 20-episode mean in black, the other tasks' means lighter) above the canary's share, with the
+    change, the detection, the promotions and the rollbacks marked."""
+    before = state.returns.get(state.drift_task, [])
+    after = state.returns.get(f"{state.drift_task} (changed)", [])
+    rows = sorted(before + after, key=lambda row: row[0])
+    if not rows:
+        return False
+    plt = _plt()
+    fig, (ax, share_ax) = plt.subplots(
+        2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    single = [(t, v[0], r) for t, v, r in rows if len(v) == 1]
+    versions = sorted({v for _, v, _ in single})
+    cmap = plt.get_cmap("viridis")
+    colors = {v: cmap(i / max(1, len(versions) - 1) * 0.9) for i, v in enumerate(versions)}
+    for v in versions:
+        pts = [(t, r) for t, vv, r in single if vv == v]
+        ax.scatter(*zip(*pts, strict=True), s=7, color=colors[v], alpha=0.55, label=f"v{v} episodes")
+    ts = [t for t, _, _ in rows]
+    pre = [r for _, _, r in before]
+    post = [(t, r) for t, _, r in after]
+    if pre:
+        ax.plot([t for t, _, _ in before], rolling_mean(pre, 20), color="black", linewidth=1.5)
+    if post:
+        ax.plot(
+            [t for t, _ in post], rolling_mean([r for _, r in post], 20), color="black", linewidth=1.5,
+            label=f"{state.drift_task}: 20-episode mean",
+        )  # fmt: skip
+    for i, task in enumerate(t for t in state.tasks if t != state.drift_task):
+        other = state.returns.get(task, [])
+        if len(other) >= 5:
+            ax.plot(
+                [t for t, _, _ in other], rolling_mean([r for _, _, r in other], 10), linewidth=0.8,
+                alpha=0.35, color=f"C{i + 1}", label=f"{task} (untouched)",
+            )  # fmt: skip
+    pre_mean = data["pre_change_mean_return"]
+    if isinstance(pre_mean, float) and math.isfinite(pre_mean):
+        ax.axhline(
+            data["recovered_fraction"] * pre_mean, color="grey", linestyle="--", linewidth=1,
+            label=f"{data['recovered_fraction']:.0%} of the pre-change mean ({pre_mean:.0f})",
+        )  # fmt: skip
+    marks = [(0.0, "red", "-", "environment changed")]
+    if data["detection"]:
+        marks.append((data["detection"]["t_s"], "orange", "-", "regression detected"))
+    for d in data["decisions"]:
+        if d["decision"] == "promote":
+            marks.append((d["t_s"], "green", "--", f"v{d['version']} promoted"))
+        elif d["decision"] == "rollback":
+            marks.append((d["t_s"], "grey", ":", f"v{d['version']} rolled back"))
+    if data["recovered"]:
+        marks.append((data["recovered"]["t_s"], "blue", "-.", "recovered"))
+    for t, color, style, label in marks:
+        for axis in (ax, share_ax):
+            axis.axvline(t, color=color, linestyle=style, linewidth=1.2, alpha=0.8)
+        ax.text(t, ax.get_ylim()[1], f" {label}", rotation=90, va="top", fontsize=7, color=color)
+    ax.set_ylabel("live episode return (sampled)")
+    ax.set_title(
+        f"{state.drift_task}: actuator reversed at t=0; polyhead operate re-adapts it through canaries"
+    )
+    ax.legend(fontsize=7, loc="center right")
+    ax.grid(alpha=0.3)
+    tl = state.timeline
+    if tl:
+        share_ax.step([p["t_s"] for p in tl], [p["share"] for p in tl], where="post", color="C3")
+        last = 0
+        for p in tl:
+            if p["canary"] and p["canary"] != last:
+                share_ax.annotate(f"v{p['canary']}", (p["t_s"], p["share"]), fontsize=7, color="C3")
+            last = p["canary"]
+    share_ax.set_ylabel("canary share %")
+    share_ax.set_ylim(0, 100)
+    share_ax.set_xlabel("seconds since the environment changed")
+    share_ax.set_xlim(min(ts), max(ts))
+    share_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def drift_markdown(state: DriftState, data: dict[str, Any], plots: list[str]) -> str:
+    det, rec = data["detection"], data["recovered"]
+    frac = data["recovered_fraction"]
+    lines = [
+        "# polyhead demo report: drift",
+        "",
+        f"Suite `{state.config.suite}`, seed {state.config.seed}. Wall time {data['wall_seconds']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in data['steps_wall_seconds'].items())}).",
+        "",
+        f"## 1. `{data['drift_task']}`: {data['change']}",
+        "",
+        "| | seconds after the change | task samples after the change | return |",
+        "|---|---:|---:|---:|",
+        f"| before the change ({data['pre_change_episodes']} episodes, last 60 averaged) | | | "
+        f"{_fmt(data['pre_change_mean_return'])} |",
+        f"| first 20 episodes after the change | | | {_fmt(data['drifted_first_20_mean'])} |",
+        f"| regression detected by the server | {_fmt(det and det['t_s'])} | "
+        f"{_fmt(det and det['samples'], ',')} | |",
+    ]
+    for p in data["promotions"]:
+        lines.append(f"| v{p['version']} promoted | {_fmt(p['t_s'])} | | |")
+    lines += [
+        f"| first 20-episode mean >= {frac:.0%} of before | "
+        + (f"{_fmt(rec['t_s'])} | {_fmt(rec['samples'], ',')} |" if rec else "**not reached** | |")
+        + " |",
+        f"| last 20 episodes (at +{data['drift_seconds']:.0f} s) | | | "
+        f"{_fmt(data['drifted_last_20_mean'])} |",
+        "",
+        f"The changed environment could run {data['drift_limit_seconds']:.0f} s (`--drift-s`, or less to end "
+        f"inside `--budget-s` {data['budget_seconds']:.0f} s); it ran {data['drift_seconds']:.0f} s.",
+        "",
+        "### The controller's decisions (`polyhead operate`, decisions.jsonl)",
+        "",
+        "| t (s) | samples | decision | version | numbers |",
+        "|---:|---:|---|---:|---|",
+    ]
+    for d in data["decisions"]:
+        lines.append(
+            f"| {d['t_s']:.1f} | {d['samples']:,} | {d['decision']} | {d['version']} | "
+            f"{d['detail'].replace('|', '/')} |"
+        )
+    lines += [
+        "",
+        "## 2. The other tasks (same observations before and after; head files by sha256)",
+        "",
+        "| task | live episodes | mean return (sampled) | actions identical | head sha256 |",
+        "|---|---:|---:|:-:|:-:|",
+    ]
+    for task, row in data["untouched_tasks"].items():
+        lines.append(
+            f"| {task} | {row['episodes']} | {_fmt(row['mean_return'])} | "
+            f"{'yes' if row['actions_identical'] else 'NO'} | "
+            f"{'unchanged' if row['head_sha256_unchanged'] else 'CHANGED'} |"
+        )
+    lines += [
+        "",
+        f"False alarms on the other tasks: {data['false_alarms_untouched'] or 'none'}.",
+        "",
+        "## 3. Service",
+        "",
+        f"- failed requests: **{data['failed_requests']}** of {data['requests']:,} "
+        + (f"(errors {data['fleet_errors']})" if data.get("fleet_errors") else ""),
+        f"- exit codes: server {data['server_exit_code']}, operate {data['operate_exit_code']}",
+        "",
+    ]
+    lines += [f"![{p}]({p})" for p in plots]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_drift_report(state: DriftState) -> dict[str, Any]:
+    """Write summary.json, summary.md and drift_timeline.png (and the training curves); return the
+    summary."""
+    out = state.config.out
+    out.mkdir(parents=True, exist_ok=True)
+    data = drift_summary(state)
+    data["fleet_errors"] = state.fleet_errors
+    plots = []
+    if plot_drift(state, data, out / "drift_timeline.png"):
+        plots.append("drift_timeline.png")
+    if plot_training(out / "train-logs", out / "training_curves.png"):
+        plots.append("training_curves.png")
+    data["plots"] = [str(out / p) for p in plots]
+    (out / "summary.json").write_text(json.dumps(jsonable(data), indent=2) + "\n")
+    (out / "summary.md").write_text(drift_markdown(state, data, plots))
     return data

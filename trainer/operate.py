@@ -16,9 +16,10 @@ and the server's live-return monitor, :mod:`polyhead.livewatch`). For a task who
    (:class:`polyhead.trainer.updater.publisher.HeadPublisher`, staged, not activated) and made the canary
    at the first share, replacing the previous candidate.
 3. **Judge, widen, promote, roll back.** A canary is compared with the stable version on episodes that
-   both played in the same period (each needs ``judge_episodes`` whole episodes), by the one-sided
-   Mann-Whitney tests of :mod:`polyhead.stats` at level ``alpha``: significantly **better** widens its share
-   to the next of ``shares`` (training pauses, ``widening``); better again at the last share **promotes** it
+   both played in the same period (``judge_episodes`` counted as the effective size of the two samples,
+   :func:`effective_episodes`), by the one-sided Mann-Whitney tests of :mod:`polyhead.stats` at level
+   ``alpha``: significantly **better** widens its share to the next of ``shares`` (``widening``; training
+   goes on, no new candidate is published); better again at the last share **promotes** it
    (bundle pointer first, then every replica); significantly **worse** (by more than ``worse_margin`` of
    the stable mean) **rolls it back** (canary cleared, training resumes from the last candidate). Neither
    after ``3 x judge_episodes``: inconclusive (a rollback while widening; at the first share the canary is
@@ -106,7 +107,10 @@ class OperateConfig:
     )  # fmt: skip
     judge_episodes: int = field(
         default=20,
-        metadata={"help": "whole episodes of the canary and of the stable version before each verdict"},
+        metadata={
+            "help": "episodes before each verdict, as the equal-split size of the same power: "
+            "2 n_canary n_stable / (n_canary + n_stable) (20 means 20 and 20, or 14 and 42)"
+        },
     )
     alpha: float = field(
         default=0.01, metadata={"help": "level of each canary test (better: widen/promote; worse: roll back)"}
@@ -164,6 +168,20 @@ class OperateConfig:
     @property
     def resolved_state_dir(self) -> Path:
         return self.state_dir or self.bundle.parent / f"{self.bundle.name}.operate"
+
+
+def effective_episodes(n_canary: int, n_stable: int) -> float:
+    """The equal-split sample size with the same rank-test power: the harmonic mean ``2 n1 n2 / (n1 + n2)``.
+
+    The Mann-Whitney statistic's standard error depends on the counts through ``n1 n2 / (n1 + n2)``, so
+    14 canary episodes against 42 stable ones (a 25 % canary) judge as well as 21 against 21. Waiting for
+    ``judge_episodes`` of the *smaller* side instead made every verdict at a small share wait for the
+    canary's episodes while the stable's piled up (the recovery's slowest step in
+    benchmarks/operate_drift.py). 0 when either side has none.
+    """
+    if n_canary <= 0 or n_stable <= 0:
+        return 0.0
+    return 2.0 * n_canary * n_stable / (n_canary + n_stable)
 
 
 # ============================================================================================================
@@ -403,7 +421,10 @@ class Operator:
             rec.phase = "training"
             rec.reset_counts()
             return
-        if rec.phase == "training" and not self._exhausted(rec):
+        if rec.phase in ("training", "widening") and not self._exhausted(rec):
+            # Training goes on while a canary is widened: the verdict is about the published snapshot,
+            # and the steps played meanwhile are the next candidate's data (pausing wasted a third of
+            # the recovery's traffic in benchmarks/operate_drift.py).
             self._train(rec, live, segments)
         if rec.canary:
             self._judge(rec)
@@ -450,7 +471,7 @@ class Operator:
 
     def _judge(self, rec: Recovery) -> None:
         cfg = self.config
-        n = min(len(rec.canary_returns), len(rec.stable_returns))
+        n = effective_episodes(len(rec.canary_returns), len(rec.stable_returns))
         if n < cfg.judge_episodes:
             return
         canary, stable = rec.canary_returns, rec.stable_returns

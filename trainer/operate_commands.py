@@ -80,7 +80,8 @@ def register(subparsers: Any) -> None:
         type=int,
         default=20,
         metavar="N",
-        help="whole episodes of canary and stable before each verdict (default: %(default)s)",
+        help="episodes before each verdict, counted as 2 n_canary n_stable / (n_canary + n_stable), the "
+        "equal-split size of the same test power (default: %(default)s)",
     )
     parser.add_argument(
         "--alpha", type=float, default=0.01, help="level of each canary test (default: %(default)s)"

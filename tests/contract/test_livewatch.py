@@ -102,3 +102,17 @@ def test_monitor_uses_the_eval_return_until_it_has_live_reference_and_resets_per
     assert not task.regressed
     assert _feed(task, 4, [20.0] * 30) == []  # low, but it is this version's own level
     assert _feed(task, 4, [5.0] * 10) == [True]  # and a drop from there is still a drop
+
+
+def test_a_change_while_the_reference_forms_is_caught_and_kept_out_of_it() -> None:
+    # Found by the drift demo under load: one block of 500s, then the actuator reversed in mid-block. The
+    # half-changed block passes the wide test against the eval return (14 of 20 below the level is not
+    # significant); had it entered the reference, the reference would be bimodal and a collapse to 12
+    # never significantly below it. Tested against the part of the reference formed, it stays out.
+    task = TaskMonitor("t", MonitorConfig())  # window 20, reference 40, alpha 1e-3
+    task.set_stable(1, eval_return=500.0)
+    assert _feed(task, 1, [500.0] * 20) == []
+    assert _feed(task, 1, [500.0] * 6 + [12.0] * 14) == []
+    assert len(task.reference) == 20  # the half-changed block was not let in ...
+    assert _feed(task, 1, [12.0] * 20) == [True]  # ... and the next block of the changed world fires
+    assert task.last_test is not None and task.last_test.n_reference == 20

@@ -364,3 +364,24 @@ def test_the_version_rolled_back_to_keeps_its_reference_after_newer_versions_cam
     decision = GuardedRollout(live, 6, 1, margin=0.2, min_episodes=8, alpha=0.05).decide()
     assert decision.test is not None and decision.test.n_reference == 16
     assert decision.verdict == "regressed"
+
+
+def test_operate_counts_a_verdict_by_the_effective_size_of_both_samples() -> None:
+    from polyhead.stats import mann_whitney_less
+    from polyhead.trainer.operate import effective_episodes
+
+    assert effective_episodes(20, 20) == 20.0
+    assert effective_episodes(14, 42) == 21.0  # a 25 % canary: 14 of its episodes judge like 21 of each
+    assert effective_episodes(0, 500) == 0.0 and effective_episodes(5, 0) == 0.0
+    assert effective_episodes(10, 10_000) < 20.0  # the smaller side still bounds it: never below n/2 each
+    # Why it is the right count: the same shift gives the rank test about the same p-value at 14/42 as at
+    # 21/21 (its standard error depends on n1 n2 / (n1 + n2)), and a clearly worse one at 14/14.
+    rng = np.random.default_rng(0)
+
+    def mean_p(n1: int, n2: int) -> float:
+        return float(np.mean([
+            mann_whitney_less(rng.normal(0.0, 1.0, n2), rng.normal(0.8, 1.0, n1)) for _ in range(400)
+        ]))  # fmt: skip
+
+    equal, split, fewer = mean_p(21, 21), mean_p(14, 42), mean_p(14, 14)
+    assert abs(split - equal) < 0.5 * (fewer - equal)
