@@ -271,8 +271,16 @@ class HeadRegistry:
     ) -> LoadResult:
         """Load a head directory named relative to the bundle root (``heads/<task>/<version>``)."""
         try:
+            if not repository_path or "\x00" in repository_path or len(repository_path) > 4096:
+                raise InvalidArgument(
+                    "repository_path must be a non-empty path of at most 4096 characters without NUL "
+                    f"bytes, relative to the bundle root ({HEADS_DIR}/<task>/<version>); got {repository_path[:80]!r}"
+                )
             root = self.bundle.root.resolve()
-            path = (root / repository_path).resolve()
+            try:
+                path = (root / repository_path).resolve()
+            except (OSError, ValueError) as exc:
+                raise InvalidArgument(f"repository_path {repository_path[:80]!r} is not a usable path: {exc}") from exc
             if not path.is_relative_to(root / HEADS_DIR):
                 raise InvalidArgument(
                     f"repository_path {repository_path!r} is outside the bundle's {HEADS_DIR}/ directory"

@@ -157,6 +157,13 @@ def test_failed_loads_keep_the_old_version_serving(
         admin_stub.LoadHead(admin_pb2.LoadHeadRequest(task_id="acrobot", repository_path="../../etc"))
     assert outside.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+    # Paths the OS cannot represent (found by the fuzzer: "\x00" made resolve() raise ValueError).
+    for bad_path in ("\x00", "heads/acrobot/1\x00", "x" * 5000):
+        with pytest.raises(grpc.RpcError) as unusable:
+            admin_stub.LoadHead(admin_pb2.LoadHeadRequest(task_id="acrobot", repository_path=bad_path))
+        assert unusable.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad_path[:20]
+        assert "repository_path" in (unusable.value.details() or "")
+
     after = act(policy_stub, "acrobot", obs)
     assert after.head_version == 1
     np.testing.assert_array_equal(actions_of(after), before)
