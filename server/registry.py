@@ -273,14 +273,17 @@ class HeadRegistry:
         try:
             if not repository_path or "\x00" in repository_path or len(repository_path) > 4096:
                 raise InvalidArgument(
-                    "repository_path must be a non-empty path of at most 4096 characters without NUL "
-                    f"bytes, relative to the bundle root ({HEADS_DIR}/<task>/<version>); got {repository_path[:80]!r}"
+                    "repository_path must be a non-empty path of at most 4096 characters without NUL bytes, "
+                    f"relative to the bundle root ({HEADS_DIR}/<task>/<version>); "
+                    f"got {repository_path[:80]!r}"
                 )
             root = self.bundle.root.resolve()
             try:
                 path = (root / repository_path).resolve()
             except (OSError, ValueError) as exc:
-                raise InvalidArgument(f"repository_path {repository_path[:80]!r} is not a usable path: {exc}") from exc
+                raise InvalidArgument(
+                    f"repository_path {repository_path[:80]!r} is not a usable path: {exc}"
+                ) from exc
             if not path.is_relative_to(root / HEADS_DIR):
                 raise InvalidArgument(
                     f"repository_path {repository_path!r} is outside the bundle's {HEADS_DIR}/ directory"
