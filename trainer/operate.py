@@ -125,8 +125,14 @@ class OperateConfig:
         default=200_000, metadata={"help": "live samples one recovery may train on before giving up"}
     )
     max_candidates: int = field(
-        default=12, metadata={"help": "candidates one recovery may publish before giving up"}
+        default=24, metadata={"help": "candidates one recovery may publish before giving up"}
     )
+    supersede: bool = field(
+        default=True,
+        metadata={"help": "replace a canary at the first share that had its episodes without proving "
+                  "better or worse by the newer candidate the learner has trained meanwhile, instead of "
+                  "waiting for its inconclusive verdict (3x the episodes)"},
+    )  # fmt: skip
     recover_fraction: float = field(
         default=0.9,
         metadata={"help": "a promoted candidate below this fraction of the regressed version's reference "
@@ -501,6 +507,28 @@ class Operator:
                 else f"inconclusive after {n} episodes: {better.describe()}"
             )
             self._rollback(rec, why)
+        elif (
+            cfg.supersede
+            and rec.phase == "training"
+            and self._live(rec).updates_since_publish >= cfg.publish_every
+            and not self._exhausted(rec)
+        ):
+            # Not better yet at the first share, and the learner has trained a newer snapshot on the
+            # episodes played meanwhile: judge that one instead. While the head is still improving, the
+            # canary in place is stale by the time its 3x-longer inconclusive verdict would come (the
+            # slowest recovery in benchmarks/operate_drift.py spent most of its time on such waits).
+            version = rec.canary
+            self._clear_canary(rec)
+            self._decide(
+                rec.task_id,
+                "supersede",
+                version,
+                f"canary v{version} not better after {n:.0f} episodes ({better.describe()}); "
+                "replaced by a newer candidate",
+            )
+            live = self._live(rec)
+            live.updates_since_publish = 0
+            self._publish_candidate(rec, live, note=f"after {rec.updates} updates, {rec.samples} samples")
         elif inconclusive:
             # Neither better nor worse at the first share: retire it, so the next candidate can be judged.
             version = rec.canary

@@ -106,9 +106,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--max-candidates",
         type=int,
-        default=12,
+        default=24,
         metavar="N",
         help="candidates one recovery may publish before it gives up (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--supersede",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replace a first-share canary that had its episodes without a verdict by the newer candidate "
+        "trained meanwhile, instead of waiting 3x as long for an inconclusive verdict (default: on)",
     )
     parser.add_argument(
         "--metrics-port",
@@ -164,6 +171,7 @@ def _operate(args: argparse.Namespace) -> int:
             publish_every=args.publish_every,
             budget_steps=args.budget_steps,
             max_candidates=args.max_candidates,
+            supersede=args.supersede,
             ppo=dataclass_from_args(PPOConfig, args),
             exporter=args.exporter,
             metrics_port=args.metrics_port,

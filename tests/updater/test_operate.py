@@ -215,6 +215,37 @@ def test_rollback_and_give_up_paths_on_a_real_server(
         operator.close()
 
 
+@pytest.mark.parametrize("supersede", [True, False])
+def test_a_stale_first_share_canary_is_superseded_by_the_newer_candidate(
+    trained_copy: Path, serve: Callable[..., Any], tmp_path: Path, supersede: bool
+) -> None:
+    """Neither better nor worse after its episodes, while the learner trained on: the canary is replaced
+    on the server by a newly published candidate (or, with supersede off, left to its longer verdict)."""
+    srv = serve(trained_copy)
+    operator = Operator(_config(trained_copy, srv, tmp_path / "state", supersede=supersede))
+    try:
+        operator._begin(DRIFTING, 1, "synthetic")
+        rec = operator.state.recoveries[DRIFTING]
+        first = rec.canary
+        rec.phase, rec.start = "training", "scratch"
+        same = [100.0 + (i * 7) % 11 for i in range(12)]
+        rec.canary_returns, rec.stable_returns = list(same), list(reversed(same))
+        operator._live(rec).updates_since_publish = 1  # publish_every=1: a newer snapshot exists
+        decided = len(operator.decisions)
+        operator._judge(rec)
+        listed = _listed(srv.target, DRIFTING)
+        if supersede:
+            assert [d.decision for d in operator.decisions[decided:]] == ["supersede", "publish"]
+            assert operator.decisions[decided].version == first
+            assert rec.canary == listed.canary_version == rec.candidates[-1] != first
+            assert rec.canary_returns == [] and rec.share_index == 0
+        else:
+            assert operator.decisions[decided:] == []
+            assert rec.canary == listed.canary_version == first
+    finally:
+        operator.close()
+
+
 @pytest.mark.parametrize("flag", ["--help"])
 def test_operate_help_names_every_option(flag: str) -> None:
     import subprocess
@@ -234,6 +265,7 @@ def test_operate_help_names_every_option(flag: str) -> None:
         "--judge-episodes",
         "--budget-steps",
         "--state-dir",
+        "--no-supersede",
         "--json",
     ):
         assert option in out
