@@ -89,7 +89,7 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
     """This process's random number generators (torch's global one, the update's, numpy's global one)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "generator": generator.get_state(),
         "numpy": {
@@ -100,10 +100,19 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
             "cached": float(cached),
         },
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        # The current device's generator: each rank trains on its own GPU (set before the model is built),
+        # and dropout-free PPO draws on it only through ops that sample on the device.
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    """Put back what :func:`rng_state` saved. A CUDA generator's state is restored when the checkpoint has
+    one and this process has CUDA; a run moved between CPU and GPU continues with that device's stream."""
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     generator.set_state(state["generator"])
     n = state["numpy"]
     np.random.set_state(
