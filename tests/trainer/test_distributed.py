@@ -210,16 +210,24 @@ def test_resume_continues_step_count_and_learning_rate(
 
 # --- torchrun end to end ------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_rank_run_exports_a_valid_bundle(tmp_path: Path) -> None:
+def test_two_rank_run_with_gap_sampling_and_pcgrad_exports_a_valid_bundle(tmp_path: Path) -> None:
+    """One torchrun launch (each costs ~15 s of start-up here) for two end-to-end paths: gap-based task
+    sampling across ranks, and PCGrad (global per-task gradients; test_two_ranks_compute_what_one_process_
+    computes shows the equality with one process) with its cosines logged."""
     out = tmp_path / "bundle"
     # Gap sampling over 3 envs per task: a task's 2..4 active envs split 1:1 or 2:1 between the ranks.
     summary = polyhead_train(
         "--suite", str(suite_file(tmp_path)), "--out", str(out), "--nproc", "2",
         "--total-steps", "288", "--eval-interval", "128", *TINY, "--envs-per-task", "3",
-        "--task-sampling", "gap",
+        "--task-sampling", "gap", "--grad-surgery", "pcgrad",
     )  # fmt: skip
     assert summary["ranks"] == 2
     assert summary["steps"] == 288
+    cosines = np.array(summary["grad_cosines"])
+    assert cosines.shape == (2, 2)
+    np.testing.assert_allclose(np.diag(cosines), 1.0, atol=1e-3)
+    assert np.all(np.abs(cosines) <= 1.0 + 1e-3)
+    assert (out / "logs" / "grad_cosines.csv").is_file()
     bundle = assert_valid_bundle(out, {"cartpole", "cartpole-heavy"})
     assert bundle.manifest.training["ranks"] == 2
     # Rank 0 alone wrote the logs: one row per iteration, one eval row per task per evaluation.
@@ -433,21 +441,3 @@ def test_resume_on_another_number_of_ranks(
         old, new = first["tasks"][task], last["tasks"][task]
         assert new["return_rms"][2] - old["return_rms"][2] == pytest.approx(32 * iterations)
         assert new["episodes"] > old["episodes"]
-
-
-@pytest.mark.slow
-def test_two_rank_pcgrad_run_logs_cosines_and_exports(tmp_path: Path) -> None:
-    """PCGrad under torchrun (global per-task gradients, see test_two_ranks_compute_what_one_process_
-    computes for the equality with one process) runs end to end: cosines logged, valid bundle."""
-    out = tmp_path / "bundle"
-    summary = polyhead_train(
-        "--suite", str(suite_file(tmp_path)), "--out", str(out), "--nproc", "2", "--total-steps", "192",
-        "--grad-surgery", "pcgrad", *TINY,
-    )  # fmt: skip
-    assert summary["ranks"] == 2
-    cosines = np.array(summary["grad_cosines"])
-    assert cosines.shape == (2, 2)
-    np.testing.assert_allclose(np.diag(cosines), 1.0, atol=1e-3)
-    assert np.all(np.abs(cosines) <= 1.0 + 1e-3)
-    assert_valid_bundle(out, {"cartpole", "cartpole-heavy"})
-    assert (out / "logs" / "grad_cosines.csv").is_file()
