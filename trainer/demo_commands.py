@@ -113,6 +113,10 @@ def _run(args: argparse.Namespace) -> int:
         drift_s=args.drift_s,
         budget_s=args.budget_s,
     )
+    if config.bundle is not None:
+        from polyhead.bundle import Bundle
+
+        Bundle.open(config.bundle)  # a wrong --bundle fails here in one line, before anything starts
     if config.scenario == "drift":
         return _run_drift(config, args, console)
     state = run_demo(config, say=console.print)

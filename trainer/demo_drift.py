@@ -288,11 +288,15 @@ def run_drift_demo(config: DemoConfig, say: Say) -> DriftState:
             ended = [d for d in state.decisions if d["decision"] in ("promote", "give_up") and d["final"]]
             if ended and recovered_since is None:
                 recovered_since = elapsed
-            if config.fast and recovered_since is None and fleets[index].stats.episodes >= 20:
-                # --fast shows the chain, not the recovery: once a canary got its first verdict, the
-                # drop, the detection, a candidate at its share and a judgement are all on the timeline.
-                if any(d["decision"] in _VERDICTS for d in state.decisions):
-                    recovered_since = elapsed
+            # --fast shows the chain, not the recovery: once a canary got its first verdict, the drop,
+            # the detection, a candidate at its share and a judgement are all on the timeline.
+            if (
+                config.fast
+                and recovered_since is None
+                and fleets[index].stats.episodes >= 20
+                and any(d["decision"] in _VERDICTS for d in state.decisions)
+            ):
+                recovered_since = elapsed
             # After the recovery ends, keep playing long enough to show the recovered return.
             if recovered_since is not None and elapsed - recovered_since >= (10.0 if config.fast else 30.0):
                 break

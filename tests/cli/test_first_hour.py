@@ -82,6 +82,14 @@ def test_serve_bundle_missing(tmp_path: Path) -> None:
     assert "polyhead train --out" in line  # how to get one
 
 
+@pytest.mark.parametrize("scenario", ["adapt", "drift"])
+def test_demo_bundle_missing_fails_before_anything_starts(tmp_path: Path, scenario: str) -> None:
+    argv = ["demo", "--scenario", scenario, "--fast", "--bundle", str(tmp_path / "no-such-bundle")]
+    line = error_line(polyhead(*argv, "--out", str(tmp_path / "report"), cwd=tmp_path), "demo")
+    assert "BundleNotFound" in line and "no-such-bundle" in line and "polyhead train --out" in line
+    assert not (tmp_path / "report").exists()  # nothing was started or written
+
+
 def test_serve_path_is_not_a_bundle(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a bundle")
     line = error_line(serve(tmp_path, tmp_path), "serve")
