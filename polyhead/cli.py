@@ -203,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Exit status 2, with one line on stderr that says what was wrong and how to fix it (no traceback
     unless ``--log-level DEBUG``): bad flags, a UsageError (a port in use, an unreadable file, a server
     that does not answer), a missing or malformed bundle, a bad task spec or argument. Status 1: any other
-    polyhead error. Anything else is a bug and keeps its traceback.
+    polyhead error, or a gRPC call that failed after its retries. Anything else is a bug and keeps its
+    traceback.
     """
     words = list(sys.argv[1:] if argv is None else argv)
     # The subcommand is the first word that is not an option (the top level takes no option values).
@@ -219,6 +220,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.parse_args(argv)  # argparse's own message and exit status 2
     level = getattr(args, "log_level", "INFO")
     configure_logging(level)
+    name = str(args.command)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        status = _exit_status(exc)
+        if status is None:
+            raise
+        return _fail(name, exc, status, debug=level == "DEBUG")
+
+
+def _exit_status(exc: Exception) -> int | None:
+    """2 for what the user can fix in the command line, 1 for other polyhead errors and for a gRPC call that
+    failed after its retries (a server that went away mid-run is the environment's doing, not a bug),
+    None for anything else (a bug: it keeps its traceback)."""
+    from polyhead.clients.errors import PolicyClientError
     from polyhead.errors import (
         BundleError,
         InvalidArgument,
@@ -228,13 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         UsageError,
     )
 
-    name = str(args.command)
-    try:
-        return int(args.func(args))
-    except (UsageError, BundleError, InvalidTaskSpec, InvalidArgument, Unauthenticated) as exc:
-        return _fail(name, exc, 2, debug=level == "DEBUG")
-    except PolyheadError as exc:
-        return _fail(name, exc, 1, debug=level == "DEBUG")
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    if isinstance(exc, UsageError | BundleError | InvalidTaskSpec | InvalidArgument | Unauthenticated):
+        return 2
+    if isinstance(exc, PolyheadError | PolicyClientError):
+        return 1
+    return None

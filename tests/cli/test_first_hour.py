@@ -163,3 +163,18 @@ def test_debug_log_level_adds_the_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "BundleNotFound" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("polyhead serve: error: BundleNotFound")
+
+
+def test_exit_status_classes() -> None:
+    """What the user can fix exits 2, a server that went away mid-run (a failed gRPC call after its
+    retries) or another polyhead error exits 1, anything else is a bug and keeps its traceback."""
+    from polyhead.cli import _exit_status
+    from polyhead.clients.errors import ServerError, Unavailable
+    from polyhead.errors import BundleNotFound, InvalidTaskSpec, UsageError
+
+    assert _exit_status(UsageError("port in use")) == 2
+    assert _exit_status(BundleNotFound("x")) == 2
+    assert _exit_status(InvalidTaskSpec("x")) == 2
+    assert _exit_status(Unavailable("the server is shutting down", attempts=5)) == 1
+    assert _exit_status(ServerError("internal")) == 1
+    assert _exit_status(ValueError("a bug")) is None
