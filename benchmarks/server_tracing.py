@@ -48,7 +48,7 @@ def _collector_main(port_queue: Any, stop: Any, counts: Any) -> None:
     received: dict[str, int] = {}
 
     class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (the OTLP method name)
+        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802, ARG002 (the OTLP signature)
             for resource_spans in request.resource_spans:
                 service = next(
                     (
