@@ -24,6 +24,7 @@ through :meth:`Tracer.record_pass`; assembly builds the tracer with :func:`build
 from __future__ import annotations
 
 import contextvars
+import random
 import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
@@ -115,12 +116,16 @@ class OtelTracer(Tracer):
 
     enabled = True
 
-    def __init__(self, provider: Any) -> None:
+    def __init__(self, provider: Any, *, sample_ratio: float = 1.0) -> None:
+        """``provider`` samples every root it is asked for: the ratio is applied here first (below)."""
         from opentelemetry import trace
         from opentelemetry.trace import Link, SpanKind, Status, StatusCode
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self._provider = provider
+        self._ratio = sample_ratio
+        self._draw = random.Random().random
+        self._span_of = trace.get_current_span
         self._tracer = provider.get_tracer("polyhead.server")
         self._propagator = TraceContextTextMapPropagator()
         self._in_context = trace.set_span_in_context
@@ -131,8 +136,19 @@ class OtelTracer(Tracer):
 
     # --- calls (event-loop thread) ------------------------------------------------------------------------
     def _start(self, method: str, metadata: Any) -> CallTrace | None:
+        """The call's trace, or None when it is not sampled.
+
+        The sampling decision is ParentBased(TraceIdRatioBased(ratio)), taken here before the SDK is asked
+        for a span: an unsampled call then costs a metadata scan and a random draw, where the SDK would
+        generate ids and build a non-recording span (several times that, on the hot path)."""
         carrier = {key: value for key, value in metadata or () if key in ("traceparent", "tracestate")}
         parent = self._propagator.extract(carrier) if carrier else None
+        caller = self._span_of(parent).get_span_context() if parent is not None else None
+        if caller is not None and caller.is_valid:
+            if not caller.trace_flags.sampled:
+                return None  # the caller decided: not sampled
+        elif self._ratio < 1.0 and self._draw() >= self._ratio:
+            return None
         started = time.perf_counter()
         start_ns = time.time_ns()
         span = self._tracer.start_span(
@@ -146,8 +162,6 @@ class OtelTracer(Tracer):
                 "rpc.method": method,
             },
         )
-        if not span.is_recording():  # sampled out: no span, no further work for this call
-            return None
         return CallTrace(span, self._in_context(span), started, start_ns - int(started * 1e9))
 
     async def call(self, method: str, context: Any, work: Awaitable[T]) -> T:
@@ -263,7 +277,7 @@ def build_tracer(settings: ServerSettings, *, exporter: Any = None) -> Tracer:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
     except ImportError as exc:
         raise UsageError(
             f"tracing is enabled (--tracing, POLYHEAD_TRACING_ENABLED) but OpenTelemetry is not installed "
@@ -275,15 +289,15 @@ def build_tracer(settings: ServerSettings, *, exporter: Any = None) -> Tracer:
         resource=Resource.create(
             {"service.name": settings.tracing_service_name, "service.version": __version__}
         ),
-        # A caller's sampled (or unsampled) trace keeps its decision; a call without one is kept at the
-        # ratio. The decision is made once per trace, at its root.
-        sampler=ParentBased(TraceIdRatioBased(settings.tracing_sample_ratio)),
+        # The tracer decides (a caller's sampled or unsampled trace keeps its decision; a call without one
+        # is kept at the ratio) before it asks for a span; every span it asks for is recorded.
+        sampler=ALWAYS_ON,
     )
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:
         provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(settings)))
-    return OtelTracer(provider)
+    return OtelTracer(provider, sample_ratio=settings.tracing_sample_ratio)
 
 
 def _otlp_exporter(settings: ServerSettings) -> Any:
