@@ -308,3 +308,45 @@ def test_spans_reach_a_real_otlp_collector(
     assert all(
         span.end_time_unix_nano >= span.start_time_unix_nano > time.time_ns() - 600e9 for _, span in spans
     )
+
+
+def test_serve_flags_set_the_tracing_settings(tiny_bundle: Path) -> None:
+    from polyhead.cli import build_parser
+    from polyhead.server.commands import settings_from_args
+
+    argv = ["serve", "--bundle", str(tiny_bundle)]
+    assert not settings_from_args(build_parser().parse_args(argv)).tracing_enabled
+    traced = [
+        *argv,
+        "--tracing",
+        "--tracing-endpoint",
+        "collector:4317",
+        "--tracing-sample-ratio",
+        "0.25",
+        "--tracing-service-name",
+        "edge",
+        "--tracing-tls",
+    ]
+    settings = settings_from_args(build_parser().parse_args(traced))
+    assert settings.tracing_enabled and settings.tracing_endpoint == "collector:4317"
+    assert settings.tracing_sample_ratio == 0.25 and settings.tracing_service_name == "edge"
+    assert settings.tracing_uses_tls
+
+
+def test_a_sample_ratio_outside_0_1_is_refused_in_one_line(tiny_bundle: Path) -> None:
+    argv = ["serve", "--bundle", str(tiny_bundle), "--tracing", "--tracing-sample-ratio", "1.5"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from polyhead.cli import main; sys.exit(main(sys.argv[1:]))",
+            *argv,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert "tracing_sample_ratio" in line, line
