@@ -350,3 +350,17 @@ def test_a_sample_ratio_outside_0_1_is_refused_in_one_line(tiny_bundle: Path) ->
     assert out.returncode == 2
     (line,) = out.stderr.strip().splitlines()
     assert "tracing_sample_ratio" in line, line
+
+
+def test_an_unusable_collector_ca_is_refused_naming_the_setting(
+    server_settings: Callable[..., Any], tmp_path: Path
+) -> None:
+    from polyhead.errors import UsageError
+    from polyhead.server.tracing import build_tracer
+
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("hello")
+    for ca, words in ((not_pem, "is not a PEM certificate"), (tmp_path / "missing.pem", "cannot read")):
+        with pytest.raises(UsageError, match="tracing_ca") as info:
+            build_tracer(server_settings(tracing_enabled=True, tracing_ca=ca))
+        assert words in str(info.value)
