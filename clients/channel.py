@@ -34,6 +34,8 @@ class ChannelConfig:
     ``ipv4:a:p1,b:p2``). ``root_certs`` (PEM path) switches TLS on; ``client_cert`` and ``client_key``
     add a client certificate for mutual TLS. ``token`` is sent as ``authorization: Bearer <token>`` on
     every call (the admin service requires it when the server is configured with one).
+    ``propagate_trace`` sends the caller's current OpenTelemetry span as W3C ``traceparent`` metadata on
+    every call, so a server with tracing on continues the caller's trace (needs ``polyhead[tracing]``).
     """
 
     target: str
@@ -56,6 +58,7 @@ class ChannelConfig:
     #: (pick_first), except that a multi-address target always gets round_robin.
     lb_policy: str | None = None
     extra_options: tuple[tuple[str, Any], ...] = field(default=())
+    propagate_trace: bool = False
 
     def __post_init__(self) -> None:
         if not self.target.strip():
@@ -65,6 +68,10 @@ class ChannelConfig:
             raise ValueError("mutual TLS needs both client_cert and client_key")
         if self.client_cert and not self.root_certs:
             raise ValueError("a client certificate needs TLS: set root_certs as well")
+        if self.propagate_trace:
+            from polyhead.clients.tracing import aio_propagators
+
+            aio_propagators()  # without OpenTelemetry: ImportError with the install hint, here
 
     @property
     def grpc_target(self) -> str:
@@ -132,14 +139,29 @@ class ChannelConfig:
     def sync_channel(self) -> grpc.Channel:
         creds = self.credentials()
         if creds is None:
-            return grpc.insecure_channel(self.grpc_target, options=self.options())
-        return grpc.secure_channel(self.grpc_target, creds, options=self.options())
+            channel = grpc.insecure_channel(self.grpc_target, options=self.options())
+        else:
+            channel = grpc.secure_channel(self.grpc_target, creds, options=self.options())
+        if self.propagate_trace:
+            from polyhead.clients.tracing import SyncPropagator
+
+            channel = grpc.intercept_channel(channel, SyncPropagator())
+        return channel
 
     def aio_channel(self) -> grpc.aio.Channel:
         creds = self.credentials()
+        interceptors = None
+        if self.propagate_trace:
+            from polyhead.clients.tracing import aio_propagators
+
+            interceptors = aio_propagators()
         if creds is None:
-            return grpc.aio.insecure_channel(self.grpc_target, options=self.options())
-        return grpc.aio.secure_channel(self.grpc_target, creds, options=self.options())
+            return grpc.aio.insecure_channel(
+                self.grpc_target, options=self.options(), interceptors=interceptors
+            )
+        return grpc.aio.secure_channel(
+            self.grpc_target, creds, options=self.options(), interceptors=interceptors
+        )
 
 
 def as_config(target: str | ChannelConfig, **overrides: Any) -> ChannelConfig:

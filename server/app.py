@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,6 +51,7 @@ from polyhead.server.registry import HeadRegistry, TaskHeads
 from polyhead.server.runtime import TrunkRuntime, session_options
 from polyhead.server.servicers import DiagnosticsServicer, HeadAdminServicer, PolicyServicer, make_observer
 from polyhead.server.settings import ServerSettings
+from polyhead.server.tracing import DISABLED, Tracer, build_tracer
 from polyhead.server.watch import BundleWatcher
 from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
 
@@ -157,6 +159,7 @@ class RunningServer:
     _gate: DrainGate = field(repr=False)
     _metrics_http: MetricsHTTPServer | None = field(repr=False)
     _sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
+    tracer: Tracer = field(default=DISABLED, repr=False)
     _stopped: bool = False
 
     @property
@@ -202,6 +205,7 @@ class RunningServer:
         self.batcher.close()
         await self.batcher.drain()
         await asyncio.to_thread(self.batcher.shutdown)
+        await asyncio.to_thread(self.tracer.shutdown)  # exports the spans still buffered
         if self._metrics_http is not None:
             await asyncio.to_thread(self._metrics_http.close)
         log.info("shutdown 3/3: in-flight calls drained, stopped")
@@ -211,13 +215,17 @@ class RunningServer:
 
 
 async def start_server(
-    settings: ServerSettings, *, metrics_registry: CollectorRegistry | None = None
+    settings: ServerSettings,
+    *,
+    metrics_registry: CollectorRegistry | None = None,
+    span_exporter: Any = None,
 ) -> RunningServer:
     """Build and start everything ``settings`` describes; returns once the server accepts calls.
 
     Raises BundleError (and subclasses) for an unreadable bundle, CorruptHead for a bad trunk, UsageError
-    (naming the setting) when a port cannot be bound or a TLS file cannot be read; nothing is left running
-    then.
+    (naming the setting) when a port cannot be bound or a TLS file cannot be read, or when tracing is on
+    without OpenTelemetry installed; nothing is left running then. ``span_exporter`` (tracing on): export
+    spans there instead of to the OTLP endpoint (tests).
     """
     loop = asyncio.get_running_loop()
     creds = (
@@ -238,6 +246,7 @@ async def start_server(
             "anyone who reaches it can load, swap and unload heads",
             settings.exposed_admin_address,
         )
+    tracer = build_tracer(settings, exporter=span_exporter)
     bundle = await asyncio.to_thread(Bundle.open, settings.bundle)
     manifest = bundle.manifest
     opts = session_options(settings.intra_op_threads)
@@ -274,6 +283,7 @@ async def start_server(
         pending=inflight,
         in_progress=inflight.handling,
         max_in_progress=settings.max_inflight_calls,
+        tracer=tracer,
     )
     hub = ExperienceHub(
         metrics,
@@ -320,7 +330,9 @@ async def start_server(
             options=options,
             interceptors=[gate, inflight, *(token_interceptors if shared_admin else []), DecodeRequests()],
         )
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(plane, observer, live), main)  # type: ignore[no-untyped-call]
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(
+            PolicyServicer(plane, observer, live, tracer), main
+        )  # type: ignore[no-untyped-call]
         policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, main)
         main_services = [POLICY_SERVICE, DIAGNOSTICS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
@@ -382,6 +394,7 @@ async def start_server(
             metrics_http.close()
         batcher.close()
         await asyncio.to_thread(batcher.shutdown)
+        tracer.shutdown()
         raise
 
     async def sweep_episodes() -> None:
@@ -425,6 +438,7 @@ async def start_server(
         _gate=gate,
         _metrics_http=metrics_http,
         _sweeper=sweeper,
+        tracer=tracer,
     )
 
 
@@ -435,8 +449,16 @@ class BackgroundServer:
     the server with ``grace`` seconds for in-flight calls.
     """
 
-    def __init__(self, settings: ServerSettings, *, grace: float = 1.0, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        grace: float = 1.0,
+        start_timeout: float = 60.0,
+        span_exporter: Any = None,
+    ) -> None:
         self.settings = settings
+        self.span_exporter = span_exporter
         self.grace = grace
         self.start_timeout = start_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -460,7 +482,9 @@ class BackgroundServer:
         self._loop = loop
         asyncio.set_event_loop(loop)
         try:
-            self._running = loop.run_until_complete(start_server(self.settings))
+            self._running = loop.run_until_complete(
+                start_server(self.settings, span_exporter=self.span_exporter)
+            )
         except BaseException as exc:
             self._error = exc
             self._ready.set()

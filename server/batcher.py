@@ -40,6 +40,7 @@ from polyhead.server.actions import Actions, Sampling, choose
 from polyhead.server.metrics import ServerMetrics
 from polyhead.server.registry import LoadedHead
 from polyhead.server.runtime import TrunkRuntime
+from polyhead.server.tracing import DISABLED, CallTrace, Tracer, current_call
 
 # Consecutive event-loop turns with no new arrival after which the worker stops waiting for more.
 _IDLE_TURNS = 2
@@ -55,6 +56,7 @@ class _Work:
     deadline: float | None
     enqueued: float
     future: asyncio.Future[Actions] = field(repr=False)
+    trace: CallTrace | None = None  # the sampled call this request serves (tracing on)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Batcher:
         pending: Callable[[], int] | None = None,
         in_progress: Callable[[], int] | None = None,
         max_in_progress: int = 0,
+        tracer: Tracer = DISABLED,
     ) -> None:
         """``pending``: how many act calls are in progress in the transport (accepted, not answered),
         e.g. :class:`polyhead.server.inflight.InflightCounter`; without it only the queue shows arrivals.
@@ -123,6 +126,8 @@ class Batcher:
         self._requests = 0
         self._rows = 0
         self._task_metrics: dict[str, tuple[Any, Any]] = {}
+        self._tracer = tracer
+        self._trunk_done = 0.0  # when the current pass's trunk finished (for its trace)
 
     @property
     def stats(self) -> BatchStats:
@@ -160,7 +165,15 @@ class Batcher:
                 f"({self.max_in_progress}); retry with backoff"
             )
         loop = asyncio.get_running_loop()
-        work = _Work(head, obs, sampling, deadline, time.perf_counter(), loop.create_future())
+        work = _Work(
+            head,
+            obs,
+            sampling,
+            deadline,
+            time.perf_counter(),
+            loop.create_future(),
+            current_call() if self._tracer.enabled else None,
+        )
         self._queue.append(work)
         self._queued_rows += sampling.rows
         if not self._active:
@@ -213,15 +226,16 @@ class Batcher:
         self._metrics.queue_depth.set(len(self._queue))
         if not batch:
             return
+        infer = self._traced_infer if self._tracer.enabled else self._infer
         if not busy and sum(w.sampling.rows for w in batch) <= self.inline_max_rows:
             try:
-                results = self._infer(batch)
+                results = infer(batch)
             except Exception as exc:  # a bug in a pass fails its requests, not the batcher
                 self._fail(batch, exc)
                 return
             self._deliver(batch, results)
             return
-        future = loop.run_in_executor(self._executor, self._infer, batch)
+        future = loop.run_in_executor(self._executor, infer, batch)
         future.add_done_callback(functools.partial(self._deliver_future, batch))
         self._inflight = future
         await asyncio.shield(future)
@@ -354,7 +368,7 @@ class Batcher:
         started = time.perf_counter()
         trunk_input, obs_norms, rows = self._encode(batch, started)
         features, padded_norm = self.trunk.run(trunk_input)
-        after_trunk = time.perf_counter()
+        after_trunk = self._trunk_done = time.perf_counter()
         self._metrics.trunk_seconds.observe(after_trunk - started)
         self._metrics.batch_size.observe(rows)
         self._metrics.batch_requests.observe(len(batch))
@@ -401,6 +415,18 @@ class Batcher:
                 results[index] = part
         self._count(len(batch), rows)
         return [r for r in results if r is not None]
+
+    def _traced_infer(self, batch: Sequence[_Work]) -> list[Actions]:
+        """:meth:`_infer`, then the pass's spans (tracing on)."""
+        started = time.perf_counter()
+        rows = sum(w.sampling.rows for w in batch)
+        try:
+            results = self._infer(batch)
+        except Exception as exc:
+            self._tracer.record_pass(batch, started, None, time.perf_counter(), rows=rows, error=exc)
+            raise
+        self._tracer.record_pass(batch, started, self._trunk_done, time.perf_counter(), rows=rows)
+        return results
 
     def _count(self, requests: int, rows: int) -> None:
         self._passes += 1

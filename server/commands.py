@@ -83,6 +83,20 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-open-episodes", "max_open_episodes", int, "episodes assembled at once (10000)"),
     ("--max-message-bytes", "max_message_bytes", int, "largest gRPC message accepted (64 MiB)"),
     ("--max-head-bytes", "max_head_bytes", int, "largest uploaded head, onnx + head_json (16 MiB)"),
+    (
+        "--tracing-endpoint",
+        "tracing_endpoint",
+        str,
+        "OTLP/gRPC collector HOST:PORT the spans go to, with --tracing (localhost:4317)",
+    ),
+    (
+        "--tracing-sample-ratio",
+        "tracing_sample_ratio",
+        float,
+        "share of calls traced when the caller sent no sampled traceparent, 0..1 (1.0)",
+    ),
+    ("--tracing-service-name", "tracing_service_name", str, "service.name of the spans (polyhead-server)"),
+    ("--tracing-ca", "tracing_ca", Path, "PEM CA of the collector: export over TLS"),
     ("--tls-cert", "tls_cert", Path, "PEM certificate: serve the data plane over TLS"),
     ("--tls-key", "tls_key", Path, "PEM private key for --tls-cert"),
     ("--tls-client-ca", "tls_client_ca", Path, "PEM CA: require client certificates (mTLS)"),
@@ -135,6 +149,24 @@ def register_serve(subparsers: Any) -> None:
         "polyhead serve refuses such settings (POLYHEAD_INSECURE_ADMIN)",
     )
     parser.add_argument(
+        "--tracing",
+        dest="tracing_enabled",
+        action="store_const",
+        const=True,
+        default=None,
+        help="export OpenTelemetry spans of Act calls and ActStream steps over OTLP/gRPC (needs "
+        "polyhead[tracing]); a caller's W3C traceparent metadata becomes their parent "
+        "(POLYHEAD_TRACING_ENABLED)",
+    )
+    parser.add_argument(
+        "--tracing-tls",
+        dest="tracing_tls",
+        action="store_const",
+        const=True,
+        default=None,
+        help="export to the collector over TLS with the system roots (--tracing-ca: with that CA)",
+    )
+    parser.add_argument(
         "--no-metrics",
         action="store_true",
         help="do not start the Prometheus endpoint",
@@ -157,7 +189,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, dest)
         if value is not None:
             overrides[dest] = value
-    for dest in ("batching", "watch_bundle", "insecure_admin"):
+    for dest in ("batching", "watch_bundle", "insecure_admin", "tracing_enabled", "tracing_tls"):
         if getattr(args, dest) is not None:
             overrides[dest] = getattr(args, dest)
     if args.no_metrics:

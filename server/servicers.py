@@ -24,6 +24,7 @@ from polyhead.server.metrics import ServerMetrics
 from polyhead.server.monitor import LiveReturnWatch
 from polyhead.server.registry import HeadRegistry, LoadedHead, LoadResult, TaskHeads
 from polyhead.server.status import code_label, status_for
+from polyhead.server.tracing import DISABLED, Tracer
 from polyhead.spaces import space_to_proto
 from polyhead.tensors import from_proto, is_empty, to_proto
 from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
@@ -73,11 +74,12 @@ def _translate(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
 
 
 def _rpc(
-    method: str,
+    method: str, *, traced: bool = False
 ) -> Callable[
     [Callable[[Any, Req, Context], Awaitable[Resp]]], Callable[[Any, Req, Context], Awaitable[Resp]]
 ]:
-    """Unary / client-streaming RPC wrapper: error translation and request metrics."""
+    """Unary / client-streaming RPC wrapper: error translation and request metrics; with ``traced``, a span
+    per call when the servicer's tracer is on."""
 
     def wrap(
         fn: Callable[[Any, Req, Context], Awaitable[Resp]],
@@ -86,8 +88,12 @@ def _rpc(
         async def handler(self: Any, request: Req, context: Context) -> Resp:
             started = time.perf_counter()
             task_id = str(getattr(request, "task_id", ""))
+            response: Resp
             try:
-                response = await fn(self, request, context)
+                if traced and self._tracer.enabled:
+                    response = await self._tracer.call(method, context, fn(self, request, context))
+                else:
+                    response = await fn(self, request, context)
             except asyncio.CancelledError:
                 self._observer.record(method, task_id, grpc.StatusCode.CANCELLED, started)
                 raise
@@ -110,12 +116,19 @@ def _deadline(context: Context) -> float | None:
 
 # --- PolicyService ------------------------------------------------------------------------------------
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, plane: DataPlane, observer: _Observer, live: LiveReturnWatch | None = None) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        observer: _Observer,
+        live: LiveReturnWatch | None = None,
+        tracer: Tracer = DISABLED,
+    ) -> None:
         self._plane = plane
         self._observer = observer
         self._live = live
+        self._tracer = tracer
 
-    @_rpc("Act")
+    @_rpc("Act", traced=True)
     async def Act(self, request: policy_pb2.ActRequest, context: Context) -> policy_pb2.ActResponse:
         obs = from_proto(request.observations, field="observations")
         out = await self._plane.act(
@@ -156,7 +169,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             try:
                 request = await anext(messages)
                 task_id = request.task_id
-                response = await self._step(request, context)
+                if self._tracer.enabled:
+                    response = await self._tracer.call("ActStream", context, self._step(request, context))
+                else:
+                    response = await self._step(request, context)
             except StopAsyncIteration:
                 return
             except Exception as exc:  # includes a malformed message (DecodeError) from the iterator

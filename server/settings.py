@@ -140,6 +140,30 @@ class ServerSettings(BaseSettings):
         "stable version has a live reference; wide because live traffic usually samples",
     )
 
+    # --- tracing (polyhead.server.tracing; needs the `tracing` extra) ------------------------------------
+    tracing_enabled: bool = Field(
+        False,
+        description="OpenTelemetry spans for Act calls and ActStream steps, exported over OTLP/gRPC; the "
+        "caller's W3C traceparent metadata is the parent (off: OpenTelemetry is not even imported)",
+    )
+    tracing_endpoint: str = Field(
+        "localhost:4317", min_length=1, description="OTLP/gRPC collector address (HOST:PORT)"
+    )
+    tracing_sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of calls without a sampled caller trace that are traced; a caller's traceparent "
+        "keeps its own decision",
+    )
+    tracing_service_name: str = Field(
+        "polyhead-server", min_length=1, description="service.name of the exported spans"
+    )
+    tracing_tls: bool = Field(
+        False, description="TLS to the collector (system roots, or tracing_ca); default plaintext"
+    )
+    tracing_ca: Path | None = Field(None, description="PEM CA of the collector (implies tracing_tls)")
+
     # --- transport ---------------------------------------------------------------------------------------
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest gRPC message accepted")
     max_head_bytes: int = Field(
@@ -208,6 +232,10 @@ class ServerSettings(BaseSettings):
         if client_ca is not None or is_loopback(host):
             return None
         return f"{host}:{port}"
+
+    @property
+    def tracing_uses_tls(self) -> bool:
+        return self.tracing_tls or self.tracing_ca is not None
 
     @property
     def max_queue_delay_s(self) -> float:

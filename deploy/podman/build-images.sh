@@ -17,7 +17,7 @@ Build the polyhead images with podman, offline (default: both images).
   1. base      Debian bookworm minbase + python3, python3-venv (mmdebstrap from this host's apt
                sources), imported as localhost/polyhead-python-base:<key>. Cached: the key hashes the
                recipe and the apt sources; the image (and its tarball under the cache dir) is reused.
-  2. wheels    every dependency of polyhead[serve] (server) or polyhead[train,minigrid] (trainer) plus
+  2. wheels    every dependency of polyhead[serve,tracing] (server) or polyhead[train,minigrid] (trainer) plus
                the build backend, downloaded with the host's pip (its configured indexes) for the base's
                Python and glibc into <cache>/wheelhouse. Skipped when pyproject.toml has not changed.
   3. images    podman build of deploy/docker/Dockerfile.<image> with --build-arg PYTHON_IMAGE=<base>,
@@ -190,7 +190,7 @@ if ((ONLINE)); then
 else
     for image in "${IMAGES[@]}"; do
         case "$image" in
-            server) fill_wheelhouse server serve ;;
+            server) fill_wheelhouse server serve tracing ;;
             trainer) fill_wheelhouse trainer train minigrid ;;
         esac
     done

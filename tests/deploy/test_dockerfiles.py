@@ -75,7 +75,7 @@ def test_multi_stage_non_root_and_copies_exist(name: str) -> None:
 def test_serving_image_has_no_torch() -> None:
     dockerfile = DOCKER / "Dockerfile.server"
     text = " ".join(rest for _, rest in instructions(dockerfile))
-    assert 'pip install ${PIP_INSTALL_OPTIONS} ".[serve]"' in text
+    assert 'pip install ${PIP_INSTALL_OPTIONS} ".[serve,tracing]"' in text
     installs = re.findall(r"pip install ([^&]*)", text)
     assert installs and not any("torch" in packages for packages in installs), installs
     assert "find_spec('torch') is None" in text, "the build asserts torch did not come in transitively"

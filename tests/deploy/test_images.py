@@ -183,3 +183,59 @@ def test_image_healthcheck_and_sigterm(container: Container) -> None:
     logs = podman("logs", container.name).stderr
     assert state["ExitCode"] == 0, f"exit {state['ExitCode']} after SIGTERM:\n{logs}"
     assert "draining" in logs
+
+
+def test_image_exports_spans_when_tracing_is_enabled(serving_image: BuiltImages, tiny_bundle: Path) -> None:
+    """POLYHEAD_TRACING_ENABLED=true: the image has the tracing extra, and its spans reach an OTLP/gRPC
+    collector on the host (host network, so the container's 127.0.0.1 is the host's)."""
+    import socket
+    from concurrent import futures
+
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    names: list[tuple[str, str]] = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802, ARG002 (the OTLP signature)
+            for resource_spans in request.resource_spans:
+                (service,) = (
+                    a.value.string_value
+                    for a in resource_spans.resource.attributes
+                    if a.key == "service.name"
+                )
+                names.extend((service, s.name) for scope in resource_spans.scope_spans for s in scope.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    collector = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), collector)
+    collector_port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    name = f"polyhead-test-{uuid.uuid4().hex[:12]}"
+    started = time.monotonic()
+    try:
+        podman(
+            "run", "--detach", "--name", name, "--network", "host",
+            "--volume", f"{tiny_bundle}:/bundles/polyhead:ro",
+            "--env", "POLYHEAD_TRACING_ENABLED=true",
+            "--env", f"POLYHEAD_TRACING_ENDPOINT=127.0.0.1:{collector_port}",
+            "--env", "POLYHEAD_TRACING_SERVICE_NAME=polyhead-image",
+            serving_image.names["server"],
+            "serve", "--bundle", "/bundles/polyhead", "--host", "127.0.0.1", "--port", str(port),
+            "--admin-port", "0", "--no-metrics",
+        )  # fmt: skip
+        target = f"127.0.0.1:{port}"
+        wait_serving(name, target, started)
+        with PolicyClient(target, timeout=10.0) as client:
+            for _ in range(3):
+                client.act("cartpole", np.zeros(4, dtype=np.float32))
+        podman("stop", "--time", str(STOP_TIMEOUT_S), name, timeout=STOP_TIMEOUT_S + 30)  # flushes the spans
+    finally:
+        podman("rm", "--force", "--time", "0", name, check=False)
+        collector.stop(None)
+    assert {service for service, _ in names} == {"polyhead-image"}
+    spans = sorted(span for _, span in names)
+    assert spans.count("Act") == 3 and spans.count("batch") == 3, spans
+    assert set(spans) == {"Act", "receive", "queue_wait", "encode", "batch", "trunk", "head"}
