@@ -8,7 +8,9 @@ given; a real server (default monitor settings: blocks of 20 episodes, alpha 1e-
 simulators (sampled actions) play both tasks for ``--stationary-s`` seconds (false alarms counted); then
 one task's actuator is reversed in its simulators and ``polyhead operate`` (in-process, the settings of
 ``polyhead demo --scenario drift``: canary shares 25/50 %, 20 episodes per verdict, the adapt PPO
-settings) runs until 90 % of the pre-change return is back (plus ``--tail-s``) or ``--after-s`` passes.
+settings; ``--supersede both`` runs each seed's bundle under the controller with and without
+superseding stale canaries, side by side) runs until 90 % of the pre-change return is back (plus
+``--tail-s``) or ``--after-s`` passes.
 Reported: seconds and task samples from the change to the detection, to each decision, and to the end of
 the first 20-episode window whose mean return is at least 90 % of the pre-change mean (null when it never
 was), the other task's served actions before and after, and failed requests. The long stationary run for
@@ -78,14 +80,13 @@ def first_recovered(fleet: SimulatorFleet, changed_at: float, bar: float, window
     return None
 
 
-def run_seed(args: argparse.Namespace, seed: int, tmp: Path) -> dict[str, Any]:
-    bundle = tmp / f"bundle-{seed}"
-    if args.bundle:
-        shutil.copytree(args.bundle, bundle)
-    else:
-        t0 = time.perf_counter()
-        train_bundle(bundle, seed)
-        print(f"seed {seed}: bundle trained in {time.perf_counter() - t0:.0f} s", flush=True)
+def run_seed(
+    args: argparse.Namespace, seed: int, trained: Path, tmp: Path, *, supersede: bool
+) -> dict[str, Any]:
+    """One seed with one controller variant, on a fresh copy of the seed's trained bundle."""
+    variant = "supersede" if supersede else "wait"
+    bundle = tmp / f"bundle-{seed}-{variant}"
+    shutil.copytree(trained, bundle)
     settings = ServerSettings(
         bundle=bundle, host="127.0.0.1", port=0, admin_port=0, metrics_port=None, watch_interval_s=1.0
     )
@@ -135,14 +136,16 @@ def run_seed(args: argparse.Namespace, seed: int, tmp: Path) -> dict[str, Any]:
                 "decision": d.decision, "version": d.version, "detail": d.detail,
             })  # fmt: skip
             print(
-                f"seed {seed} +{events[-1]['t_s']:6.1f}s {d.decision:8s} v{d.version}: {d.detail}", flush=True
+                f"seed {seed} {variant} +{events[-1]['t_s']:6.1f}s {d.decision:9s} v{d.version}: {d.detail}",
+                flush=True,
             )
 
-        state = tmp / f"state-{seed}"
+        state = tmp / f"state-{seed}-{variant}"
         operator = Operator(
             default_config(
                 bundle=bundle, servers=(srv.target,), admin_targets=(srv.admin_target,), state_dir=state,
                 exporter="torchscript", judge_episodes=20, shares=DRIFT_SHARES, ppo={"seed": seed},
+                supersede=supersede,
             ),
             on_decision=on_decision,
         )  # fmt: skip
@@ -173,6 +176,7 @@ def run_seed(args: argparse.Namespace, seed: int, tmp: Path) -> dict[str, Any]:
         )
         return {
             "seed": seed,
+            "variant": variant,
             "stationary_s": args.stationary_s,
             "stationary_episodes": stationary_episodes,
             "false_alarms_stationary": false_alarms,
@@ -199,8 +203,10 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for i, res in enumerate(results):
-        color = f"C{i}"
+    seeds = sorted({res["seed"] for res in results})
+    for res in results:
+        color = f"C{seeds.index(res['seed'])}"
+        style = "-" if res.get("variant", "supersede") == "supersede" else (0, (4, 2))
         curve = res["return_curve"]
         if len(curve) >= 20:
             ts = [t for t, _ in curve][19:]
@@ -209,7 +215,9 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
                 ts,
                 means,
                 color=color,
-                label=f"seed {res['seed']} (pre-change {res['pre_change_mean_return']})",
+                linestyle=style,
+                label=f"seed {res['seed']} {res.get('variant', '')} "
+                f"(pre-change {res['pre_change_mean_return']})",
             )
         ax.axhline(0.9 * res["pre_change_mean_return"], color=color, linestyle="--", linewidth=0.8)
         if res["detection"]:
@@ -221,7 +229,11 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
             ax.plot(res["recovered_90pct_at_s"], 0.9 * res["pre_change_mean_return"], marker="o", color=color)
     ax.set_xlabel("seconds since the actuator was reversed")
     ax.set_ylabel("20-episode mean live return")
-    ax.set_title("operate_drift: recovery per seed (dashed: 90 % of pre-change; ^ promotions; o recovered)")
+    ax.set_title(
+        "operate_drift: recovery per seed and variant (thin dashed: 90 % of pre-change; ^ promotions; "
+        "o recovered)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -242,14 +254,27 @@ def main() -> None:
     parser.add_argument(
         "--tail-s", type=float, default=20.0, help="seconds played after recovery before the seed ends"
     )
+    parser.add_argument(
+        "--supersede",
+        choices=("on", "off", "both"),
+        default="on",
+        help="the controller's --supersede; both: each seed's bundle runs under both, side by side",
+    )
     parser.add_argument("--plot", type=Path, default=None, help="PNG: return after the change, per seed")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        variants = {"on": [True], "off": [False], "both": [True, False]}[args.supersede]
         for seed in args.seeds:
-            results.append(run_seed(args, seed, Path(tmp)))
+            trained = Path(args.bundle) if args.bundle else Path(tmp) / f"trained-{seed}"
+            if not args.bundle:
+                t0 = time.perf_counter()
+                train_bundle(trained, seed)
+                print(f"seed {seed}: bundle trained in {time.perf_counter() - t0:.0f} s", flush=True)
+            for supersede in variants:
+                results.append(run_seed(args, seed, trained, Path(tmp), supersede=supersede))
             text = json.dumps(
                 {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1
             )
