@@ -1,4 +1,4 @@
-"""Heads whose ONNX graphs are plain MLPs, run as stacked weights: one grouped matmul per batch for many heads.
+"""Heads whose ONNX graphs are plain MLPs, run as stacked weights: one grouped matmul per batch, many heads.
 
 Multi-adapter LLM servers (S-LoRA, Punica, vLLM multi-LoRA) keep thousands of adapters as data and apply
 them with one grouped kernel per batch. Policy heads are small MLPs on the trunk features, so the same
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +124,9 @@ def _attrs(node: Any) -> dict[str, Any]:
         elif a.type == AttributeProto.TENSOR:
             out[a.name] = numpy_helper.to_array(a.t)
         else:
-            raise NotAnMlp(f"{node.op_type} node {node.name!r} has attribute {a.name!r} of an unmodelled type")
+            raise NotAnMlp(
+                f"{node.op_type} node {node.name!r} has attribute {a.name!r} of an unmodelled type"
+            )
     return out
 
 
@@ -158,97 +160,144 @@ def _const(env: dict[str, Any], name: str, node: Any) -> npt.NDArray[Any]:
     return value
 
 
+@dataclass(frozen=True, eq=False)
+class _Op:
+    """One node while the graph is walked: its proto, symbolic inputs, attributes, everything so far."""
+
+    node: Any
+    ins: list[Any]
+    attrs: dict[str, Any]
+    env: dict[str, Any]
+
+
+def _constant(o: _Op) -> Any:
+    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        if key in o.attrs:
+            return np.asarray(o.attrs[key])
+    raise NotAnMlp(f"Constant {o.node.name!r} without a supported value attribute")
+
+
+def _gemm(o: _Op) -> Any:
+    chain = o.ins[0]
+    if not isinstance(chain, _Partial) or o.attrs.get("transA", 0):
+        raise NotAnMlp(f"Gemm {o.node.name!r} is not data @ constant")
+    b = _const(o.env, o.node.input[1], o.node).astype(np.float32)
+    if b.ndim != 2:
+        raise NotAnMlp(f"Gemm {o.node.name!r} weight is not a matrix")
+    weight = (b.T if o.attrs.get("transB", 0) else b) * np.float32(o.attrs.get("alpha", 1.0))
+    bias = np.zeros(weight.shape[1], dtype=np.float32)
+    if len(o.node.input) > 2 and o.node.input[2]:
+        c = _const(o.env, o.node.input[2], o.node)
+        bias = _vector(c, weight.shape[1], f"Gemm {o.node.name!r} bias") * np.float32(
+            o.attrs.get("beta", 1.0)
+        )
+    return _linear(chain, weight, bias, o.node)
+
+
+def _matmul(o: _Op) -> Any:
+    chain = o.ins[0]
+    if not isinstance(chain, _Partial):
+        raise NotAnMlp(f"MatMul {o.node.name!r} is not data @ constant matrix")
+    b = _const(o.env, o.node.input[1], o.node)
+    if b.ndim != 2:
+        raise NotAnMlp(f"MatMul {o.node.name!r} is not data @ constant matrix")
+    return _linear(chain, b.astype(np.float32), np.zeros(b.shape[1], dtype=np.float32), o.node)
+
+
+def _add(o: _Op) -> Any:
+    data, other = (o.ins[0], o.ins[1]) if isinstance(o.ins[0], _Partial) else (o.ins[1], o.ins[0])
+    if not isinstance(data, _Partial) or not isinstance(other, np.ndarray) or not data.layers:
+        raise NotAnMlp(f"Add {o.node.name!r} is not a bias after a linear layer")
+    last = data.layers[-1]
+    if last.activation or data.squeezed:
+        raise NotAnMlp(f"Add {o.node.name!r} after an activation")
+    bias = last.bias + _vector(other, last.weight.shape[1], f"Add {o.node.name!r}")
+    return _Partial(data.source, data.columns, data.sliced, (*data.layers[:-1], Layer(last.weight, bias, "")))
+
+
+def _activation(o: _Op) -> Any:
+    chain = o.ins[0]
+    if not isinstance(chain, _Partial) or not chain.layers or chain.layers[-1].activation or chain.squeezed:
+        raise NotAnMlp(f"{o.node.op_type} {o.node.name!r} is not one activation after a linear layer")
+    last = chain.layers[-1]
+    layer = Layer(last.weight, last.bias, o.node.op_type.lower())
+    return _Partial(chain.source, chain.columns, chain.sliced, (*chain.layers[:-1], layer))
+
+
+def _to_vector(o: _Op) -> Any:
+    """Squeeze / Reshape / Flatten of a [B, 1] value chain."""
+    chain, op = o.ins[0], o.node.op_type
+    if not isinstance(chain, _Partial) or not chain.layers or chain.layers[-1].weight.shape[1] != 1:
+        raise NotAnMlp(f"{op} {o.node.name!r} not on a [B, 1] value")
+    if op == "Reshape" and list(_const(o.env, o.node.input[1], o.node).reshape(-1)) not in ([-1], [0]):
+        raise NotAnMlp(f"Reshape {o.node.name!r} to other than [-1]")
+    if op == "Squeeze":
+        axes = o.attrs.get("axes")
+        if len(o.node.input) > 1 and o.node.input[1]:
+            axes = list(_const(o.env, o.node.input[1], o.node).reshape(-1))
+        if axes is not None and [int(a) for a in axes] not in ([1], [-1]):
+            raise NotAnMlp(f"Squeeze {o.node.name!r} of axes {axes}")
+    if op == "Flatten":
+        return chain  # [B, 1] stays [B, 1]
+    return _Partial(chain.source, chain.columns, chain.sliced, chain.layers, squeezed=True)
+
+
+def _slice(o: _Op) -> Any:
+    chain = o.ins[0]
+
+    def optional(k: int) -> list[int] | None:
+        if len(o.node.input) > k and o.node.input[k]:
+            return [int(v) for v in _const(o.env, o.node.input[k], o.node).reshape(-1)]
+        return None
+
+    starts, ends, axes, steps = optional(1), optional(2), optional(3), optional(4)
+    if (
+        not isinstance(chain, _Partial)
+        or chain.layers
+        or chain.sliced
+        or starts != [0]
+        or ends is None
+        or ends[0] <= 0
+        or axes not in ([1], [-1])
+        or steps not in (None, [1])
+    ):
+        raise NotAnMlp(f"Slice {o.node.name!r} is not input[:, :k]")
+    return _Partial(chain.source, ends[0], True, ())
+
+
+_Handler = Callable[[_Op], Any]
+_HANDLERS: dict[str, _Handler] = {
+    "Constant": _constant,
+    "Identity": lambda o: o.ins[0],
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "Add": _add,
+    "Tanh": _activation,
+    "Relu": _activation,
+    "Squeeze": _to_vector,
+    "Reshape": _to_vector,
+    "Flatten": _to_vector,
+    "Slice": _slice,
+}
+
+
 def _step(node: Any, env: dict[str, Any]) -> Any:
     """The symbolic value of ``node``'s (single) output."""
     op = node.op_type
-    ins = [env.get(i) if i else None for i in node.input]
-    attrs = _attrs(node)
     if any(i and i not in env for i in node.input):
         raise NotAnMlp(f"{op} {node.name!r} reads an unknown value")
-    if op == "Constant":
-        if "value" in attrs:
-            return attrs["value"]
-        for key in ("value_float", "value_floats", "value_int", "value_ints"):
-            if key in attrs:
-                return np.asarray(attrs[key])
-        raise NotAnMlp(f"Constant {node.name!r} without a supported value attribute")
-    if op == "Identity":
-        return ins[0]
+    ins = [env.get(i) if i else None for i in node.input]
+    attrs = _attrs(node)
     if op == "Expand" and isinstance(ins[0], np.ndarray) and isinstance(ins[1], _ShapeExpr):
         return _Broadcast(ins[0])  # log_std.expand_as(mean): a constant row per batch row
-    if any(isinstance(v, _ShapeExpr) for v in ins) or (op == "Shape" and ins):
+    if op == "Shape" or any(isinstance(v, _ShapeExpr) for v in ins):
         if op not in _SHAPE_OPS:
             raise NotAnMlp(f"{op} on a shape")
         return _SHAPE
-    chain = ins[0] if ins and isinstance(ins[0], _Partial) else None
-    if op == "Gemm":
-        if chain is None or attrs.get("transA", 0):
-            raise NotAnMlp(f"Gemm {node.name!r} is not data @ constant")
-        b = _const(env, node.input[1], node).astype(np.float32)
-        if b.ndim != 2:
-            raise NotAnMlp(f"Gemm {node.name!r} weight is not a matrix")
-        weight = (b.T if attrs.get("transB", 0) else b) * np.float32(attrs.get("alpha", 1.0))
-        bias = np.zeros(weight.shape[1], dtype=np.float32)
-        if len(node.input) > 2 and node.input[2]:
-            c = _const(env, node.input[2], node)
-            bias = _vector(c, weight.shape[1], f"Gemm {node.name!r} bias") * np.float32(attrs.get("beta", 1.0))
-        return _linear(chain, weight, bias, node)
-    if op == "MatMul":
-        b = _const(env, node.input[1], node) if chain is not None else None
-        if b is None or b.ndim != 2:
-            raise NotAnMlp(f"MatMul {node.name!r} is not data @ constant matrix")
-        return _linear(chain, b.astype(np.float32), np.zeros(b.shape[1], dtype=np.float32), node)
-    if op == "Add":
-        data, other = (ins[0], ins[1]) if isinstance(ins[0], _Partial) else (ins[1], ins[0])
-        if not isinstance(data, _Partial) or not isinstance(other, np.ndarray) or not data.layers:
-            raise NotAnMlp(f"Add {node.name!r} is not a bias after a linear layer")
-        last = data.layers[-1]
-        if last.activation or data.squeezed:
-            raise NotAnMlp(f"Add {node.name!r} after an activation")
-        bias = last.bias + _vector(other, last.weight.shape[1], f"Add {node.name!r}")
-        return _Partial(
-            data.source, data.columns, data.sliced, (*data.layers[:-1], Layer(last.weight, bias, ""))
-        )
-    if op in ("Tanh", "Relu"):
-        if chain is None or not chain.layers or chain.layers[-1].activation or chain.squeezed:
-            raise NotAnMlp(f"{op} {node.name!r} is not one activation after a linear layer")
-        last = chain.layers[-1]
-        return _Partial(
-            chain.source,
-            chain.columns,
-            chain.sliced,
-            (*chain.layers[:-1], Layer(last.weight, last.bias, op.lower())),
-        )
-    if op in ("Squeeze", "Reshape", "Flatten") and chain is not None:
-        if not chain.layers or chain.layers[-1].weight.shape[1] != 1:
-            raise NotAnMlp(f"{op} {node.name!r} on a [B, n>1] value")
-        if op == "Reshape" and list(_const(env, node.input[1], node).reshape(-1)) not in ([-1], [0]):
-            raise NotAnMlp(f"Reshape {node.name!r} to other than [-1]")
-        if op == "Squeeze":
-            axes = attrs.get("axes")
-            if len(node.input) > 1 and node.input[1]:
-                axes = list(_const(env, node.input[1], node).reshape(-1))
-            if axes is not None and [int(a) for a in axes] not in ([1], [-1]):
-                raise NotAnMlp(f"Squeeze {node.name!r} of axes {axes}")
-        if op == "Flatten":
-            return chain  # [B, 1] stays [B, 1]
-        return _Partial(chain.source, chain.columns, chain.sliced, chain.layers, squeezed=True)
-    if op == "Slice" and chain is not None:
-        starts, ends = (_const(env, n, node).reshape(-1) for n in node.input[1:3])
-        axes = _const(env, node.input[3], node).reshape(-1) if len(node.input) > 3 and node.input[3] else None
-        steps = _const(env, node.input[4], node).reshape(-1) if len(node.input) > 4 and node.input[4] else None
-        if (
-            chain.layers
-            or chain.sliced
-            or list(starts) != [0]
-            or axes is None
-            or int(axes[0]) not in (1, -1)
-            or (steps is not None and list(steps) != [1])
-            or int(ends[0]) <= 0
-        ):
-            raise NotAnMlp(f"Slice {node.name!r} is not input[:, :k]")
-        return _Partial(chain.source, int(ends[0]), True, ())
-    raise NotAnMlp(f"op {op} ({node.name!r}) in this form is not modelled")
+    handler = _HANDLERS.get(op)
+    if handler is None:
+        raise NotAnMlp(f"op {op} ({node.name!r}) is not modelled")
+    return handler(_Op(node, ins, attrs, env))
 
 
 def _finish(value: Any, name: str, *, out: int) -> Chain:
@@ -481,7 +530,11 @@ class StackedHead:
         """Check the chains' input widths against the trunk and ``obs_norm``; raises IncompatibleHead."""
         where = f"head for task {self.meta.task.id!r}"
         for source, columns, sliced in (
-            (self.policy_bank.signature[0], self.policy_bank.signature[2][0][0], self.policy_bank.signature[1]),
+            (
+                self.policy_bank.signature[0],
+                self.policy_bank.signature[2][0][0],
+                self.policy_bank.signature[1],
+            ),
             (self.value_source, self.value_columns, self.value_bank.signature[1]),
         ):
             width = self.feature_size if source == "features" else observation_size
@@ -498,16 +551,23 @@ class StackedHead:
 
 
 def _rows(
-    source: str, columns: int, features: F32, obs_norms: Sequence[F32], offsets: Sequence[int], members: list[int]
+    chain: tuple[str, int],
+    features: F32,
+    obs_norms: Sequence[F32],
+    offsets: Sequence[int],
+    members: list[int],
 ) -> F32:
     """The chain input of blocks ``members``: trunk features, or each block's own obs_norm (widths differ
     between tasks) cut to ``columns``."""
+    source, columns = chain
     if source == "features":
         if len(members) == len(obs_norms):
             return features
-        return features[np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members])]
+        picked: F32 = features[np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members])]
+        return picked
     parts = [obs_norms[i] if obs_norms[i].shape[1] == columns else obs_norms[i][:, :columns] for i in members]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    out: F32 = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return out
 
 
 def run_stacked(
@@ -526,7 +586,7 @@ def run_stacked(
     offsets = [0, *itertools.accumulate(rows)]
     slots = np.repeat(np.fromiter((h.policy_slot for h in heads), np.intp, len(heads)), rows)
     source, columns = bank.signature[0], bank.signature[2][0][0]
-    policy = bank.run(_rows(source, columns, features, obs_norms, offsets, every), slots)
+    policy = bank.run(_rows((source, columns), features, obs_norms, offsets, every), slots)
     log_std = None
     if heads[0].log_std is not None:
         if all(h.log_std is heads[0].log_std for h in heads):
@@ -545,7 +605,7 @@ def run_stacked(
                 np.fromiter((heads[i].value_slot for i in members), np.intp, len(members)),
                 [rows[i] for i in members],
             )
-            x = _rows(first.value_source, first.value_columns, features, obs_norms, offsets, members)
+            x = _rows((first.value_source, first.value_columns), features, obs_norms, offsets, members)
             out = first.value_bank.run(x, vslots)[:, 0]
             if len(members) == len(heads):
                 value = out
