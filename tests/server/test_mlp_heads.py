@@ -33,6 +33,7 @@ def _layer(
     nodes: list[Any],
     inits: list[Any],
     x: str,
+    *,
     w: npt.NDArray[Any],
     b: npt.NDArray[Any],
     act: str,
@@ -82,7 +83,7 @@ def make_head(
             w = rng.standard_normal((sizes[k], sizes[k + 1])).astype(np.float32) * 0.5
             b = rng.standard_normal(sizes[k + 1]).astype(np.float32) * 0.1
             last = k == len(sizes) - 2
-            x = _layer(nodes, inits, x, w, b, "" if last else act, style, f"{tag}{k}")
+            x = _layer(nodes, inits, x, w=w, b=b, act="" if last else act, style=style, tag=f"{tag}{k}")
         return x
 
     policy = chain("features", (F, *hidden, n), "p")
@@ -189,6 +190,7 @@ def test_a_head_reading_more_features_than_the_trunk_has_is_incompatible(tiny_bu
 )
 def test_stacked_heads_match_onnxruntime_on_mixed_batches(
     tiny_bundle: Path,
+    *,
     data: st.DataObject,
     n_heads: int,
     hidden: tuple[int, ...],
