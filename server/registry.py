@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import logging
 import math
 import threading
@@ -260,7 +261,7 @@ class HeadRegistry:
         """The head that serves ``task_id`` (or a given loaded version); raises UnknownTask/UnknownVersion."""
         entry = self._tasks.get(task_id)
         if entry is None:
-            raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+            raise self._unknown(task_id)
         return entry.head(version)
 
     def served_versions(self, task_id: str) -> frozenset[int]:
@@ -611,7 +612,7 @@ class HeadRegistry:
         with self._lock:
             entry = self._tasks.get(task_id)
             if entry is None:
-                raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+                raise self._unknown(task_id)
             if version not in entry.versions:
                 raise UnknownVersion(
                     f"task {task_id!r} has no loaded version {version}; loaded: {sorted(entry.versions)}"
@@ -634,7 +635,7 @@ class HeadRegistry:
         with self._lock:
             entry = self._tasks.get(task_id)
             if entry is None:
-                raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+                raise self._unknown(task_id)
             if all_versions:
                 removed = sorted(entry.versions)
                 self._publish(task_id, None)
@@ -717,10 +718,16 @@ class HeadRegistry:
         return cleared
 
     # --- internals ---------------------------------------------------------------------------------------
+    def _unknown(self, task_id: str) -> UnknownTask:
+        """UnknownTask naming at most 20 served tasks (a server may serve 10,000)."""
+        first = heapq.nsmallest(20, self._tasks)
+        more = f" and {len(self._tasks) - len(first)} more" if len(self._tasks) > len(first) else ""
+        return UnknownTask(f"unknown task {task_id!r}; served tasks: {first}{more}")
+
     def _entry(self, task_id: str) -> TaskHeads:
         entry = self._tasks.get(task_id)
         if entry is None:
-            raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+            raise self._unknown(task_id)
         return entry
 
     def _bound(self, versions: dict[int, LoadedHead], *, keep: set[int]) -> list[int]:
