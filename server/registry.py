@@ -30,6 +30,11 @@ Stable and canary labels: the active version is the task's *stable* version; a t
 by a hash of the episode id, so every replica sends an episode to the same version, or per request when
 there is no episode id). The canary is set, changed, promoted (it becomes stable) and cleared by writers
 like any other change; it cannot be unloaded while it is the canary, and activating it promotes it.
+Many heads: a head whose graph is a plain MLP runs from the server's stacked weight banks
+(:mod:`polyhead.server.mlp_heads`; its bank slots, like a session, are freed when the last holder lets go),
+any other head through its own onnxruntime session. A load costs the same whatever the number of loaded
+heads: the state is a sharded immutable map (:class:`TaskMap`, one shard copied per change), listeners hear
+which task changed, and shared encoders are found by sha256 in a weak index.
 No grpc here: the servicers translate.
 """
 
