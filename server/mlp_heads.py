@@ -387,7 +387,8 @@ class ChainBank:
 
     def __init__(self, signature: tuple[Any, ...]) -> None:
         self.signature = signature
-        self._lock = threading.Lock()
+        # Reentrant: the cyclic GC may run a StackedHead's __del__ (free) in the middle of an add.
+        self._lock = threading.RLock()
         self._free: list[int] = []
         self._used = 0  # slots ever handed out (high-water mark)
         self._live = 0
