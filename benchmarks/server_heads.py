@@ -1,30 +1,43 @@
-"""Many heads: memory per loaded head and single-client Act p50 with 1,000 extra heads loaded vs the
-bundle's own three.
+"""Many heads: memory per loaded head, load time, single-client Act p50 with N extra heads vs the bundle's
+own, and the server CPU of a batch spread over 64 tasks vs the same batch on one task; stacked heads
+(the default) and ``--no-stacked-heads`` (a session per head) side by side in one run.
 
-    .venv/bin/python benchmarks/server_heads.py [--bundle DIR] [--heads 1000] [--calls 2000]
+    nice -n 5 .venv/bin/python benchmarks/server_heads.py [--heads 10000] [--modes stacked,sessions]
+        [--calls 2000] [--rounds 3] [--bundle-heads 10000] [--kernels]
 
-The extra heads are 1,000 tasks (`extra-0000` ...) uploaded with LoadHead (cartpole's head bytes under new
-task ids), each with its own onnxruntime session, health entry and metrics series. Memory per head is the
-server's RSS growth divided by the head count. Latency: one client in a spawned process calling Act on
-`cartpole`, one observation, before and after. Prints one JSON line.
+Per mode: a server on the benchmark bundle (`--no-watch`); p50 of one client calling Act on `cartpole`
+(one observation, a spawned process); N heads uploaded with LoadHead (`extra-00000` ...: cartpole's head
+with its weights perturbed per head, so each head is its own); RSS growth / N (and the head's own weight
+bytes, for "beyond its weights"); the p50 again; then 64 concurrent Act calls per round (64 tasks, or 64
+times `cartpole`), rounds alternating, server CPU seconds per round. `--bundle-heads M`: time to start a
+server on a bundle that holds M extra heads on disk (startup loading) against the plain bundle.
+`--kernels`: the grouped-matmul kernel choice (one batched matmul over gathered weights vs a matmul per
+contiguous run of rows). Prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import json
+import multiprocessing as mp
+import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_common import admin_stub, build_bundle, machine_note, sequential_latency_proc, serve
+from server_common import admin_stub, build_bundle, machine_note, obs_for, sequential_latency_proc, serve
 
 from polyhead.bundle import Bundle
 from polyhead.v1 import admin_pb2
+
+MODES = {"stacked": (), "sessions": ("--no-stacked-heads",)}
 
 
 def _p50(target: str, calls: int, rounds: int) -> float:
@@ -33,51 +46,216 @@ def _p50(target: str, calls: int, rounds: int) -> float:
     )
 
 
+def _heads(bundle_dir: Path, n: int) -> tuple[list[bytes], dict[str, Any], int]:
+    """n perturbed copies of cartpole's head.onnx, its head.json, and the bytes of one head's weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    record = Bundle.open(bundle_dir).head("cartpole")
+    model = onnx.load_from_string(record.read_onnx())
+    rng = np.random.default_rng(0)
+    weights = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    out = []
+    for _ in range(n):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        for t in copy.graph.initializer:
+            a = numpy_helper.to_array(t)
+            if a.dtype == np.float32 and a.size > 1:
+                t.CopyFrom(
+                    numpy_helper.from_array(
+                        a + rng.standard_normal(a.shape).astype(np.float32) * 0.01, t.name
+                    )
+                )
+        out.append(copy.SerializeToString())
+    return out, record.meta.to_json(), weights
+
+
+def _burst_client(target: str, tasks: list[list[str]], rounds: int, queue: Any, ack: Any) -> None:
+    """``rounds`` rounds per task list, alternating; each round 64 concurrent Act calls (one per entry)."""
+    import grpc
+
+    from polyhead.tensors import to_proto
+    from polyhead.v1 import policy_pb2, policy_pb2_grpc
+
+    async def main() -> list[list[float]]:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            rng = np.random.default_rng(0)
+            requests = [
+                [
+                    policy_pb2.ActRequest(task_id=t, observations=to_proto(obs_for("cartpole", None, rng)))
+                    for t in ts
+                ]
+                for ts in tasks
+            ]
+            for reqs in requests:  # warm-up (connections, per-task metric series)
+                await asyncio.gather(*(stub.Act(r) for r in reqs))
+            times: list[list[float]] = [[] for _ in tasks]
+            for _ in range(rounds):
+                for k, reqs in enumerate(requests):
+                    queue.put(("start", k))
+                    ack.get()  # the driver has read the server's CPU counter
+                    t0 = time.perf_counter()
+                    await asyncio.gather(*(stub.Act(r) for r in reqs))
+                    times[k].append(time.perf_counter() - t0)
+                    queue.put(("end", k))
+                    ack.get()
+            return times
+
+    queue.put(("done", asyncio.run(main())))
+
+
+def _burst_cpu(server: Any, tasks: list[list[str]], rounds: int) -> list[float]:
+    """Server CPU seconds per round for each task list (mean over rounds: the counter ticks in 10 ms),
+    read by this process at the client's start/end marks."""
+    ctx = mp.get_context("spawn")
+    queue, ack = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_burst_client, args=(server.target, tasks, rounds, queue, ack))
+    proc.start()
+    cpu: list[list[float]] = [[] for _ in tasks]
+    started = 0.0
+    while True:
+        kind, value = queue.get(timeout=600)
+        if kind == "start":
+            started = server.cpu_seconds()
+            ack.put(None)
+        elif kind == "end":
+            cpu[value].append(server.cpu_seconds() - started)
+            ack.put(None)
+        else:
+            break
+    proc.join()
+    return [statistics.fmean(c) for c in cpu]
+
+
+def _mode(
+    bundle_dir: Path, mode: str, args: argparse.Namespace, heads: list[bytes], meta: dict[str, Any]
+) -> dict[str, Any]:
+    with serve(bundle_dir, "--no-watch", *MODES[mode]) as server:
+        admin = admin_stub(server)
+        base_p50 = _p50(server.target, args.calls, args.rounds)
+        base_rss = server.rss_bytes()
+        t0 = time.perf_counter()
+        for i, onnx_bytes in enumerate(heads):
+            task = f"extra-{i:05d}"
+            head_json = json.dumps(
+                {**meta, "task": {**meta["task"], "id": task}, "version": 0, "head_sha256": ""}
+            )
+            admin.LoadHead(
+                admin_pb2.LoadHeadRequest(task_id=task, onnx=onnx_bytes, head_json=head_json, activate=True)
+            )
+        load_seconds = time.perf_counter() - t0
+        time.sleep(1.0)
+        many_rss = server.rss_bytes()
+        many_p50 = _p50(server.target, args.calls, args.rounds)
+        spread = [f"extra-{i:05d}" for i in range(min(64, len(heads)))]
+        one_cpu, many_cpu = _burst_cpu(server, [["cartpole"] * len(spread), spread], args.burst_rounds)
+    return {
+        "load_seconds": load_seconds,
+        "load_ms_per_head": load_seconds / len(heads) * 1e3,
+        "rss_mib_before": base_rss / 2**20,
+        "rss_mib_after": many_rss / 2**20,
+        "kib_per_head": (many_rss - base_rss) / len(heads) / 1024,
+        "p50_us_before": base_p50,
+        "p50_us_after": many_p50,
+        "p50_ratio": many_p50 / base_p50,
+        "burst_cpu_ms_one_task": one_cpu * 1e3,
+        "burst_cpu_ms_64_tasks": many_cpu * 1e3,
+        "burst_cpu_ratio": many_cpu / one_cpu,
+    }
+
+
+def _startup(bundle_dir: Path, n: int, modes: list[str]) -> dict[str, Any]:
+    """Seconds to a ready server on the plain bundle and on a copy holding n more heads on disk."""
+    big = bundle_dir.parent / f"{bundle_dir.name}-{n}-heads"
+    if not big.is_dir():
+        tmp = big.with_name(big.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(bundle_dir, tmp)
+        source = tmp / "heads" / "cartpole"
+        meta = json.loads((source / "1" / "head.json").read_text())
+        for i in range(n):
+            task = f"disk-{i:05d}"
+            dest = tmp / "heads" / task / "1"
+            dest.mkdir(parents=True)
+            for name in ("head.onnx", "encoder.onnx"):
+                if (source / "1" / name).is_file():
+                    (dest / name).hardlink_to(source / "1" / name)
+            (dest / "head.json").write_text(json.dumps({**meta, "task": {**meta["task"], "id": task}}))
+        tmp.rename(big)
+    out: dict[str, Any] = {"bundle_heads": n}
+    for mode in modes:
+        for name, path in (("plain", bundle_dir), ("big", big)):
+            t0 = time.perf_counter()
+            with serve(path, "--no-watch", *MODES[mode]) as server:
+                out[f"{mode}_{name}_start_s"] = time.perf_counter() - t0
+                if name == "big":
+                    out[f"{mode}_big_rss_mib"] = server.rss_bytes() / 2**20
+        out[f"{mode}_load_s"] = out[f"{mode}_big_start_s"] - out[f"{mode}_plain_start_s"]
+    return out
+
+
+def _kernels() -> dict[str, Any]:
+    """µs per grouped pass, batched matmul over gathered weights vs a matmul per run of equal slots."""
+    from polyhead.server.mlp_heads import Chain, ChainBank, Layer
+
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    for name, dims in (("policy 64->2", (64, 2)), ("value 64->64->64->1", (64, 64, 64, 1))):
+        layers = tuple(
+            Layer(rng.standard_normal((i, o)).astype(np.float32), np.zeros(o, np.float32), "tanh")
+            for i, o in itertools.pairwise(dims)
+        )
+        bank = ChainBank(Chain("features", dims[0], False, layers).signature)
+        for _ in range(256):
+            bank.add(Chain("features", dims[0], False, layers))
+        for heads in (1, 8, 64):
+            slots = np.sort(rng.integers(0, heads, 64)).astype(np.intp)
+            x = rng.standard_normal((64, dims[0])).astype(np.float32)
+            for kernel in ("run", "run_segments"):
+                fn = getattr(bank, kernel)
+                t0 = time.perf_counter()
+                for _ in range(2000):
+                    fn(x, slots)
+                out[f"{name}, 64 rows, {heads} heads, {kernel} us"] = (time.perf_counter() - t0) / 2000 * 1e6
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--bundle", type=Path, default=Path("/tmp/polyhead-bench-bundle"))
     parser.add_argument("--heads", type=int, default=1000)
+    parser.add_argument("--modes", default="stacked,sessions")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--burst-rounds", type=int, default=30)
+    parser.add_argument("--bundle-heads", type=int, default=0)
+    parser.add_argument("--kernels", action="store_true")
     args = parser.parse_args()
     bundle_dir = build_bundle(args.bundle)
-    record = Bundle.open(bundle_dir).head("cartpole")
-    onnx = record.read_onnx()
-    meta = record.meta.to_json()
-    with serve(bundle_dir, "--no-watch") as server:
-        admin = admin_stub(server)
-        base_p50 = _p50(server.target, args.calls, args.rounds)
-        base_rss = server.rss_bytes()
-        t0 = time.perf_counter()
-        for i in range(args.heads):
-            task = f"extra-{i:04d}"
-            head_json = json.dumps({**meta, "task": {**meta["task"], "id": task}, "version": 0})
-            admin.LoadHead(
-                admin_pb2.LoadHeadRequest(task_id=task, onnx=onnx, head_json=head_json, activate=True)
+    modes = [m for m in args.modes.split(",") if m]
+    report: dict[str, Any] = {"benchmark": "server_heads", **machine_note(), "heads_added": args.heads}
+    if args.kernels:
+        report["kernels"] = _kernels()
+    if args.heads:
+        heads, meta, weight_bytes = _heads(bundle_dir, args.heads)
+        report["head_weight_kib"] = weight_bytes / 1024
+        for mode in modes:
+            result = _mode(bundle_dir, mode, args, heads, meta)
+            result["kib_per_head_beyond_weights"] = result["kib_per_head"] - weight_bytes / 1024
+            report[mode] = result
+            print(
+                f"{mode}: {args.heads} heads in {result['load_seconds']:.1f} s, "
+                f"{result['kib_per_head']:.1f} KiB/head ({result['kib_per_head_beyond_weights']:.1f} beyond "
+                f"weights), p50 x{result['p50_ratio']:.2f}, 64-task burst CPU "
+                f"x{result['burst_cpu_ratio']:.2f}",
+                file=sys.stderr,
             )
-        load_seconds = time.perf_counter() - t0
-        time.sleep(1.0)
-        many_rss = server.rss_bytes()
-        many_p50 = _p50(server.target, args.calls, args.rounds)
-    report = {
-        "benchmark": "server_heads",
-        **machine_note(),
-        "heads_added": args.heads,
-        "rss_mib_before": base_rss / 2**20,
-        "rss_mib_after": many_rss / 2**20,
-        "kib_per_head": (many_rss - base_rss) / args.heads / 1024,
-        "load_ms_per_head": load_seconds / args.heads * 1e3,
-        "p50_us_before": base_p50,
-        "p50_us_after": many_p50,
-        "p50_ratio": many_p50 / base_p50,
-    }
-    print(
-        f"{args.heads} heads: {report['kib_per_head']:.0f} KiB/head, p50 {base_p50:.0f} -> {many_p50:.0f} us "
-        f"(x{report['p50_ratio']:.2f}), {report['load_ms_per_head']:.1f} ms per load",
-        file=sys.stderr,
-    )
+    if args.bundle_heads:
+        report["startup"] = _startup(bundle_dir, args.bundle_heads, modes)
     print(json.dumps(report))
 
 

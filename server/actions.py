@@ -34,6 +34,7 @@ class Sampling:
     deterministic: bool
     seed: int | None
     log_prob: bool = True  # False: the caller does not need log-probs (they are returned as NaN)
+    value: bool = True  # False: the caller does not need values (stacked heads skip the value MLP; NaN)
 
 
 @dataclass(frozen=True)

@@ -268,6 +268,7 @@ async def start_server(
         metrics=metrics,
         max_head_bytes=settings.max_head_bytes,
         max_loaded_versions=settings.max_loaded_versions,
+        stacked_heads=settings.stacked_heads,
     )
     await asyncio.to_thread(registry.load_bundle_heads)
     gate = DrainGate()
@@ -370,8 +371,19 @@ async def start_server(
             served.clear()
             served.update(tasks)
 
-        def on_registry_change(_snapshot: Mapping[str, TaskHeads]) -> None:
-            loop.call_soon_threadsafe(lambda: loop.create_task(sync_health(registry.tasks)))
+        async def sync_task_health(task_id: str) -> None:
+            # One task per change: a full diff per load made loading n heads O(n²).
+            if task_id in registry.tasks and task_id not in served:
+                served.add(task_id)
+                await health_servicer.set(task_health_name(task_id), health_pb2.HealthCheckResponse.SERVING)
+            elif task_id not in registry.tasks and task_id in served:
+                served.discard(task_id)
+                await health_servicer.set(
+                    task_health_name(task_id), health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+
+        def on_registry_change(_snapshot: Mapping[str, TaskHeads], task_id: str) -> None:
+            loop.call_soon_threadsafe(lambda: loop.create_task(sync_task_health(task_id)))
 
         await sync_health(registry.tasks)
         registry.add_listener(on_registry_change)

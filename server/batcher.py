@@ -27,7 +27,7 @@ import collections
 import functools
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +38,7 @@ import numpy.typing as npt
 from polyhead.errors import DeadlineExpired, Overloaded, ShuttingDown
 from polyhead.server.actions import Actions, Sampling, choose
 from polyhead.server.metrics import ServerMetrics
+from polyhead.server.mlp_heads import StackedHead, run_stacked
 from polyhead.server.registry import LoadedHead
 from polyhead.server.runtime import TrunkRuntime
 from polyhead.server.tracing import DISABLED, CallTrace, Tracer, current_call
@@ -373,11 +374,20 @@ class Batcher:
         self._metrics.batch_size.observe(rows)
         self._metrics.batch_requests.observe(len(batch))
 
-        # Group rows by head object (task + version); order within a group follows the batch.
-        groups: dict[int, list[tuple[int, _Work]]] = {}
+        # Execution groups, order within a group following the batch: the stacked heads (plain MLPs) of
+        # one weight bank and action space run as one grouped pass, whatever their tasks and versions;
+        # any other head (an onnxruntime session) is its own group.
+        groups: dict[Hashable, list[int]] = {}
         for index, work in enumerate(batch):
-            groups.setdefault(id(work.head), []).append((index, work))
-        if len(groups) == 1:  # one head: every row, in order, no gather and no slicing
+            runtime = work.head.runtime
+            key: Hashable = (
+                (id(runtime.policy_bank), runtime.meta.action_space)
+                if isinstance(runtime, StackedHead)
+                else id(work.head)
+            )
+            groups.setdefault(key, []).append(index)
+        if len(groups) == 1 and (len(batch) == 1 or all(w.head is batch[0].head for w in batch)):
+            # One head: every row, in order, no gather and no slicing.
             head = batch[0].head
             t0 = time.perf_counter()
             if padded_norm is not None:
@@ -387,7 +397,7 @@ class Batcher:
             else:
                 obs_norm = np.concatenate(obs_norms)
             actions = choose(
-                head.runtime.run(features, obs_norm),
+                head.runtime.run(features, obs_norm, value=any(w.sampling.value for w in batch)),
                 head.meta.action_space,
                 [w.sampling for w in batch],
                 self._rng,
@@ -398,20 +408,38 @@ class Batcher:
         results: list[Actions | None] = [None] * len(batch)
         offsets = list(itertools.accumulate((w.sampling.rows for w in batch), initial=0))
         for members in groups.values():
-            head = members[0][1].head
+            head = batch[members[0]].head
             t0 = time.perf_counter()
-            idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, _ in members])
-            if padded_norm is not None:
-                member_norm = padded_norm[idx]
+            if len(members) == len(batch):
+                member_features = features
             elif len(members) == 1:
-                member_norm = obs_norms[members[0][0]]
+                member_features = features[offsets[members[0]] : offsets[members[0] + 1]]
             else:
-                member_norm = np.concatenate([obs_norms[i] for i, _ in members])
-            outputs = head.runtime.run(features[idx], member_norm)
-            actions = choose(outputs, head.meta.action_space, [w.sampling for _, w in members], self._rng)
-            self._task_children(head.task_id)[1].observe(time.perf_counter() - t0)
-            parts = _split(actions, [w.sampling.rows for _, w in members])
-            for (index, _), part in zip(members, parts, strict=True):
+                member_features = features[
+                    np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members])
+                ]
+            if padded_norm is not None:
+                norms = [padded_norm[offsets[i] : offsets[i + 1]] for i in members]
+            else:
+                norms = [obs_norms[i] for i in members]
+            samplings = [batch[i].sampling for i in members]
+            if isinstance(head.runtime, StackedHead):
+                outputs = run_stacked(
+                    [batch[i].head.runtime for i in members],  # type: ignore[misc]
+                    [s.rows for s in samplings],
+                    member_features,
+                    norms,
+                    [s.value for s in samplings],
+                )
+            else:
+                member_norm = norms[0] if len(norms) == 1 else np.concatenate(norms)
+                outputs = head.runtime.run(member_features, member_norm)
+            actions = choose(outputs, head.meta.action_space, samplings, self._rng)
+            elapsed = time.perf_counter() - t0
+            for task_id in {batch[i].head.task_id for i in members}:
+                self._task_children(task_id)[1].observe(elapsed)
+            parts = _split(actions, [s.rows for s in samplings])
+            for index, part in zip(members, parts, strict=True):
                 results[index] = part
         self._count(len(batch), rows)
         return [r for r in results if r is not None]

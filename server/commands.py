@@ -131,6 +131,15 @@ def register_serve(subparsers: Any) -> None:
         help="run every request in its own trunk pass (for benchmarks)",
     )
     parser.add_argument(
+        "--no-stacked-heads",
+        dest="stacked_heads",
+        action="store_const",
+        const=False,
+        default=None,
+        help="give every head its own onnxruntime session instead of running plain-MLP heads from stacked "
+        "weights (POLYHEAD_STACKED_HEADS=false)",
+    )
+    parser.add_argument(
         "--no-watch",
         dest="watch_bundle",
         action="store_const",
@@ -189,7 +198,14 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, dest)
         if value is not None:
             overrides[dest] = value
-    for dest in ("batching", "watch_bundle", "insecure_admin", "tracing_enabled", "tracing_tls"):
+    for dest in (
+        "batching",
+        "watch_bundle",
+        "insecure_admin",
+        "stacked_heads",
+        "tracing_enabled",
+        "tracing_tls",
+    ):
         if getattr(args, dest) is not None:
             overrides[dest] = getattr(args, dest)
     if args.no_metrics:

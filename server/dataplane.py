@@ -118,13 +118,15 @@ class DataPlane:
         episode_ids: Sequence[str] = (),
         steps: Sequence[int] = (),
         want_log_prob: bool = True,
+        want_value: bool = True,
         deadline: float | None = None,
     ) -> ActOutcome:
         """Actions for one observation or a batch. Raises UnknownTask, UnknownVersion, InvalidObservation,
         BatchTooLarge, InvalidArgument, Overloaded, DeadlineExpired, ShuttingDown.
 
         With ``episode_ids`` each action is recorded for the experience feed (``steps``: the client's step
-        index of each, so a retried call records nothing twice); deterministic actions are marked so."""
+        index of each, so a retried call records nothing twice); deterministic actions are marked so.
+        ``want_value`` False: the values are not needed (stacked heads skip the value MLP; NaN)."""
         head = self.registry.resolve(task_id, version)
         space = head.meta.observation_space
         flat, batched = validate_observations(obs, space, max_batch=self.max_batch_size)
@@ -152,11 +154,17 @@ class DataPlane:
         if all(h is heads[0] for h in heads):
             head = heads[0]
             actions = await self._infer(
-                head, flat, Sampling(rows, deterministic, seed, log_prob=want), deadline
+                head, flat, Sampling(rows, deterministic, seed, log_prob=want, value=want_value), deadline
             )
         else:
             actions = await self._split(
-                heads, flat, deterministic=deterministic, seed=seed, want_log_prob=want, deadline=deadline
+                heads,
+                flat,
+                deterministic=deterministic,
+                seed=seed,
+                want_log_prob=want,
+                want_value=want_value,
+                deadline=deadline,
             )
         if episode_ids:
             shape = _obs_shape(space)
@@ -184,6 +192,7 @@ class DataPlane:
         deterministic: bool,
         seed: int | None,
         want_log_prob: bool,
+        want_value: bool,
         deadline: float | None,
     ) -> Actions:
         """Serve rows routed to different versions as one group per version, then restore row order."""
@@ -197,7 +206,11 @@ class DataPlane:
                     by_version[v],
                     flat[rows],
                     Sampling(
-                        len(rows), deterministic, None if seed is None else seed + k, log_prob=want_log_prob
+                        len(rows),
+                        deterministic,
+                        None if seed is None else seed + k,
+                        log_prob=want_log_prob,
+                        value=want_value,
                     ),
                     deadline,
                 )
@@ -229,6 +242,7 @@ class DataPlane:
         deadline: float | None = None,
         feedback_step: int | None = None,
         final_observation: npt.NDArray[np.generic] | None = None,
+        want_value: bool = True,
     ) -> StepOutcome:
         """One ActStream message: report the previous action's outcome (if given), then act on ``obs``.
 
@@ -261,7 +275,7 @@ class DataPlane:
                 f"ActStream takes one observation per message of shape "
                 f"{list(_obs_shape(head.meta.observation_space))}; use Act for batches"
             )
-        actions = await self._infer(head, flat, Sampling(1, deterministic, seed), deadline)
+        actions = await self._infer(head, flat, Sampling(1, deterministic, seed, value=want_value), deadline)
         step = self.hub.record_action(
             task_id,
             episode_id,

@@ -30,6 +30,11 @@ Stable and canary labels: the active version is the task's *stable* version; a t
 by a hash of the episode id, so every replica sends an episode to the same version, or per request when
 there is no episode id). The canary is set, changed, promoted (it becomes stable) and cleared by writers
 like any other change; it cannot be unloaded while it is the canary, and activating it promotes it.
+Many heads: a head whose graph is a plain MLP runs from the server's stacked weight banks
+(:mod:`polyhead.server.mlp_heads`; its bank slots, like a session, are freed when the last holder lets go),
+any other head through its own onnxruntime session. A load costs the same whatever the number of loaded
+heads: the state is a sharded immutable map (:class:`TaskMap`, one shard copied per change), listeners hear
+which task changed, and shared encoders are found by sha256 in a weak index.
 No grpc here: the servicers translate.
 """
 
@@ -37,11 +42,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
@@ -69,6 +76,7 @@ from polyhead.errors import (
     VersionConflict,
 )
 from polyhead.server.metrics import ServerMetrics
+from polyhead.server.mlp_heads import HeadBanks, NotAnMlp, StackedHead, parse_mlp_head
 from polyhead.server.runtime import EncoderRuntime, HeadRuntime, TrunkRuntime
 from polyhead.spaces import observation_size
 
@@ -84,7 +92,7 @@ class LoadedHead:
     task_id: str
     version: int
     meta: HeadMeta
-    runtime: HeadRuntime
+    runtime: HeadRuntime | StackedHead  # stacked: a plain-MLP head in the server's weight banks
     head_sha256: str
     loaded_at: float
     source: str
@@ -165,7 +173,51 @@ class SwapResult:
     swap_seconds: float
 
 
-Listener = Callable[[Mapping[str, TaskHeads]], None]
+Listener = Callable[[Mapping[str, TaskHeads], str], None]
+
+_SHARDS = 128
+
+
+class TaskMap(Mapping[str, TaskHeads]):
+    """An immutable task -> :class:`TaskHeads` mapping whose one-task update copies only a shard.
+
+    Copying a flat dict on every publish made loading n heads O(n²) (10,000 heads: 50 million entry
+    copies); with 128 shards an update copies about n/128 entries and the 128-slot tuple.
+    """
+
+    __slots__ = ("_len", "_shards")
+
+    def __init__(self, shards: tuple[Mapping[str, TaskHeads], ...] | None = None, length: int = 0) -> None:
+        self._shards = shards if shards is not None else (MappingProxyType({}),) * _SHARDS
+        self._len = length
+
+    def with_entry(self, task_id: str, entry: TaskHeads | None) -> TaskMap:
+        """A new map with ``task_id`` set to ``entry`` (None: removed)."""
+        k = hash(task_id) % _SHARDS
+        shard = dict(self._shards[k])
+        had = task_id in shard
+        if entry is None:
+            shard.pop(task_id, None)
+        else:
+            shard[task_id] = entry
+        length = self._len + (entry is not None) - had
+        return TaskMap((*self._shards[:k], MappingProxyType(shard), *self._shards[k + 1 :]), length)
+
+    def __getitem__(self, task_id: str) -> TaskHeads:
+        return self._shards[hash(task_id) % _SHARDS][task_id]
+
+    def get(self, task_id: str, default: TaskHeads | None = None) -> TaskHeads | None:  # type: ignore[override]
+        return self._shards[hash(task_id) % _SHARDS].get(task_id, default)
+
+    def __contains__(self, task_id: object) -> bool:
+        return isinstance(task_id, str) and task_id in self._shards[hash(task_id) % _SHARDS]
+
+    def __iter__(self) -> Iterator[str]:
+        for shard in self._shards:
+            yield from shard
+
+    def __len__(self) -> int:
+        return self._len
 
 
 class HeadRegistry:
@@ -181,7 +233,10 @@ class HeadRegistry:
         metrics: ServerMetrics,
         max_head_bytes: int | None = None,
         max_loaded_versions: int = 3,
+        stacked_heads: bool = True,
     ) -> None:
+        """``stacked_heads``: run heads whose graphs are plain MLPs from stacked weight banks
+        (:mod:`polyhead.server.mlp_heads`); False: every head gets its own onnxruntime session."""
         if max_loaded_versions < 1:
             raise ValueError(f"max_loaded_versions must be at least 1, got {max_loaded_versions}")
         self.bundle = bundle
@@ -193,7 +248,10 @@ class HeadRegistry:
         self._warmup = warmup_batch_sizes
         self._metrics = metrics
         self._lock = threading.Lock()
-        self._tasks: Mapping[str, TaskHeads] = MappingProxyType({})
+        self._tasks = TaskMap()
+        self.banks: HeadBanks | None = HeadBanks() if stacked_heads else None
+        # Loaded encoders by sha256 (weak: an encoder lives as long as a version that runs it).
+        self._encoders: weakref.WeakValueDictionary[str, EncoderRuntime] = weakref.WeakValueDictionary()
         self._activations: dict[str, int] = {}  # per task: changes of the active version (or presence)
         self._served: dict[str, frozenset[int]] = {}  # per task: every version ever loaded here
         self._listeners: list[Listener] = []
@@ -208,7 +266,7 @@ class HeadRegistry:
         """The head that serves ``task_id`` (or a given loaded version); raises UnknownTask/UnknownVersion."""
         entry = self._tasks.get(task_id)
         if entry is None:
-            raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+            raise self._unknown(task_id)
         return entry.head(version)
 
     def served_versions(self, task_id: str) -> frozenset[int]:
@@ -225,7 +283,8 @@ class HeadRegistry:
         return self._activations.get(task_id, 0)
 
     def add_listener(self, listener: Listener) -> None:
-        """Call ``listener(snapshot)`` after every change (from the writer's thread)."""
+        """Call ``listener(snapshot, task_id)`` after every change to ``task_id`` (from the writer's
+        thread)."""
         self._listeners.append(listener)
 
     # --- loading ---------------------------------------------------------------------------------------
@@ -398,11 +457,7 @@ class HeadRegistry:
                 )
 
     def _loaded_encoder(self, sha: str) -> EncoderRuntime | None:
-        for entry in self._tasks.values():
-            for head in entry.versions.values():
-                if head.encoder is not None and head.encoder.sha256 == sha:
-                    return head.encoder
-        return None
+        return self._encoders.get(sha)
 
     def _encoder_runtime(self, task_id: str, model: bytes | None, sha: str, meta: HeadMeta) -> EncoderRuntime:
         """The loaded runtime of byte-identical encoder bytes if any version serves them, else a new one
@@ -424,6 +479,24 @@ class HeadRegistry:
             width=observation_size(meta.observation_space),
             norm_width=meta.observation_size,
         )
+        self._encoders.setdefault(sha, runtime)
+        return runtime
+
+    def _head_runtime(self, onnx_bytes: bytes, meta: HeadMeta) -> HeadRuntime | StackedHead:
+        """Stacked weights when the graph is a plain MLP (and stacking is on), else an onnxruntime session;
+        either checked and warmed up. Raises CorruptHead / IncompatibleHead."""
+        runtime: HeadRuntime | StackedHead
+        if self.banks is not None:
+            try:
+                parsed = parse_mlp_head(onnx_bytes, meta)
+            except NotAnMlp as exc:
+                log.debug("task %s: head runs in onnxruntime (%s)", meta.task.id, exc)
+            else:
+                runtime = self.banks.stack(parsed, meta, feature_size=self.manifest.feature_size)
+                runtime.warm_up(self._warmup, meta.observation_size)
+                return runtime
+        runtime = HeadRuntime(onnx_bytes, meta, feature_size=self.manifest.feature_size, opts=self._opts)
+        runtime.warm_up(self._warmup, meta.observation_size)
         return runtime
 
     def _load(
@@ -455,8 +528,7 @@ class HeadRegistry:
             active = self.set_active(task_id, version).active_version if activate else existing.active
             return LoadResult(same, active, time.perf_counter() - t0, already_loaded=True)
         encoder_runtime = self._encoder_runtime(task_id, encoder, encoder_sha, meta) if encoder_sha else None
-        runtime = HeadRuntime(onnx_bytes, meta, feature_size=self.manifest.feature_size, opts=self._opts)
-        runtime.warm_up(self._warmup, meta.observation_size)
+        runtime = self._head_runtime(onnx_bytes, meta)
         with self._lock:
             # Re-check: another writer may have loaded this version or changed the task meanwhile.
             self._check_meta(task_id, meta, sha, encoder_sha)
@@ -486,6 +558,8 @@ class HeadRegistry:
                     task_id,
                     _with_canary(entry, TaskHeads(task_id, MappingProxyType(versions), active, previous)),
                 )
+                if encoder_runtime is not None:
+                    self._encoders.setdefault(encoder_runtime.sha256, encoder_runtime)
                 swap_seconds = time.perf_counter() - t_swap
             elif not version or (concurrent.head_sha256, concurrent.encoder_sha256) != (sha, encoder_sha):
                 raise VersionConflict(
@@ -513,7 +587,7 @@ class HeadRegistry:
             if unloaded
             else "",
         )
-        self._notify()
+        self._notify(task_id)
         return LoadResult(head, active, seconds, already_loaded=False)
 
     # --- activation and unloading ----------------------------------------------------------------------
@@ -543,7 +617,7 @@ class HeadRegistry:
         with self._lock:
             entry = self._tasks.get(task_id)
             if entry is None:
-                raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+                raise self._unknown(task_id)
             if version not in entry.versions:
                 raise UnknownVersion(
                     f"task {task_id!r} has no loaded version {version}; loaded: {sorted(entry.versions)}"
@@ -558,7 +632,7 @@ class HeadRegistry:
         if version != previous:
             self._metrics.head_swaps.labels(task=task_id).inc()
             self._metrics.head_swap_seconds.labels(task=task_id).observe(seconds)
-            self._notify()
+            self._notify(task_id)
         return SwapResult(previous, version, seconds)
 
     def unload(self, task_id: str, version: int = 0, *, all_versions: bool = False) -> list[int]:
@@ -566,7 +640,7 @@ class HeadRegistry:
         with self._lock:
             entry = self._tasks.get(task_id)
             if entry is None:
-                raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+                raise self._unknown(task_id)
             if all_versions:
                 removed = sorted(entry.versions)
                 self._publish(task_id, None)
@@ -588,7 +662,7 @@ class HeadRegistry:
                 versions = {v: h for v, h in entry.versions.items() if v != version}
                 self._publish(task_id, replace(entry, versions=MappingProxyType(versions)))
                 removed = [version]
-        self._notify()
+        self._notify(task_id)
         return removed
 
     # --- canary ----------------------------------------------------------------------------------------
@@ -613,7 +687,7 @@ class HeadRegistry:
             updated = replace(entry, canary=version, canary_percent=float(percent))
             self._publish(task_id, updated)
         log.info("task %s: canary version %d at %g%% (stable %d)", task_id, version, percent, entry.active)
-        self._notify()
+        self._notify(task_id)
         return updated
 
     def promote_canary(self, task_id: str, version: int = 0) -> SwapResult:
@@ -645,14 +719,20 @@ class HeadRegistry:
                 self._publish(task_id, replace(entry, canary=0, canary_percent=0.0))
         if cleared:
             log.info("task %s: canary version %d cleared (stable %d)", task_id, cleared, entry.active)
-            self._notify()
+            self._notify(task_id)
         return cleared
 
     # --- internals ---------------------------------------------------------------------------------------
+    def _unknown(self, task_id: str) -> UnknownTask:
+        """UnknownTask naming at most 20 served tasks (a server may serve 10,000)."""
+        first = heapq.nsmallest(20, self._tasks)
+        more = f" and {len(self._tasks) - len(first)} more" if len(self._tasks) > len(first) else ""
+        return UnknownTask(f"unknown task {task_id!r}; served tasks: {first}{more}")
+
     def _entry(self, task_id: str) -> TaskHeads:
         entry = self._tasks.get(task_id)
         if entry is None:
-            raise UnknownTask(f"unknown task {task_id!r}; served tasks: {sorted(self._tasks)}")
+            raise self._unknown(task_id)
         return entry
 
     def _bound(self, versions: dict[int, LoadedHead], *, keep: set[int]) -> list[int]:
@@ -671,9 +751,7 @@ class HeadRegistry:
         previous = self._tasks.get(task_id)
         if previous is None or entry is None or previous.active != entry.active:
             self._activations[task_id] = self._activations.get(task_id, 0) + 1
-        tasks = dict(self._tasks)
         if entry is None:
-            tasks.pop(task_id, None)
             for gauge in (
                 self._metrics.active_head_version,
                 self._metrics.canary_version,
@@ -683,21 +761,20 @@ class HeadRegistry:
                     gauge.remove(task_id)
             self._metrics.loaded_heads.labels(task=task_id).set(0)
         else:
-            if task_id not in tasks:
+            if previous is None:
                 self._metrics.init_task(task_id)
-            tasks[task_id] = entry
             self._served[task_id] = self._served.get(task_id, frozenset()) | frozenset(entry.versions)
             self._metrics.active_head_version.labels(task=task_id).set(entry.active)
             self._metrics.canary_version.labels(task=task_id).set(entry.canary)
             self._metrics.canary_percent.labels(task=task_id).set(entry.canary_percent)
             self._metrics.loaded_heads.labels(task=task_id).set(len(entry.versions))
-        self._tasks = MappingProxyType(tasks)
+        self._tasks = self._tasks.with_entry(task_id, entry)
 
-    def _notify(self) -> None:
+    def _notify(self, task_id: str) -> None:
         snapshot = self._tasks
         for listener in self._listeners:
             try:
-                listener(snapshot)
+                listener(snapshot, task_id)
             except Exception:  # a listener's bug must not fail the load that already succeeded
                 log.exception("registry listener failed")
 

@@ -202,14 +202,16 @@ class HeadRuntime:
         self._inputs = [name for name in HEAD_INPUTS if name in inputs]
         self._outputs = list(expected)
 
-    def run(self, features: F32, obs_norm: F32) -> HeadOutputs:
+    def run(self, features: F32, obs_norm: F32, *, value: bool = True) -> HeadOutputs:  # noqa: ARG002 (the stacked heads' signature)
+        """Policy outputs and values for the rows (``value`` is accepted for the stacked heads' interface:
+        the session's graph computes the value either way)."""
         feeds = {"features": features, "obs_norm": obs_norm}
         values = self.session.run(self._outputs, {k: feeds[k] for k in self._inputs})
         if self.meta.distribution == "categorical":
-            logits, value = values
-            return HeadOutputs(logits=logits, mean=None, log_std=None, value=value.reshape(-1))
-        mean, log_std, value = values
-        return HeadOutputs(logits=None, mean=mean, log_std=log_std, value=value.reshape(-1))
+            logits, values_out = values
+            return HeadOutputs(logits=logits, mean=None, log_std=None, value=values_out.reshape(-1))
+        mean, log_std, values_out = values
+        return HeadOutputs(logits=None, mean=mean, log_std=log_std, value=values_out.reshape(-1))
 
     def warm_up(self, batch_sizes: Sequence[int], observation_size: int) -> None:
         """Run once per batch size; raises IncompatibleHead when shapes do not fit the action spec."""

@@ -140,6 +140,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             episode_ids=request.episode_ids,
             steps=request.steps,
             want_log_prob=request.return_log_prob,
+            want_value=request.return_value,
             deadline=_deadline(context),
         )
         a = out.actions
@@ -199,6 +200,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             final_observation=_final_observation(feedback.final_observation, "feedback.final_observation")
             if feedback is not None
             else None,
+            want_value=request.return_value,
         )
         response = policy_pb2.StepResponse(
             task_id=request.task_id, episode_id=request.episode_id, head_version=out.version, step=out.step

@@ -90,6 +90,11 @@ class ServerSettings(BaseSettings):
     )
 
     # --- heads -------------------------------------------------------------------------------------------
+    stacked_heads: bool = Field(
+        True,
+        description="run heads whose ONNX graphs are plain MLPs from stacked weights, many heads in one "
+        "grouped matmul per batch (False: an onnxruntime session per head, as before)",
+    )
     watch_bundle: bool = Field(
         True, description="poll the bundle for new head versions and active.json changes, load them"
     )

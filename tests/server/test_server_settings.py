@@ -41,9 +41,19 @@ def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
     parser = argparse.ArgumentParser()
     register_serve(parser.add_subparsers())
     args = parser.parse_args(
-        ["serve", "--bundle", str(tmp_path), "--port", "0", "--no-batching", "--no-metrics"]
+        [
+            "serve",
+            "--bundle",
+            str(tmp_path),
+            "--port",
+            "0",
+            "--no-batching",
+            "--no-metrics",
+            "--no-stacked-heads",
+        ]
     )
     settings = settings_from_args(args)
+    assert settings.stacked_heads is False
     assert settings.port == 0
     assert settings.max_queue_size == 9
     assert settings.batching is False
