@@ -1,20 +1,20 @@
 """Dynamic cross-task batching: concurrent requests of any task mix share one trunk pass.
 
-A request is queued with the :class:`LoadedHead` it resolved on arrival (so it finishes on that head
-whatever swaps happen meanwhile). One coroutine at a time runs passes: the first caller that finds the
-batcher idle (the leader), until its own request is answered, then a worker task while requests remain.
-A pass takes queued requests (up to ``max_batch_size`` observations), drops those whose deadline passed,
-runs one trunk pass over all rows, one pass per head (task, version) over that head's rows, and action
-selection per head group.
+A request (a unary ``Act`` call or one ``ActStream`` step: both come through :meth:`Batcher.act`) is queued
+with the :class:`LoadedHead` it resolved on arrival (so it finishes on that head whatever swaps happen
+meanwhile). A pass takes queued requests (up to ``max_batch_size`` observations), drops those whose
+deadline passed, runs one trunk pass over all rows, one pass per head (task, version) over that head's
+rows, and action selection per head group. One pass runs at a time.
 
-Adaptive, from ``pending`` (the calls the transport has accepted and not answered, see
-:mod:`polyhead.server.inflight`):
+When passes run:
 
-* no other call in progress (a lone client): the pass runs at once on the event-loop thread; it pays no
-  window and no thread hand-off, which for a few rows costs more than the inference;
-* other calls in progress: the pass first yields to the loop while the queue keeps growing (bounded by
-  ``max_queue_delay`` and a full batch), then runs in the one-thread executor, so the loop keeps accepting
-  calls meanwhile; they form the next batch, which is where batching comes from under load.
+* the first request to find the batcher idle schedules a pass with ``loop.call_soon``: it runs after every
+  call that reached the server in the same loop turn has queued its request, so a turn's arrivals share
+  one pass (a lone caller pays one loop turn for this, not a wait). While that pass runs in the one-thread executor (when it has more than
+  ``inline_max_rows`` observations; a smaller one runs on the loop thread) the loop keeps accepting
+  calls, and they form the next pass, which starts as soon as this one is delivered. While the calls in
+  progress outnumber the requests the batcher holds (their requests are still being read), the pass waits
+  for them a turn at a time, up to ``max_queue_delay`` after the oldest request, or until a batch is full.
 
 Backpressure: at most ``max_queue_size`` requests wait; the next gets :class:`Overloaded` (the message
 names the limit). No grpc here: the servicers translate.
@@ -41,8 +41,6 @@ from polyhead.server.metrics import ServerMetrics
 from polyhead.server.registry import LoadedHead
 from polyhead.server.runtime import TrunkRuntime
 
-# Consecutive event-loop turns with no new arrival after which the worker stops waiting for more.
-_IDLE_TURNS = 2
 F32 = npt.NDArray[np.float32]
 _EMPTY: F32 = np.zeros((0, 0), dtype=np.float32)
 
@@ -104,13 +102,12 @@ class Batcher:
         self._pending = pending or (lambda: 0)
         self._in_progress = in_progress or (lambda: 0)
         self.max_in_progress = max_in_progress
-        self._last_pass_end = 0.0
         self._metrics = metrics
         self._queue: collections.deque[_Work] = collections.deque()
         self._queued_rows = 0
-        self._active = False  # a pass is running or about to (leader or worker task)
-        self._inflight: asyncio.Future[list[Actions]] | None = None
-        self._worker: asyncio.Task[None] | None = None  # keeps the hand-off task referenced
+        self._active = False  # a pass is scheduled or running
+        self._held = 0  # requests in act(): queued, in a pass, or answered and not yet resumed
+        self._first_enqueued = 0.0  # when the oldest request of the next pass arrived
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -163,80 +160,73 @@ class Batcher:
         work = _Work(head, obs, sampling, deadline, time.perf_counter(), loop.create_future())
         self._queue.append(work)
         self._queued_rows += sampling.rows
-        if not self._active:
-            # Nobody is running passes: this caller leads. It runs passes until its own request is
-            # answered, then hands requests that arrived meanwhile to a worker task. With no other call in
-            # progress (a lone client) its pass runs at once on the loop thread: no waiting, no thread
-            # hand-off. With others in progress, requests are streaming in: it gathers them while they
-            # arrive and runs the pass in the inference thread, so the loop keeps accepting meanwhile.
-            self._active = True
-            busy = len(self._queue) > 1 or self._pending() > 1
-            self._idle.clear()
-            try:
-                while not work.future.done():
-                    await self._pass(loop, busy=busy)
-                    busy = True
-            finally:
-                if self._queue:
-                    self._worker = loop.create_task(self._work_off(loop))
-                else:
-                    self._active = False
-                    self._idle.set()
-        return await work.future
+        self._held += 1
+        try:
+            if not self._active:
+                # Not at once, even for what looks like a lone caller: calls that reached the server in
+                # this loop turn have not run their handlers yet, and they join this pass.
+                self._active = True
+                self._idle.clear()
+                self._first_enqueued = work.enqueued
+                loop.call_soon(self._kick, loop)
+            return await work.future
+        finally:
+            self._held -= 1
 
     # --- passes ----------------------------------------------------------------------------------------
-    async def _work_off(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Run passes until the queue is empty (requests that arrived during the leader's passes)."""
-        try:
-            while self._queue:
-                await self._pass(loop, busy=True)
-            if self._inflight is not None and not self._inflight.done():
-                await asyncio.shield(self._inflight)
-        finally:
-            self._active = False
-            self._idle.set()
-
-    async def _pass(self, loop: asyncio.AbstractEventLoop, *, busy: bool) -> None:
-        """Take one batch and run it.
-
-        ``busy`` (requests are streaming in): first yield to the loop while requests keep arriving, and
-        run the pass in the inference thread so the loop keeps accepting calls meanwhile. Otherwise a
-        small batch runs on the loop thread: for a few rows the thread hand-off costs more than the
-        inference. Executor results are delivered by a callback, so a cancelled leader cannot strand the
-        other requests of its batch.
-        """
-        if self._inflight is not None and not self._inflight.done():
-            await asyncio.shield(self._inflight)  # one pass at a time: the input buffer is shared
-        if busy and self.batching:
-            await self._gather()
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the next pass (a loop callback; ``_active`` is set and no pass is running)."""
+        if (
+            self.batching
+            and self._queued_rows < self.max_batch_size
+            and self._pending() > self._held
+            and time.perf_counter() < self._first_enqueued + self.max_queue_delay_s
+        ):
+            loop.call_soon(self._kick, loop)  # calls in progress have not queued yet: one more turn
+            return
         batch = self._take()
         self._metrics.queue_depth.set(len(self._queue))
         if not batch:
+            self._next(loop)
             return
-        if not busy and sum(w.sampling.rows for w in batch) <= self.inline_max_rows:
-            try:
-                results = self._infer(batch)
-            except Exception as exc:  # a bug in a pass fails its requests, not the batcher
-                self._fail(batch, exc)
-                return
-            self._deliver(batch, results)
+        if sum(w.sampling.rows for w in batch) <= self.inline_max_rows:
+            self._run_inline(batch)
+            self._next(loop)
             return
         future = loop.run_in_executor(self._executor, self._infer, batch)
-        future.add_done_callback(functools.partial(self._deliver_future, batch))
-        self._inflight = future
-        await asyncio.shield(future)
+        future.add_done_callback(functools.partial(self._deliver_future, loop, batch))
 
-    def _deliver_future(self, batch: Sequence[_Work], future: asyncio.Future[list[Actions]]) -> None:
-        self._last_pass_end = time.perf_counter()
+    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
+        """After a pass: schedule the next for what queued meanwhile, or go idle."""
+        if self._queue:
+            self._first_enqueued = self._queue[0].enqueued
+            loop.call_soon(self._kick, loop)
+        else:
+            self._active = False
+            self._idle.set()
+
+    def _run_inline(self, batch: list[_Work]) -> None:
+        if not batch:
+            return
+        try:
+            results = self._infer(batch)
+        except Exception as exc:  # a bug in a pass fails its requests, not the batcher
+            self._fail(batch, exc)
+            return
+        self._deliver(batch, results)
+
+    def _deliver_future(
+        self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Work], future: asyncio.Future[list[Actions]]
+    ) -> None:
         if future.cancelled():
             self._fail(batch, ShuttingDown("the inference pass was cancelled"))
         elif (exc := future.exception()) is not None:
             self._fail(batch, exc)
         else:
             self._deliver(batch, future.result())
+        self._next(loop)
 
     def _deliver(self, batch: Sequence[_Work], results: Sequence[Actions]) -> None:
-        self._last_pass_end = time.perf_counter()
         for work, result in zip(batch, results, strict=True):
             if not work.future.done():  # the caller may have been cancelled meanwhile
                 work.future.set_result(result)
@@ -246,22 +236,6 @@ class Batcher:
         for work in batch:
             if not work.future.done():
                 work.future.set_exception(exc)
-
-    async def _gather(self) -> None:
-        """Yield to the loop while requests keep arriving, up to the queue delay or a full batch."""
-        if not self._queue:
-            return
-        limit = self._queue[0].enqueued + self.max_queue_delay_s
-        idle = 0
-        while (
-            self._queued_rows < self.max_batch_size
-            and idle < _IDLE_TURNS
-            and len(self._queue) < self._pending()
-            and time.perf_counter() < limit
-        ):
-            before = len(self._queue)
-            await asyncio.sleep(0)
-            idle = idle + 1 if len(self._queue) == before else 0
 
     def _take(self) -> list[_Work]:
         """Up to max_batch_size rows of queued requests (at least one request); expired ones fail now."""
