@@ -6,15 +6,15 @@ meanwhile). A pass takes queued requests (up to ``max_batch_size`` observations)
 deadline passed, runs one trunk pass over all rows, one pass per head (task, version) over that head's
 rows, and action selection per head group. One pass runs at a time.
 
-When passes run:
-
-* the first request to find the batcher idle schedules a pass with ``loop.call_soon``: it runs after every
-  call that reached the server in the same loop turn has queued its request, so a turn's arrivals share
-  one pass (a lone caller pays one loop turn for this, not a wait). While that pass runs in the one-thread executor (when it has more than
-  ``inline_max_rows`` observations; a smaller one runs on the loop thread) the loop keeps accepting
-  calls, and they form the next pass, which starts as soon as this one is delivered. While the calls in
-  progress outnumber the requests the batcher holds (their requests are still being read), the pass waits
-  for them a turn at a time, up to ``max_queue_delay`` after the oldest request, or until a batch is full.
+When passes run: the first request to find the batcher idle schedules a pass with ``loop.call_soon``. It
+runs after every call that reached the server in the same loop turn has queued its request, so a turn's
+arrivals share one pass (a lone caller pays one loop turn for this, not a wait). A pass of more than
+``inline_max_rows`` observations runs in the one-thread executor and the loop keeps accepting calls
+meanwhile; a smaller one runs on the loop thread (for a few rows the hand-off costs more than the
+inference). The next pass, for whatever queued meanwhile, is scheduled as soon as one is delivered. While
+the Act calls in progress outnumber the requests the batcher holds (their requests are not queued yet),
+a pass waits for them a turn at a time, up to ``max_queue_delay`` after its oldest request or until a
+batch is full.
 
 Backpressure: at most ``max_queue_size`` requests wait; the next gets :class:`Overloaded` (the message
 names the limit). No grpc here: the servicers translate.
@@ -53,6 +53,7 @@ class _Work:
     deadline: float | None
     enqueued: float
     future: asyncio.Future[Actions] = field(repr=False)
+    stream: bool = False  # an ActStream step (else a unary Act call)
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,17 @@ class BatchStats:
     """Totals since start (for tests and benchmarks; the metrics carry the same).
 
     ``passes`` counts trunk passes (one per batch, whatever its mix of tasks and encoders);
-    ``encoder_runs`` the encoder sessions run (one per distinct encoder in a batch; 0 for format 1).
+    ``encoder_runs`` the encoder sessions run (one per distinct encoder in a batch; 0 for format 1);
+    ``stream_requests`` the requests that were ActStream steps; ``mixed_passes`` the passes that served
+    both an ActStream step and a unary Act call.
     """
 
     passes: int
     requests: int
     rows: int
     encoder_runs: int = 0
+    stream_requests: int = 0
+    mixed_passes: int = 0
 
 
 class Batcher:
@@ -119,11 +124,20 @@ class Batcher:
         self._passes = 0
         self._requests = 0
         self._rows = 0
+        self._stream_requests = 0
+        self._mixed_passes = 0
         self._task_metrics: dict[str, tuple[Any, Any]] = {}
 
     @property
     def stats(self) -> BatchStats:
-        return BatchStats(self._passes, self._requests, self._rows, self._encoder_runs)
+        return BatchStats(
+            self._passes,
+            self._requests,
+            self._rows,
+            self._encoder_runs,
+            self._stream_requests,
+            self._mixed_passes,
+        )
 
     @property
     def queue_depth(self) -> int:
@@ -136,8 +150,10 @@ class Batcher:
         sampling: Sampling,
         *,
         deadline: float | None = None,
+        stream: bool = False,
     ) -> Actions:
-        """Actions for ``obs`` ([rows, d] float32, already validated) from ``head``.
+        """Actions for ``obs`` ([rows, d] float32, already validated) from ``head``; ``stream``: the request
+        is an ActStream step (counted in :attr:`stats`).
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request is dropped before inference.
         Raises Overloaded (queue full), ShuttingDown (after :meth:`close`), DeadlineExpired.
@@ -157,7 +173,7 @@ class Batcher:
                 f"({self.max_in_progress}); retry with backoff"
             )
         loop = asyncio.get_running_loop()
-        work = _Work(head, obs, sampling, deadline, time.perf_counter(), loop.create_future())
+        work = _Work(head, obs, sampling, deadline, time.perf_counter(), loop.create_future(), stream)
         self._queue.append(work)
         self._queued_rows += sampling.rows
         self._held += 1
@@ -189,6 +205,9 @@ class Batcher:
         if not batch:
             self._next(loop)
             return
+        streams = sum(w.stream for w in batch)
+        self._stream_requests += streams
+        self._mixed_passes += 0 < streams < len(batch)
         if sum(w.sampling.rows for w in batch) <= self.inline_max_rows:
             self._run_inline(batch)
             self._next(loop)
