@@ -7,7 +7,8 @@ registration, in one ``async def`` that does, in this order (the order the inter
 1. refuse with UNAVAILABLE once draining started (:class:`polyhead.server.draining.DrainGate`; health
    stays answered);
 2. count the running handler for the drain (all methods but health) and, for ``Act``, the Act calls in
-   progress (:class:`polyhead.server.inflight.InflightCounter`);
+   progress (:class:`polyhead.server.inflight.InflightCounter`, which counts a call from its lookup in
+   :class:`CountingHandlers`, before its message is read);
 3. check the admin bearer token on guarded methods (:mod:`polyhead.server.auth`);
 4. decode a unary request inside the handler, so malformed bytes are INVALID_ARGUMENT
    (:mod:`polyhead.server.decoding`).
@@ -69,9 +70,31 @@ def register(server: grpc.aio.Server, policy: CallPolicy, add: Callable[..., Non
         return
     for service, handlers in capture.services.items():
         wrapped = {name: wrap(f"/{service}/{name}", handler, policy) for name, handler in handlers.items()}
+        if policy.inflight is not None and any(f"/{service}/{name}" in policy.counted for name in wrapped):
+            # Looked up per call, when gRPC accepts it: the moment the in-flight count starts.
+            server.add_generic_rpc_handlers((CountingHandlers(service, wrapped, policy),))
+            continue
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
         # Registered methods skip the per-call lookup of generic handlers (stubs lack the method).
         server.add_registered_method_handlers(service, wrapped)  # type: ignore[attr-defined]
+
+
+class CountingHandlers(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """One service's (wrapped) handlers; a call to a counted method is counted as accepted on lookup,
+    which gRPC does before it reads the request message."""
+
+    def __init__(self, service: str, handlers: dict[str, Handler], policy: CallPolicy) -> None:
+        self._handlers = {f"/{service}/{name}": handler for name, handler in handlers.items()}
+        self._counted = policy.counted
+        assert policy.inflight is not None
+        self._accept = policy.inflight.accept
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is not None and method in self._counted:
+            self._accept()
+        return handler
 
 
 def wrap(method: str, handler: Handler, policy: CallPolicy) -> Handler:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -213,3 +214,17 @@ def test_malformed_request_bytes_are_invalid_argument(server: Any, policy_stub: 
         time.sleep(0.01)
     assert server.running.batcher._in_progress() == 0  # and so is the count of running handlers
     assert act(policy_stub, "cartpole", observations("cartpole")).head_version == 1
+
+
+def test_inflight_count_forgets_calls_that_never_reached_their_handler() -> None:
+    from polyhead.server.inflight import InflightCounter
+
+    counter = InflightCounter(stale_after_s=0.0)
+    counter.accept()  # accepted, then cancelled before its message was read: no handler ever starts
+    counter.accept()
+    counter.enter()
+    assert counter.handling() == 1
+    time.sleep(0.001)
+    assert counter() == 1  # the stale acceptance is forgotten; the running handler still counts
+    counter.leave()
+    assert counter() == 0
