@@ -29,7 +29,8 @@ from types import TracebackType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer  # the public reflection.aio's class
 from prometheus_client import CollectorRegistry
 
 from polyhead import __version__
@@ -333,7 +334,8 @@ async def start_server(
         if shared_admin:
             register(main, main_policy, admin_pb2_grpc.add_HeadAdminServicer_to_server, admin_servicer)
             main_services.append(ADMIN_SERVICE)
-        register(main, main_policy, reflection.enable_server_reflection, main_services)
+        add_reflection = reflection_pb2_grpc.add_ServerReflectionServicer_to_server
+        register(main, main_policy, add_reflection, ReflectionServicer(main_services))
         servers.append(main)
         port = _bind(main, settings.host, settings.port, creds, "")
 
@@ -344,7 +346,7 @@ async def start_server(
             register(admin, admin_policy, admin_pb2_grpc.add_HeadAdminServicer_to_server, admin_servicer)
             register(admin, admin_policy, health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
             admin_services = [ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
-            register(admin, admin_policy, reflection.enable_server_reflection, admin_services)
+            register(admin, admin_policy, add_reflection, ReflectionServicer(admin_services))
             servers.append(admin)
             admin_port = _bind(admin, settings.admin_host, settings.admin_port, admin_creds, "admin_")
 
