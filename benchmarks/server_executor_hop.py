@@ -45,10 +45,11 @@ def main() -> None:
                     echo = _measure(server, "echo", **kw)
                     act = _measure(server, "act", **kw)
                     out[f"{arm}@{c}"] = {"echo": echo, "act": act}
+                    cpu = act["server_cpu_us_per_request"], echo["server_cpu_us_per_request"]
                     print(
                         f"round {r} {arm} c={c}: act {act['rps']:.0f}/s (echo {echo['rps']:.0f}/s), "
                         f"p50 {act['p50_us']:.0f} us (echo {echo['p50_us']:.0f}), CPU/call "
-                        f"{act['server_cpu_us_per_request']:.0f} us (echo {echo['server_cpu_us_per_request']:.0f}), "
+                        f"{cpu[0]:.0f} us (echo {cpu[1]:.0f}), "
                         f"passes/request {act['trunk_passes_per_request']:.2f}",
                         file=sys.stderr,
                     )
