@@ -6,15 +6,15 @@ meanwhile). A pass takes queued requests (up to ``max_batch_size`` observations)
 deadline passed, runs one trunk pass over all rows, one pass per head (task, version) over that head's
 rows, and action selection per head group. One pass runs at a time.
 
-When passes run: the first request to find the batcher idle schedules a pass with ``loop.call_soon``. It
-runs after every call that reached the server in the same loop turn has queued its request, so a turn's
-arrivals share one pass (a lone caller pays one loop turn for this, not a wait). A pass of more than
-``inline_max_rows`` observations runs in the one-thread executor and the loop keeps accepting calls
-meanwhile; a smaller one runs on the loop thread (for a few rows the hand-off costs more than the
-inference). The next pass, for whatever queued meanwhile, is scheduled as soon as one is delivered. While
-the Act calls in progress outnumber the requests the batcher holds (their requests are not queued yet),
-a pass waits for them a turn at a time, up to ``max_queue_delay`` after its oldest request or until a
-batch is full.
+When passes run: the first request to find the batcher idle schedules a pass with ``loop.call_soon``, so
+it runs after every call that reached the server in the same loop turn has queued its request (a lone
+caller pays one loop turn for this, not a wait). If other calls are in progress then (requests held, or
+Act calls accepted by gRPC, see :mod:`polyhead.server.inflight`), the pass waits on a timer until
+``max_queue_delay`` after its oldest request, or until the batch is full, and runs in the one-thread
+executor: the loop keeps accepting calls meanwhile, and they form the next pass, scheduled as soon as
+this one is delivered. gRPC's asyncio server accepts about one new call per loop turn, so under load this
+wait, not the arrivals of one turn, is what fills a pass. A lone pass of at most ``inline_max_rows``
+observations runs on the loop thread (for a few rows the hand-off costs more than the inference).
 
 Backpressure: at most ``max_queue_size`` requests wait; the next gets :class:`Overloaded` (the message
 names the limit). No grpc here: the servicers translate.
@@ -113,6 +113,7 @@ class Batcher:
         self._active = False  # a pass is scheduled or running
         self._held = 0  # requests in act(): queued, in a pass, or answered and not yet resumed
         self._first_enqueued = 0.0  # when the oldest request of the next pass arrived
+        self._timer: asyncio.TimerHandle | None = None  # the next pass, waiting for more requests
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -185,21 +186,28 @@ class Batcher:
                 self._idle.clear()
                 self._first_enqueued = work.enqueued
                 loop.call_soon(self._kick, loop)
+            elif self._timer is not None and self._queued_rows >= self.max_batch_size:
+                self._timer.cancel()  # a full batch waits no longer
+                self._timer = None
+                loop.call_soon(self._kick, loop)
             return await work.future
         finally:
             self._held -= 1
 
     # --- passes ----------------------------------------------------------------------------------------
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Run the next pass (a loop callback; ``_active`` is set and no pass is running)."""
-        if (
-            self.batching
-            and self._queued_rows < self.max_batch_size
-            and self._pending() > self._held
-            and time.perf_counter() < self._first_enqueued + self.max_queue_delay_s
-        ):
-            loop.call_soon(self._kick, loop)  # calls in progress have not queued yet: one more turn
-            return
+        """Run the next pass (a loop callback; ``_active`` is set and no pass is running).
+
+        With other calls in progress the pass first waits (a timer, not a spin) until ``max_queue_delay``
+        after its oldest request, or until the batch is full: the loop keeps accepting calls meanwhile,
+        and under load that wait is what puts many requests in one pass. A lone request runs at once."""
+        self._timer = None
+        busy = self._held > 1 or self._pending() > 1
+        if busy and self.batching and self._queued_rows < self.max_batch_size:
+            remaining = self._first_enqueued + self.max_queue_delay_s - time.perf_counter()
+            if remaining > 0:
+                self._timer = loop.call_later(remaining, self._kick, loop)
+                return
         batch = self._take()
         self._metrics.queue_depth.set(len(self._queue))
         if not batch:
@@ -208,8 +216,8 @@ class Batcher:
         streams = sum(w.stream for w in batch)
         self._stream_requests += streams
         self._mixed_passes += 0 < streams < len(batch)
-        if sum(w.sampling.rows for w in batch) <= self.inline_max_rows:
-            self._run_inline(batch)
+        if not busy and sum(w.sampling.rows for w in batch) <= self.inline_max_rows:
+            self._run_inline(batch)  # a lone small pass: the thread hand-off would cost more than it
             self._next(loop)
             return
         future = loop.run_in_executor(self._executor, self._infer, batch)
