@@ -6,15 +6,15 @@ meanwhile). A pass takes queued requests (up to ``max_batch_size`` observations)
 deadline passed, runs one trunk pass over all rows, one pass per head (task, version) over that head's
 rows, and action selection per head group. One pass runs at a time.
 
-When passes run: the first request to find the batcher idle schedules a pass with ``loop.call_soon``, so
-it runs after every call that reached the server in the same loop turn has queued its request (a lone
-caller pays one loop turn for this, not a wait). If other calls are in progress then (requests held, or
-Act calls accepted by gRPC, see :mod:`polyhead.server.inflight`), the pass waits on a timer until
-``max_queue_delay`` after its oldest request, or until the batch is full, and runs in the one-thread
-executor: the loop keeps accepting calls meanwhile, and they form the next pass, scheduled as soon as
-this one is delivered. gRPC's asyncio server accepts about one new call per loop turn, so under load this
-wait, not the arrivals of one turn, is what fills a pass. A lone pass of at most ``inline_max_rows``
-observations runs on the loop thread (for a few rows the hand-off costs more than the inference).
+When passes run: a lone caller (no other request held, no other Act call accepted by gRPC, see
+:mod:`polyhead.server.inflight`) with at most ``inline_max_rows`` observations runs its pass at once on the
+event-loop thread, inside its own call: no loop turn, no thread hand-off. Otherwise the first request to
+find the batcher idle schedules a pass with ``loop.call_soon``, so it runs after every call that reached
+the server in the same loop turn has queued its request. If other calls are in progress then, the pass
+waits on a timer until ``max_queue_delay`` after its oldest request, or until the batch is full, and runs
+in the one-thread executor: the loop keeps accepting calls meanwhile, and they form the next pass,
+scheduled as soon as this one is delivered. gRPC's asyncio server accepts about one new call per loop
+turn, so under load this wait, not the arrivals of one turn, is what fills a pass.
 
 Backpressure: at most ``max_queue_size`` requests wait; the next gets :class:`Overloaded` (the message
 names the limit). No grpc here: the servicers translate.
@@ -180,12 +180,15 @@ class Batcher:
         self._held += 1
         try:
             if not self._active:
-                # Not at once, even for what looks like a lone caller: calls that reached the server in
-                # this loop turn have not run their handlers yet, and they join this pass.
                 self._active = True
                 self._idle.clear()
                 self._first_enqueued = work.enqueued
-                loop.call_soon(self._kick, loop)
+                if self._held == 1 and self._pending() <= 1 and sampling.rows <= self.inline_max_rows:
+                    # A lone caller: no other call even accepted by gRPC, so none can join this pass. It
+                    # runs now, on the loop thread, and the caller never suspends.
+                    self._kick(loop)
+                else:
+                    loop.call_soon(self._kick, loop)  # after this turn's other arrivals have queued
             elif self._timer is not None and self._queued_rows >= self.max_batch_size:
                 self._timer.cancel()  # a full batch waits no longer
                 self._timer = None
