@@ -11,10 +11,11 @@ When passes run: a lone caller (no other request held, no other Act call accepte
 event-loop thread, inside its own call: no loop turn, no thread hand-off. Otherwise the first request to
 find the batcher idle schedules a pass with ``loop.call_soon``, so it runs after every call that reached
 the server in the same loop turn has queued its request. If other calls are in progress then, the pass
-waits on a timer until ``max_queue_delay`` after its oldest request, or until the batch is full, and runs
-in the one-thread executor: the loop keeps accepting calls meanwhile, and they form the next pass,
-scheduled as soon as this one is delivered. gRPC's asyncio server accepts about one new call per loop
-turn, so under load this wait, not the arrivals of one turn, is what fills a pass.
+waits on a timer until ``max_queue_delay`` after its oldest request, or until the batch is full, while the
+loop keeps accepting calls. gRPC's asyncio server accepts about one new call per loop turn, so under load
+this wait, not the arrivals of one turn, is what fills a pass. A pass of at most ``inline_max_rows``
+observations runs on the loop thread; a larger one in the one-thread executor, and the loop keeps
+accepting calls meanwhile for the next pass, which is scheduled as soon as this one is delivered.
 
 Backpressure: at most ``max_queue_size`` requests wait; the next gets :class:`Overloaded` (the message
 names the limit). No grpc here: the servicers translate.
@@ -219,8 +220,10 @@ class Batcher:
         streams = sum(w.stream for w in batch)
         self._stream_requests += streams
         self._mixed_passes += 0 < streams < len(batch)
-        if not busy and sum(w.sampling.rows for w in batch) <= self.inline_max_rows:
-            self._run_inline(batch)  # a lone small pass: the thread hand-off would cost more than it
+        if sum(w.sampling.rows for w in batch) <= self.inline_max_rows:
+            # A small pass costs less than the hand-off to the inference thread and back (which, with the
+            # GIL contended, measured dearer still: benchmarks/server_executor_hop.py).
+            self._run_inline(batch)
             self._next(loop)
             return
         future = loop.run_in_executor(self._executor, self._infer, batch)
