@@ -113,6 +113,7 @@ class Batcher:
         self._queued_rows = 0
         self._active = False  # a pass is scheduled or running
         self._held = 0  # requests in act(): queued, in a pass, or answered and not yet resumed
+        self._held_streams = 0  # of which ActStream steps
         self._first_enqueued = 0.0  # when the oldest request of the next pass arrived
         self._timer: asyncio.TimerHandle | None = None  # the next pass, waiting for more requests
         self._closed = False
@@ -179,12 +180,13 @@ class Batcher:
         self._queue.append(work)
         self._queued_rows += sampling.rows
         self._held += 1
+        self._held_streams += stream
         try:
             if not self._active:
                 self._active = True
                 self._idle.clear()
                 self._first_enqueued = work.enqueued
-                if self._held == 1 and self._pending() <= 1 and sampling.rows <= self.inline_max_rows:
+                if not self._others_in_progress() and sampling.rows <= self.inline_max_rows:
                     # A lone caller: no other call even accepted by gRPC, so none can join this pass. It
                     # runs now, on the loop thread, and the caller never suspends.
                     self._kick(loop)
@@ -197,6 +199,7 @@ class Batcher:
             return await work.future
         finally:
             self._held -= 1
+            self._held_streams -= stream
 
     # --- passes ----------------------------------------------------------------------------------------
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -206,7 +209,7 @@ class Batcher:
         after its oldest request, or until the batch is full: the loop keeps accepting calls meanwhile,
         and under load that wait is what puts many requests in one pass. A lone request runs at once."""
         self._timer = None
-        busy = self._held > 1 or self._pending() > 1
+        busy = self._others_in_progress()
         if busy and self.batching and self._queued_rows < self.max_batch_size:
             remaining = self._first_enqueued + self.max_queue_delay_s - time.perf_counter()
             if remaining > 0:
@@ -228,6 +231,11 @@ class Batcher:
             return
         future = loop.run_in_executor(self._executor, self._infer, batch)
         future.add_done_callback(functools.partial(self._deliver_future, loop, batch))
+
+    def _others_in_progress(self) -> bool:
+        """Whether more than one request is held or on its way: Act calls accepted by gRPC (the caller's
+        own Act call among them) and ActStream steps held (not counted there)."""
+        return self._held > 1 or self._pending() + self._held_streams > 1
 
     def _next(self, loop: asyncio.AbstractEventLoop) -> None:
         """After a pass: schedule the next for what queued meanwhile, or go idle."""
