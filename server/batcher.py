@@ -10,12 +10,11 @@ When passes run: a lone caller (no other request held, no other Act call accepte
 :mod:`polyhead.server.inflight`) with at most ``inline_max_rows`` observations runs its pass at once on the
 event-loop thread, inside its own call: no loop turn, no thread hand-off. Otherwise the first request to
 find the batcher idle schedules a pass with ``loop.call_soon``, so it runs after every call that reached
-the server in the same loop turn has queued its request. If other calls are in progress then, the pass
-waits on a timer until ``max_queue_delay`` after its oldest request, or until the batch is full, while the
-loop keeps accepting calls. gRPC's asyncio server accepts about one new call per loop turn, so under load
-this wait, not the arrivals of one turn, is what fills a pass. A pass of at most ``inline_max_rows``
-observations runs on the loop thread; a larger one in the one-thread executor, and the loop keeps
-accepting calls meanwhile for the next pass, which is scheduled as soon as this one is delivered.
+the server in the same loop turn has queued its request; while Act calls accepted by gRPC have not queued
+yet, it waits for them a turn at a time (at most ``max_queue_delay``, at most a full batch). A pass of at
+most ``inline_max_rows`` observations runs on the loop thread; a larger one in the one-thread executor,
+and the loop keeps accepting calls meanwhile for the next pass, which is scheduled as soon as this one is
+delivered.
 
 Backpressure: at most ``max_queue_size`` requests wait; the next gets :class:`Overloaded` (the message
 names the limit). No grpc here: the servicers translate.
@@ -115,7 +114,6 @@ class Batcher:
         self._held = 0  # requests in act(): queued, in a pass, or answered and not yet resumed
         self._held_streams = 0  # of which ActStream steps
         self._first_enqueued = 0.0  # when the oldest request of the next pass arrived
-        self._timer: asyncio.TimerHandle | None = None  # the next pass, waiting for more requests
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -192,10 +190,6 @@ class Batcher:
                     self._kick(loop)
                 else:
                     loop.call_soon(self._kick, loop)  # after this turn's other arrivals have queued
-            elif self._timer is not None and self._queued_rows >= self.max_batch_size:
-                self._timer.cancel()  # a full batch waits no longer
-                self._timer = None
-                loop.call_soon(self._kick, loop)
             return await work.future
         finally:
             self._held -= 1
@@ -205,16 +199,19 @@ class Batcher:
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run the next pass (a loop callback; ``_active`` is set and no pass is running).
 
-        With other calls in progress the pass first waits (a timer, not a spin) until ``max_queue_delay``
-        after its oldest request, or until the batch is full: the loop keeps accepting calls meanwhile,
-        and under load that wait is what puts many requests in one pass. A lone request runs at once."""
-        self._timer = None
-        busy = self._others_in_progress()
-        if busy and self.batching and self._queued_rows < self.max_batch_size:
-            remaining = self._first_enqueued + self.max_queue_delay_s - time.perf_counter()
-            if remaining > 0:
-                self._timer = loop.call_later(remaining, self._kick, loop)
-                return
+        While Act calls accepted by gRPC have not queued their request yet (their message is being read),
+        the pass waits for them one loop turn at a time, up to ``max_queue_delay`` after its oldest
+        request or until the batch is full. It never waits on a timer for calls that may not come: under
+        load on this machine that wait cost throughput and filled passes no better
+        (``benchmarks/server_ab.py``, docs/benchmarks.md "#15 hot path")."""
+        if (
+            self.batching
+            and self._queued_rows < self.max_batch_size
+            and self._pending() > self._held - self._held_streams
+            and time.perf_counter() < self._first_enqueued + self.max_queue_delay_s
+        ):
+            loop.call_soon(self._kick, loop)
+            return
         batch = self._take()
         self._metrics.queue_depth.set(len(self._queue))
         if not batch:
