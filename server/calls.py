@@ -115,6 +115,8 @@ def wrap(method: str, handler: Handler, policy: CallPolicy) -> Handler:
 
         async def unary_response(request: Any, context: Context) -> Any:
             if gate.closed:
+                if inflight is not None:
+                    inflight.forget()  # counted on lookup; its handler ends here
                 await gate.refuse(context)
             gate.enter()
             if inflight is not None:

@@ -51,5 +51,10 @@ class InflightCounter:
             self._accepted.popleft()
         self._handling += 1
 
+    def forget(self) -> None:
+        """A call counted on acceptance ends before its handler starts (refused while draining)."""
+        if self._accepted:
+            self._accepted.popleft()
+
     def leave(self) -> None:
         self._handling -= 1

@@ -228,3 +228,8 @@ def test_inflight_count_forgets_calls_that_never_reached_their_handler() -> None
     assert counter() == 1  # the stale acceptance is forgotten; the running handler still counts
     counter.leave()
     assert counter() == 0
+    fresh = InflightCounter()
+    fresh.accept()  # accepted, then refused while draining before its handler started
+    assert fresh() == 1
+    fresh.forget()
+    assert fresh() == 0
