@@ -18,7 +18,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from polyhead.errors import InvalidArgument, InvalidObservation
+from polyhead.errors import BatchTooLarge, InvalidArgument, InvalidObservation
 from polyhead.tensors import dtype_from_proto, dtype_to_proto
 from polyhead.v1 import types_pb2
 
@@ -178,8 +178,6 @@ def validate_observations(
     Accepts one observation of the space's shape or a batch ``[B, *shape]``. Raises InvalidObservation
     (wrong shape or dtype, NaN/inf, empty batch) or BatchTooLarge.
     """
-    from polyhead.errors import BatchTooLarge
-
     shape: tuple[int, ...] = () if isinstance(space, DiscreteSpec) else space.shape
     if obs.dtype.kind not in "fiub":
         raise InvalidObservation(f"observations must be numeric; got dtype {obs.dtype}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 
@@ -41,8 +43,31 @@ def dtype_from_proto(dtype: int) -> np.dtype[np.generic]:
         raise InvalidArgument(f"unknown tensor dtype enum value {dtype}") from None
 
 
+# ndarray dtypes whose bytes are already the wire format (native order equals little-endian here).
+_WIRE_READY: dict[np.dtype[np.generic], int] = {
+    np.dtype(dt): code for code, dt in _TO_NUMPY.items() if np.dtype(dt) == np.dtype(dt).newbyteorder("=")
+}
+
+
 def to_proto(array: npt.ArrayLike, out: types_pb2.Tensor | None = None) -> types_pb2.Tensor:
-    """Encode an array as raw little-endian bytes (the fast path). Fills ``out`` when given."""
+    """Encode an array as raw little-endian bytes. Fills ``out`` when given.
+
+    An ndarray (any shape, 0-d included) of a wire dtype in native little-endian order is encoded
+    straight from its bytes, which is what the server's responses are; anything else goes through
+    :func:`to_proto_converting`. Both give the same message (``tests/contract/test_tensors_spaces.py``)."""
+    if type(array) is np.ndarray:
+        code = _WIRE_READY.get(array.dtype)
+        if code is not None:
+            tensor = out if out is not None else types_pb2.Tensor()
+            tensor.dtype = code  # type: ignore[assignment]
+            tensor.shape[:] = array.shape
+            tensor.raw_data = array.tobytes()  # C order, whatever the strides
+            return tensor
+    return to_proto_converting(array, out)
+
+
+def to_proto_converting(array: npt.ArrayLike, out: types_pb2.Tensor | None = None) -> types_pb2.Tensor:
+    """:func:`to_proto` for any array-like: converts bools, float16 and friends, other byte orders."""
     arr = np.asarray(array)
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
@@ -61,25 +86,24 @@ def from_proto(tensor: types_pb2.Tensor, *, field: str = "tensor") -> npt.NDArra
 
     Raises InvalidArgument naming ``field`` when the message is inconsistent.
     """
-    shape = tuple(int(d) for d in tensor.shape)
-    if any(d < 0 for d in shape):
+    shape = tuple(tensor.shape)
+    if shape and min(shape) < 0:
         raise InvalidArgument(f"{field}: negative dimension in shape {list(shape)}")
-    count = 1
-    for d in shape:
-        count *= d
-        if count > MAX_ELEMENTS:
-            raise InvalidArgument(f"{field}: shape {list(shape)} exceeds {MAX_ELEMENTS} elements")
-    sources = sum(1 for present in (tensor.raw_data, len(tensor.float_data), len(tensor.int_data)) if present)
-    if sources > 1:
-        raise InvalidArgument(f"{field}: set exactly one of raw_data, float_data, int_data (got {sources})")
-    if tensor.raw_data:
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise InvalidArgument(f"{field}: shape {list(shape)} exceeds {MAX_ELEMENTS} elements")
+    raw = tensor.raw_data
+    if raw and not tensor.float_data and not tensor.int_data:  # what every client of ours sends
         dtype = dtype_from_proto(tensor.dtype)
-        if len(tensor.raw_data) != count * dtype.itemsize:
+        if len(raw) != count * dtype.itemsize:
             raise InvalidArgument(
-                f"{field}: raw_data has {len(tensor.raw_data)} bytes; shape {list(shape)} of {dtype} "
+                f"{field}: raw_data has {len(raw)} bytes; shape {list(shape)} of {dtype} "
                 f"needs {count * dtype.itemsize}"
             )
-        return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(shape)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    sources = sum(1 for present in (raw, len(tensor.float_data), len(tensor.int_data)) if present)
+    if sources > 1:
+        raise InvalidArgument(f"{field}: set exactly one of raw_data, float_data, int_data (got {sources})")
     if len(tensor.int_data):
         data: npt.NDArray[np.generic] = np.asarray(tensor.int_data, dtype=np.int64)
     else:

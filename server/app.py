@@ -30,17 +30,18 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer  # the public reflection.aio's class
 from prometheus_client import CollectorRegistry
 
 from polyhead import __version__
 from polyhead.bundle import Bundle
 from polyhead.errors import UsageError
 from polyhead.livewatch import MonitorConfig
-from polyhead.server.auth import BearerTokenInterceptor
+from polyhead.server.auth import TokenCheck
 from polyhead.server.batcher import Batcher
+from polyhead.server.calls import CallPolicy, register
 from polyhead.server.dataplane import DataPlane
-from polyhead.server.decoding import DecodeRequests
 from polyhead.server.draining import DrainGate
 from polyhead.server.experience import ExperienceHub
 from polyhead.server.health import HealthServicer
@@ -272,7 +273,7 @@ async def start_server(
     )
     await asyncio.to_thread(registry.load_bundle_heads)
     gate = DrainGate()
-    inflight = InflightCounter(frozenset({f"/{POLICY_SERVICE}/Act"}))
+    inflight = InflightCounter()
     batcher = Batcher(
         trunk,
         metrics=metrics,
@@ -321,40 +322,42 @@ async def start_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it silently
     ]
-    token_interceptors = [BearerTokenInterceptor(settings.admin_token)] if settings.admin_token else []
+    token = TokenCheck(settings.admin_token) if settings.admin_token else None
     shared_admin = settings.admin_mode == "shared"
     servers: list[grpc.aio.Server] = []
     metrics_http: MetricsHTTPServer | None = None
     try:
-        # Order: refuse when draining, count the call, check the token, then decode inside the handler.
-        main = grpc.aio.server(
-            options=options,
-            interceptors=[gate, inflight, *(token_interceptors if shared_admin else []), DecodeRequests()],
+        # No interceptors: each method's handler is wrapped once (polyhead.server.calls) to refuse when
+        # draining, count the call, check the token, then decode inside the handler.
+        main_policy = CallPolicy(
+            gate,
+            inflight,
+            frozenset({f"/{POLICY_SERVICE}/Act"}),
+            token if shared_admin else None,
         )
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(
-            PolicyServicer(plane, observer, live, tracer), main
-        )  # type: ignore[no-untyped-call]
-        policy_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(), main)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, main)
+        policy_servicer = PolicyServicer(plane, observer, live, tracer)
+        main = grpc.aio.server(options=options)
+        register(main, main_policy, policy_pb2_grpc.add_PolicyServiceServicer_to_server, policy_servicer)
+        register(main, main_policy, policy_pb2_grpc.add_DiagnosticsServicer_to_server, DiagnosticsServicer())
+        register(main, main_policy, health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
         main_services = [POLICY_SERVICE, DIAGNOSTICS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         admin_servicer = HeadAdminServicer(registry, hub, observer)
         if shared_admin:
-            admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, main)  # type: ignore[no-untyped-call]
+            register(main, main_policy, admin_pb2_grpc.add_HeadAdminServicer_to_server, admin_servicer)
             main_services.append(ADMIN_SERVICE)
-        reflection.enable_server_reflection(main_services, main)
+        add_reflection = reflection_pb2_grpc.add_ServerReflectionServicer_to_server
+        register(main, main_policy, add_reflection, ReflectionServicer(main_services))
         servers.append(main)
         port = _bind(main, settings.host, settings.port, creds, "")
 
         admin_port: int | None = port if shared_admin else None
         if settings.admin_mode == "separate":
-            admin = grpc.aio.server(
-                options=options, interceptors=[gate, *token_interceptors, DecodeRequests()]
-            )
-            admin_pb2_grpc.add_HeadAdminServicer_to_server(admin_servicer, admin)  # type: ignore[no-untyped-call]
-            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
-            reflection.enable_server_reflection(
-                [ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], admin
-            )
+            admin_policy = CallPolicy(gate, token=token)
+            admin = grpc.aio.server(options=options)
+            register(admin, admin_policy, admin_pb2_grpc.add_HeadAdminServicer_to_server, admin_servicer)
+            register(admin, admin_policy, health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
+            admin_services = [ADMIN_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
+            register(admin, admin_policy, add_reflection, ReflectionServicer(admin_services))
             servers.append(admin)
             admin_port = _bind(admin, settings.admin_host, settings.admin_port, admin_creds, "admin_")
 

@@ -1,20 +1,20 @@
 """Dynamic cross-task batching: concurrent requests of any task mix share one trunk pass.
 
-A request is queued with the :class:`LoadedHead` it resolved on arrival (so it finishes on that head
-whatever swaps happen meanwhile). One coroutine at a time runs passes: the first caller that finds the
-batcher idle (the leader), until its own request is answered, then a worker task while requests remain.
-A pass takes queued requests (up to ``max_batch_size`` observations), drops those whose deadline passed,
-runs one trunk pass over all rows, one pass per head (task, version) over that head's rows, and action
-selection per head group.
+A request (a unary ``Act`` call or one ``ActStream`` step: both come through :meth:`Batcher.act`) is queued
+with the :class:`LoadedHead` it resolved on arrival (so it finishes on that head whatever swaps happen
+meanwhile). A pass takes queued requests (up to ``max_batch_size`` observations), drops those whose
+deadline passed, runs one trunk pass over all rows, one pass per head (task, version) over that head's
+rows, and action selection per head group. One pass runs at a time.
 
-Adaptive, from ``pending`` (the calls the transport has accepted and not answered, see
-:mod:`polyhead.server.inflight`):
-
-* no other call in progress (a lone client): the pass runs at once on the event-loop thread; it pays no
-  window and no thread hand-off, which for a few rows costs more than the inference;
-* other calls in progress: the pass first yields to the loop while the queue keeps growing (bounded by
-  ``max_queue_delay`` and a full batch), then runs in the one-thread executor, so the loop keeps accepting
-  calls meanwhile; they form the next batch, which is where batching comes from under load.
+When passes run: a lone caller (no other request held, no other Act call accepted by gRPC, see
+:mod:`polyhead.server.inflight`) with at most ``inline_max_rows`` observations runs its pass at once on the
+event-loop thread, inside its own call: no loop turn, no thread hand-off. Otherwise the first request to
+find the batcher idle schedules a pass with ``loop.call_soon``, so it runs after every call that reached
+the server in the same loop turn has queued its request; while Act calls accepted by gRPC have not queued
+yet, it waits for them a turn at a time (at most ``max_queue_delay``, at most a full batch). A pass of at
+most ``inline_max_rows`` observations runs on the loop thread; a larger one in the one-thread executor,
+and the loop keeps accepting calls meanwhile for the next pass, which is scheduled as soon as this one is
+delivered.
 
 Backpressure: at most ``max_queue_size`` requests wait; the next gets :class:`Overloaded` (the message
 names the limit). No grpc here: the servicers translate.
@@ -43,8 +43,6 @@ from polyhead.server.registry import LoadedHead
 from polyhead.server.runtime import TrunkRuntime
 from polyhead.server.tracing import DISABLED, CallTrace, Tracer, current_call
 
-# Consecutive event-loop turns with no new arrival after which the worker stops waiting for more.
-_IDLE_TURNS = 2
 F32 = npt.NDArray[np.float32]
 _EMPTY: F32 = np.zeros((0, 0), dtype=np.float32)
 
@@ -58,6 +56,7 @@ class _Work:
     enqueued: float
     future: asyncio.Future[Actions] = field(repr=False)
     trace: CallTrace | None = None  # the sampled call this request serves (tracing on)
+    stream: bool = False  # an ActStream step (else a unary Act call)
 
 
 @dataclass(frozen=True)
@@ -65,13 +64,17 @@ class BatchStats:
     """Totals since start (for tests and benchmarks; the metrics carry the same).
 
     ``passes`` counts trunk passes (one per batch, whatever its mix of tasks and encoders);
-    ``encoder_runs`` the encoder sessions run (one per distinct encoder in a batch; 0 for format 1).
+    ``encoder_runs`` the encoder sessions run (one per distinct encoder in a batch; 0 for format 1);
+    ``stream_requests`` the requests that were ActStream steps; ``mixed_passes`` the passes that served
+    both an ActStream step and a unary Act call.
     """
 
     passes: int
     requests: int
     rows: int
     encoder_runs: int = 0
+    stream_requests: int = 0
+    mixed_passes: int = 0
 
 
 class Batcher:
@@ -108,13 +111,13 @@ class Batcher:
         self._pending = pending or (lambda: 0)
         self._in_progress = in_progress or (lambda: 0)
         self.max_in_progress = max_in_progress
-        self._last_pass_end = 0.0
         self._metrics = metrics
         self._queue: collections.deque[_Work] = collections.deque()
         self._queued_rows = 0
-        self._active = False  # a pass is running or about to (leader or worker task)
-        self._inflight: asyncio.Future[list[Actions]] | None = None
-        self._worker: asyncio.Task[None] | None = None  # keeps the hand-off task referenced
+        self._active = False  # a pass is scheduled or running
+        self._held = 0  # requests in act(): queued, in a pass, or answered and not yet resumed
+        self._held_streams = 0  # of which ActStream steps
+        self._first_enqueued = 0.0  # when the oldest request of the next pass arrived
         self._closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -126,13 +129,22 @@ class Batcher:
         self._passes = 0
         self._requests = 0
         self._rows = 0
+        self._stream_requests = 0
+        self._mixed_passes = 0
         self._task_metrics: dict[str, tuple[Any, Any]] = {}
         self._tracer = tracer
         self._trunk_done = 0.0  # when the current pass's trunk finished (for its trace)
 
     @property
     def stats(self) -> BatchStats:
-        return BatchStats(self._passes, self._requests, self._rows, self._encoder_runs)
+        return BatchStats(
+            self._passes,
+            self._requests,
+            self._rows,
+            self._encoder_runs,
+            self._stream_requests,
+            self._mixed_passes,
+        )
 
     @property
     def queue_depth(self) -> int:
@@ -145,8 +157,10 @@ class Batcher:
         sampling: Sampling,
         *,
         deadline: float | None = None,
+        stream: bool = False,
     ) -> Actions:
-        """Actions for ``obs`` ([rows, d] float32, already validated) from ``head``.
+        """Actions for ``obs`` ([rows, d] float32, already validated) from ``head``; ``stream``: the request
+        is an ActStream step (counted in :attr:`stats`).
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request is dropped before inference.
         Raises Overloaded (queue full), ShuttingDown (after :meth:`close`), DeadlineExpired.
@@ -173,85 +187,101 @@ class Batcher:
             deadline,
             time.perf_counter(),
             loop.create_future(),
-            current_call() if self._tracer.enabled else None,
+            trace=current_call() if self._tracer.enabled else None,
+            stream=stream,
         )
         self._queue.append(work)
         self._queued_rows += sampling.rows
-        if not self._active:
-            # Nobody is running passes: this caller leads. It runs passes until its own request is
-            # answered, then hands requests that arrived meanwhile to a worker task. With no other call in
-            # progress (a lone client) its pass runs at once on the loop thread: no waiting, no thread
-            # hand-off. With others in progress, requests are streaming in: it gathers them while they
-            # arrive and runs the pass in the inference thread, so the loop keeps accepting meanwhile.
-            self._active = True
-            busy = len(self._queue) > 1 or self._pending() > 1
-            self._idle.clear()
-            try:
-                while not work.future.done():
-                    await self._pass(loop, busy=busy)
-                    busy = True
-            finally:
-                if self._queue:
-                    self._worker = loop.create_task(self._work_off(loop))
+        self._held += 1
+        self._held_streams += stream
+        try:
+            if not self._active:
+                self._active = True
+                self._idle.clear()
+                self._first_enqueued = work.enqueued
+                if not self._others_in_progress() and sampling.rows <= self.inline_max_rows:
+                    # A lone caller: no other call even accepted by gRPC, so none can join this pass. It
+                    # runs now, on the loop thread, and the caller never suspends.
+                    self._kick(loop)
                 else:
-                    self._active = False
-                    self._idle.set()
-        return await work.future
+                    loop.call_soon(self._kick, loop)  # after this turn's other arrivals have queued
+            return await work.future
+        finally:
+            self._held -= 1
+            self._held_streams -= stream
 
     # --- passes ----------------------------------------------------------------------------------------
-    async def _work_off(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Run passes until the queue is empty (requests that arrived during the leader's passes)."""
-        try:
-            while self._queue:
-                await self._pass(loop, busy=True)
-            if self._inflight is not None and not self._inflight.done():
-                await asyncio.shield(self._inflight)
-        finally:
-            self._active = False
-            self._idle.set()
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the next pass (a loop callback; ``_active`` is set and no pass is running).
 
-    async def _pass(self, loop: asyncio.AbstractEventLoop, *, busy: bool) -> None:
-        """Take one batch and run it.
-
-        ``busy`` (requests are streaming in): first yield to the loop while requests keep arriving, and
-        run the pass in the inference thread so the loop keeps accepting calls meanwhile. Otherwise a
-        small batch runs on the loop thread: for a few rows the thread hand-off costs more than the
-        inference. Executor results are delivered by a callback, so a cancelled leader cannot strand the
-        other requests of its batch.
-        """
-        if self._inflight is not None and not self._inflight.done():
-            await asyncio.shield(self._inflight)  # one pass at a time: the input buffer is shared
-        if busy and self.batching:
-            await self._gather()
+        While Act calls accepted by gRPC have not queued their request yet (their message is being read),
+        the pass waits for them one loop turn at a time, up to ``max_queue_delay`` after its oldest
+        request or until the batch is full. It never waits on a timer for calls that may not come: under
+        load on this machine that wait cost throughput and filled passes no better
+        (``benchmarks/server_ab.py``, docs/benchmarks.md "#15 hot path")."""
+        if (
+            self.batching
+            and self._queued_rows < self.max_batch_size
+            and self._pending() > self._held - self._held_streams
+            and time.perf_counter() < self._first_enqueued + self.max_queue_delay_s
+        ):
+            loop.call_soon(self._kick, loop)
+            return
         batch = self._take()
         self._metrics.queue_depth.set(len(self._queue))
         if not batch:
+            self._next(loop)
+            return
+        streams = sum(w.stream for w in batch)
+        self._stream_requests += streams
+        self._mixed_passes += 0 < streams < len(batch)
+        if sum(w.sampling.rows for w in batch) <= self.inline_max_rows:
+            # A small pass costs less than the hand-off to the inference thread and back (which, with the
+            # GIL contended, measured dearer still: benchmarks/server_executor_hop.py).
+            self._run_inline(batch)
+            self._next(loop)
             return
         infer = self._traced_infer if self._tracer.enabled else self._infer
-        if not busy and sum(w.sampling.rows for w in batch) <= self.inline_max_rows:
-            try:
-                results = infer(batch)
-            except Exception as exc:  # a bug in a pass fails its requests, not the batcher
-                self._fail(batch, exc)
-                return
-            self._deliver(batch, results)
-            return
         future = loop.run_in_executor(self._executor, infer, batch)
-        future.add_done_callback(functools.partial(self._deliver_future, batch))
-        self._inflight = future
-        await asyncio.shield(future)
+        future.add_done_callback(functools.partial(self._deliver_future, loop, batch))
 
-    def _deliver_future(self, batch: Sequence[_Work], future: asyncio.Future[list[Actions]]) -> None:
-        self._last_pass_end = time.perf_counter()
+    def _others_in_progress(self) -> bool:
+        """Whether more than one request is held or on its way: Act calls accepted by gRPC (the caller's
+        own Act call among them) and ActStream steps held (not counted there)."""
+        return self._held > 1 or self._pending() + self._held_streams > 1
+
+    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
+        """After a pass: schedule the next for what queued meanwhile, or go idle."""
+        if self._queue:
+            self._first_enqueued = self._queue[0].enqueued
+            loop.call_soon(self._kick, loop)
+        else:
+            self._active = False
+            self._idle.set()
+
+    def _run_inline(self, batch: list[_Work]) -> None:
+        if not batch:
+            return
+        infer = self._traced_infer if self._tracer.enabled else self._infer
+        try:
+            results = infer(batch)
+        except Exception as exc:  # a bug in a pass fails its requests, not the batcher
+            self._fail(batch, exc)
+            return
+        self._deliver(batch, results)
+
+    def _deliver_future(
+        self, loop: asyncio.AbstractEventLoop, batch: Sequence[_Work], future: asyncio.Future[list[Actions]]
+    ) -> None:
         if future.cancelled():
             self._fail(batch, ShuttingDown("the inference pass was cancelled"))
         elif (exc := future.exception()) is not None:
             self._fail(batch, exc)
         else:
             self._deliver(batch, future.result())
+        self._next(loop)
 
     def _deliver(self, batch: Sequence[_Work], results: Sequence[Actions]) -> None:
-        self._last_pass_end = time.perf_counter()
         for work, result in zip(batch, results, strict=True):
             if not work.future.done():  # the caller may have been cancelled meanwhile
                 work.future.set_result(result)
@@ -261,22 +291,6 @@ class Batcher:
         for work in batch:
             if not work.future.done():
                 work.future.set_exception(exc)
-
-    async def _gather(self) -> None:
-        """Yield to the loop while requests keep arriving, up to the queue delay or a full batch."""
-        if not self._queue:
-            return
-        limit = self._queue[0].enqueued + self.max_queue_delay_s
-        idle = 0
-        while (
-            self._queued_rows < self.max_batch_size
-            and idle < _IDLE_TURNS
-            and len(self._queue) < self._pending()
-            and time.perf_counter() < limit
-        ):
-            before = len(self._queue)
-            await asyncio.sleep(0)
-            idle = idle + 1 if len(self._queue) == before else 0
 
     def _take(self) -> list[_Work]:
         """Up to max_batch_size rows of queued requests (at least one request); expired ones fail now."""

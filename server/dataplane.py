@@ -91,13 +91,19 @@ class DataPlane:
         return entry.route(episode_id, self._draw)
 
     async def _infer(
-        self, head: LoadedHead, flat: npt.NDArray[np.float32], sampling: Sampling, deadline: float | None
+        self,
+        head: LoadedHead,
+        flat: npt.NDArray[np.float32],
+        sampling: Sampling,
+        deadline: float | None,
+        *,
+        stream: bool = False,
     ) -> Actions:
         """The batcher's actions, timed per (task, version) when metrics are on."""
         if self._metrics is None:
-            return await self.batcher.act(head, flat, sampling, deadline=deadline)
+            return await self.batcher.act(head, flat, sampling, deadline=deadline, stream=stream)
         t0 = time.perf_counter()
-        actions = await self.batcher.act(head, flat, sampling, deadline=deadline)
+        actions = await self.batcher.act(head, flat, sampling, deadline=deadline, stream=stream)
         key = (head.task_id, head.version)
         child = self._latency.get(key)
         if child is None:
@@ -275,7 +281,9 @@ class DataPlane:
                 f"ActStream takes one observation per message of shape "
                 f"{list(_obs_shape(head.meta.observation_space))}; use Act for batches"
             )
-        actions = await self._infer(head, flat, Sampling(1, deterministic, seed, value=want_value), deadline)
+        actions = await self._infer(
+            head, flat, Sampling(1, deterministic, seed, value=want_value), deadline, stream=True
+        )
         step = self.hub.record_action(
             task_id,
             episode_id,

@@ -1,9 +1,9 @@
-"""Counts unary RPCs in progress, from the moment gRPC accepts a call until its handler returns.
+"""Counts unary ``Act`` calls in progress, from the moment gRPC accepts a call until its handler returns.
 
 The batcher uses the count as its signal that requests are arriving: a call accepted by gRPC is counted
-before its request message is even read, so while other calls are in progress the batcher waits (briefly,
-and only while the queue keeps growing) for them to join the next trunk pass; with no other call in
-progress a request runs at once. A server interceptor is the one place that sees calls that early.
+before its request message is even read (:class:`polyhead.server.calls.CountingHandlers` looks the method
+up then), so while more calls are in progress than the batcher holds, a pass waits a loop turn at a time
+(briefly, bounded by ``max_queue_delay``) for them to join it.
 
 A call cancelled by its client after gRPC accepted it but before its message was read never reaches its
 handler; such entries are forgotten after ``stale_after_s``, so the count heals itself.
@@ -15,66 +15,46 @@ of cancelled calls cannot hold it up for ``stale_after_s``).
 
 from __future__ import annotations
 
+import collections
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
-
-import grpc
-
-_PURGE_EVERY_S = 1.0
 
 
-class InflightCounter(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Counts calls in progress to the unary methods in ``methods`` (full names, ``/pkg.Service/Method``).
+class InflightCounter:
+    """Calling the object returns the count. Use from the server's event loop only."""
 
-    Calling the object returns the count. Use from the server's event loop only.
-    """
-
-    def __init__(self, methods: frozenset[str], *, stale_after_s: float = 60.0) -> None:
-        self._methods = methods
+    def __init__(self, *, stale_after_s: float = 60.0) -> None:
         self._stale_after_s = stale_after_s
-        self._calls: dict[int, float] = {}  # call token -> time accepted
-        self._next_token = 0
-        self._last_purge = time.monotonic()
+        # When each accepted call whose handler has not started was accepted, oldest first. Handlers start
+        # roughly in acceptance order; which entry a starting handler removes does not change the count.
+        self._accepted: collections.deque[float] = collections.deque()
         self._handling = 0
 
     def __call__(self) -> int:
-        now = time.monotonic()
-        if now - self._last_purge > _PURGE_EVERY_S:
-            self._last_purge = now
-            limit = now - self._stale_after_s
-            for token in [t for t, accepted in self._calls.items() if accepted < limit]:
-                del self._calls[token]
-        return len(self._calls)
+        accepted = self._accepted
+        if accepted and accepted[0] < time.monotonic() - self._stale_after_s:
+            limit = time.monotonic() - self._stale_after_s
+            while accepted and accepted[0] < limit:
+                accepted.popleft()
+        return len(accepted) + self._handling
 
     def handling(self) -> int:
         """Calls whose handler is running now (a subset of the count)."""
         return self._handling
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler_call_details.method not in self._methods or handler is None or handler.unary_unary is None:
-            return handler
-        token = self._next_token
-        self._next_token += 1
-        self._calls[token] = time.monotonic()
-        behaviour: Any = handler.unary_unary  # an async callable on a grpc.aio server
-        calls = self._calls
+    def accept(self) -> None:
+        """gRPC accepted a call (its message is not read yet)."""
+        self._accepted.append(time.monotonic())
 
-        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            self._handling += 1
-            try:
-                return await behaviour(request, context)
-            finally:
-                self._handling -= 1
-                calls.pop(token, None)
+    def enter(self) -> None:
+        """A call's handler starts."""
+        if self._accepted:
+            self._accepted.popleft()
+        self._handling += 1
 
-        return grpc.unary_unary_rpc_method_handler(
-            counted,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+    def forget(self) -> None:
+        """A call counted on acceptance ends before its handler starts (refused while draining)."""
+        if self._accepted:
+            self._accepted.popleft()
+
+    def leave(self) -> None:
+        self._handling -= 1

@@ -2,15 +2,28 @@
 
 Names and labels are a contract with the dashboards and alerts in ``deploy/`` and are listed with their
 meaning in ``docs/metrics.md``. Every metric about a task carries the ``task`` label.
+
+The metrics observed on every request or pass (request counts and durations, queue wait, trunk and head
+pass times, batch sizes, per-version act time) are :class:`HotHistogram` / :class:`HotCounter`: plain
+Python counts and sums, no lock, exported under the same names, labels and buckets by one collector
+(:class:`HotMetrics`). Each of their label children is written by one thread at a time: request metrics on
+the event-loop thread, pass metrics by whichever thread runs the pass, and one pass runs at a time. A scrape
+reads them from the HTTP thread; it may see an observation's bucket before its sum, never a torn number.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 # 50 µs .. 2.5 s: a small policy's inference is tens of µs, a gRPC round trip hundreds.
 LATENCY_BUCKETS = (
@@ -39,6 +52,114 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SWAP_BUCKETS = (0.000001, 0.00001, 0.0001, 0.001, 0.01, 0.1, 1.0)
 
 
+class _HistogramChild:
+    __slots__ = ("_bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket (not cumulative); the last is +Inf
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self._bounds, value)] += 1  # bucket ``le`` holds values <= le
+        self.sum += value
+
+
+class _CounterChild:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class HotHistogram:
+    """A histogram with prometheus_client's ``labels(...).observe(v)`` / ``observe(v)`` interface and
+    exposition, without its per-observation lock (see the module docstring for who may write)."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str] = (), *, buckets: Sequence[float]
+    ):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._bounds = tuple(float(b) for b in buckets)
+        self._les = [*(floatToGoString(b) for b in self._bounds), "+Inf"]  # type: ignore[no-untyped-call]
+        self._children: dict[tuple[str, ...], _HistogramChild] = {}
+        if not self.labelnames:
+            self._children[()] = _HistogramChild(self._bounds)
+
+    def labels(self, **labels: str) -> _HistogramChild:
+        key = tuple(str(labels[n]) for n in self.labelnames)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children.setdefault(key, _HistogramChild(self._bounds))
+        return child
+
+    def observe(self, value: float) -> None:
+        self._children[()].observe(value)
+
+    def family(self, *, with_samples: bool = True) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if not with_samples:
+            return family
+        for key, child in list(self._children.items()):
+            counts = list(child.counts)
+            cumulative = 0
+            buckets = []
+            for le, n in zip(self._les, counts, strict=True):
+                cumulative += n
+                buckets.append((le, float(cumulative)))
+            family.add_metric(list(key), buckets, child.sum)
+            family.samples.append(
+                Sample(f"{self.name}_created", dict(zip(self.labelnames, key, strict=True)), child.created)
+            )
+        return family
+
+
+class HotCounter:
+    """A counter with prometheus_client's ``labels(...).inc()`` interface and exposition, lock-free."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _CounterChild] = {}
+
+    def labels(self, **labels: str) -> _CounterChild:
+        key = tuple(str(labels[n]) for n in self.labelnames)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children.setdefault(key, _CounterChild())
+        return child
+
+    def family(self, *, with_samples: bool = True) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if with_samples:
+            for key, child in list(self._children.items()):
+                family.add_metric(list(key), child.value, created=child.created)
+        return family
+
+
+class HotMetrics:
+    """The collector that exports every hot metric (registered once on the server's registry)."""
+
+    def __init__(self, metrics: Sequence[HotHistogram | HotCounter]) -> None:
+        self._metrics = tuple(metrics)
+
+    def describe(self) -> Iterator[Metric]:
+        for metric in self._metrics:
+            yield metric.family(with_samples=False)
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._metrics:
+            yield metric.family()
+
+
 class ServerMetrics:
     """Every metric the server exports, registered on ``registry`` at construction."""
 
@@ -46,56 +167,42 @@ class ServerMetrics:
         self.registry = registry
         r = registry
         # --- requests ---
-        self.requests = Counter(
+        self.requests = HotCounter(
             "polyhead_requests",
             "RPCs (and ActStream messages) by method, task and gRPC status code",
             ["method", "task", "code"],
-            registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = HotHistogram(
             "polyhead_request_duration_seconds",
             "End-to-end handling time of an RPC / stream message",
             ["method", "task"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = HotHistogram(
             "polyhead_queue_wait_seconds",
             "Time a request waited in the batch queue before inference",
             ["task"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.trunk_seconds = Histogram(
-            "polyhead_trunk_seconds",
-            "Duration of one trunk pass",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.trunk_seconds = HotHistogram(
+            "polyhead_trunk_seconds", "Duration of one trunk pass", buckets=LATENCY_BUCKETS
         )
-        self.head_seconds = Histogram(
+        self.head_seconds = HotHistogram(
             "polyhead_head_seconds",
             "Duration of one head pass (one task's rows of a batch)",
             ["task"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.batch_size = Histogram(
-            "polyhead_batch_size",
-            "Observations per trunk pass",
-            buckets=BATCH_BUCKETS,
-            registry=r,
+        self.batch_size = HotHistogram(
+            "polyhead_batch_size", "Observations per trunk pass", buckets=BATCH_BUCKETS
         )
-        self.batch_requests = Histogram(
-            "polyhead_batch_requests",
-            "Requests per trunk pass",
-            buckets=BATCH_BUCKETS,
-            registry=r,
+        self.batch_requests = HotHistogram(
+            "polyhead_batch_requests", "Requests per trunk pass", buckets=BATCH_BUCKETS
         )
-        self.batch_encoders = Histogram(
+        self.batch_encoders = HotHistogram(
             "polyhead_batch_encoders",
             "Distinct task encoders run before one trunk pass (0 for a format-1 bundle)",
             buckets=BATCH_BUCKETS,
-            registry=r,
         )
         self.queue_depth = Gauge(
             "polyhead_queue_depth",
@@ -227,12 +334,11 @@ class ServerMetrics:
             ["task", "version"],
             registry=r,
         )
-        self.version_act_seconds = Histogram(
+        self.version_act_seconds = HotHistogram(
             "polyhead_version_act_seconds",
             "Inference time (queue, trunk and head) of requests served by one head version",
             ["task", "version"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
         self.task_regressed = Gauge(
             "polyhead_task_regressed",
@@ -255,6 +361,21 @@ class ServerMetrics:
             "polyhead_experience_subscribers",
             "Open StreamExperience calls",
             registry=r,
+        )
+        registry.register(
+            HotMetrics(
+                [
+                    self.requests,
+                    self.request_duration,
+                    self.queue_wait,
+                    self.trunk_seconds,
+                    self.head_seconds,
+                    self.batch_size,
+                    self.batch_requests,
+                    self.batch_encoders,
+                    self.version_act_seconds,
+                ]
+            )
         )
         # --- identity ---
         self.server_info = Gauge(

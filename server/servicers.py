@@ -146,7 +146,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         a = out.actions
 
         def pick(x: Any) -> Any:
-            return x if out.batched else x[0]
+            return x if out.batched else x[0, ...]  # a 0-d array, not a numpy scalar: to_proto's fast path
 
         response = policy_pb2.ActResponse(
             task_id=out.task_id, head_version=out.version, head_versions=out.row_versions
@@ -206,11 +206,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             task_id=request.task_id, episode_id=request.episode_id, head_version=out.version, step=out.step
         )
         if out.actions is not None:
-            to_proto(out.actions.env[0], response.action)
+            to_proto(out.actions.env[0, ...], response.action)
             if request.return_log_prob:
-                to_proto(out.actions.log_prob[0], response.log_prob)
+                to_proto(out.actions.log_prob[0, ...], response.log_prob)
             if request.return_value:
-                to_proto(out.actions.value[0], response.value)
+                to_proto(out.actions.value[0, ...], response.value)
         return response
 
     @_rpc("ListTasks")

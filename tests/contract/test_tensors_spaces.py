@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given
 
 from polyhead.errors import BatchTooLarge, InvalidArgument, InvalidObservation
 from polyhead.spaces import (
@@ -97,3 +100,31 @@ def test_actions_mapped_to_bounds() -> None:
 def test_space_round_trips(space: BoxSpec | DiscreteSpec) -> None:
     assert space_from_json(space_to_json(space)) == space
     assert space_from_proto(space_to_proto(space)) == space
+
+
+_WIRE_DTYPES = [np.float32, np.float64, np.int64, np.int32, np.uint8]
+
+
+@st.composite
+def _arrays(draw: st.DrawFn) -> np.ndarray:
+    """Arrays of every wire dtype, 0-d to 3-d, some empty, some non-contiguous views."""
+    dtype = draw(st.sampled_from(_WIRE_DTYPES))
+    shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=3))
+    arr = draw(hnp.arrays(dtype, tuple(shape)))
+    if arr.ndim >= 2 and draw(st.booleans()):
+        arr = arr.T
+    if arr.ndim >= 1 and arr.shape[0] > 1 and draw(st.booleans()):
+        arr = arr[::2]
+    return arr
+
+
+@given(_arrays())
+def test_fast_tensor_encoding_parses_back_equal_to_the_converting_path(arr: np.ndarray) -> None:
+    from polyhead.tensors import to_proto_converting
+
+    fast = types_pb2.Tensor.FromString(to_proto(arr).SerializeToString())
+    assert fast == to_proto_converting(arr)
+    np.testing.assert_array_equal(from_proto(fast), arr)
+    # Filling a message that already holds a tensor replaces it, on both paths.
+    out = to_proto(np.zeros((2, 3), np.float32))
+    assert to_proto(arr, out) == to_proto_converting(arr)

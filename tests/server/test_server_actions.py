@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,8 @@ from server_helpers import TASKS, act, actions_of, observations
 
 from polyhead.bundle import Bundle
 from polyhead.spaces import pad_observations, raw_to_env_action
-from polyhead.tensors import from_proto
-from polyhead.v1 import policy_pb2
+from polyhead.tensors import from_proto, to_proto
+from polyhead.v1 import policy_pb2, policy_pb2_grpc
 
 
 def _torch_reference(
@@ -141,3 +143,48 @@ def test_concurrent_requests_of_mixed_tasks_share_trunk_passes(server: Any) -> N
     # Every task has its own encoder: had no trunk pass served more than one of them, encoder runs would
     # equal trunk passes. More runs than passes means mixed-space batches, each still one trunk pass.
     assert after.encoder_runs - before.encoder_runs > after.passes - before.passes
+
+
+def test_stream_steps_and_unary_calls_share_trunk_passes(server: Any) -> None:
+    """ActStream steps queue in the same batcher as unary Act calls: with both in flight at once, some
+    trunk pass serves a stream step and a unary call together (the batcher's per-pass counter)."""
+
+    async def stream(stub: Any, episode: str, steps: int) -> int:
+        call = stub.ActStream()
+        for step in range(steps):
+            await call.write(
+                policy_pb2.StepRequest(
+                    task_id="cartpole",
+                    episode_id=episode,
+                    observation=to_proto(observations("cartpole", seed=step)),
+                    deterministic=True,
+                )
+            )
+            await call.read()
+        await call.done_writing()
+        return steps
+
+    async def unary(stub: Any, calls: int) -> int:
+        request = policy_pb2.ActRequest(
+            task_id="acrobot", observations=to_proto(observations("acrobot", 2)), deterministic=True
+        )
+        for _ in range(calls):
+            await stub.Act(request)
+        return calls
+
+    async def run() -> list[int]:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            stub = policy_pb2_grpc.PolicyServiceStub(ch)
+            return list(
+                await asyncio.gather(
+                    *(stream(stub, f"episode-{i}", 30) for i in range(8)),
+                    *(unary(stub, 30) for _ in range(8)),
+                )
+            )
+
+    before = server.running.batcher.stats
+    assert sum(asyncio.run(run())) == 16 * 30
+    after = server.running.batcher.stats
+    assert after.stream_requests - before.stream_requests == 8 * 30
+    assert after.requests - before.requests == 16 * 30
+    assert after.mixed_passes > before.mixed_passes

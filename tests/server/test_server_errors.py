@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -218,7 +219,17 @@ def test_malformed_request_bytes_are_invalid_argument(server: Any, policy_stub: 
 def test_inflight_count_forgets_calls_that_never_reached_their_handler() -> None:
     from polyhead.server.inflight import InflightCounter
 
-    counter = InflightCounter(frozenset({"/m"}), stale_after_s=0.0)
-    counter._calls[0] = 0.0  # accepted long ago, cancelled before its message was read
-    counter._last_purge = 0.0
+    counter = InflightCounter(stale_after_s=0.0)
+    counter.accept()  # accepted, then cancelled before its message was read: no handler ever starts
+    counter.accept()
+    counter.enter()
+    assert counter.handling() == 1
+    time.sleep(0.001)
+    assert counter() == 1  # the stale acceptance is forgotten; the running handler still counts
+    counter.leave()
     assert counter() == 0
+    fresh = InflightCounter()
+    fresh.accept()  # accepted, then refused while draining before its handler started
+    assert fresh() == 1
+    fresh.forget()
+    assert fresh() == 0

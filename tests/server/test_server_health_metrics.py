@@ -87,3 +87,63 @@ def _obs() -> Any:
     from polyhead.tensors import to_proto
 
     return to_proto(observations("cartpole"))
+
+
+def _without_created(text: str) -> list[str]:
+    """Exposition lines but the ``_created`` timestamps (they differ between two registries)."""
+    return [line for line in text.splitlines() if "_created" not in line.split(" ")[0]]
+
+
+def test_hot_metrics_export_what_prometheus_client_metrics_would() -> None:
+    """The lock-free hot metrics print the same families, samples, labels and buckets as the
+    prometheus_client classes they replace, given the same observations."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from polyhead.server.metrics import LATENCY_BUCKETS, HotCounter, HotHistogram, HotMetrics
+
+    hot_registry, reference = CollectorRegistry(), CollectorRegistry()
+    hot_duration = HotHistogram("x_seconds", "doc", ["method", "task"], buckets=LATENCY_BUCKETS)
+    hot_passes = HotHistogram("x_pass_seconds", "doc", buckets=LATENCY_BUCKETS)
+    hot_requests = HotCounter("x_requests", "doc", ["method", "task", "code"])
+    hot_registry.register(HotMetrics([hot_duration, hot_passes, hot_requests]))
+    duration = Histogram("x_seconds", "doc", ["method", "task"], buckets=LATENCY_BUCKETS, registry=reference)
+    passes = Histogram("x_pass_seconds", "doc", buckets=LATENCY_BUCKETS, registry=reference)
+    requests = Counter("x_requests", "doc", ["method", "task", "code"], registry=reference)
+    # Values on bucket bounds, between them, below the first and above the last.
+    values = [0.0, 0.00005, 0.00007, 0.0001, 0.001, 0.0011, 0.5, 2.5, 3.0, 1e-9]
+    for i, value in enumerate(values):
+        task = ("cartpole", "acrobot")[i % 2]
+        for h in (hot_duration, duration):
+            h.labels(method="Act", task=task).observe(value)
+        for p in (hot_passes, passes):
+            p.observe(value)
+        for c in (hot_requests, requests):
+            c.labels(method="Act", task=task, code="OK").inc()
+    hot = _without_created(generate_latest(hot_registry).decode())
+    assert hot == _without_created(generate_latest(reference).decode())
+
+    def created(text: str) -> list[str]:  # the series, not their timestamps
+        return [line.rsplit(" ", 1)[0] for line in text.splitlines() if "_created" in line]
+
+    assert created(generate_latest(hot_registry).decode()) == created(generate_latest(reference).decode())
+
+
+def test_hot_metrics_in_a_real_scrape(server: Any, policy_stub: Any) -> None:
+    act(policy_stub, "cartpole", observations("cartpole", 2))
+    text = _scrape(server.metrics_port)
+    for name, kind in [
+        ("polyhead_requests_total", "counter"),
+        ("polyhead_request_duration_seconds", "histogram"),
+        ("polyhead_queue_wait_seconds", "histogram"),
+        ("polyhead_trunk_seconds", "histogram"),
+        ("polyhead_head_seconds", "histogram"),
+        ("polyhead_batch_size", "histogram"),
+        ("polyhead_batch_requests", "histogram"),
+        ("polyhead_batch_encoders", "histogram"),
+        ("polyhead_version_act_seconds", "histogram"),
+    ]:
+        assert f"# TYPE {name} {kind}\n" in text, name
+    assert 'polyhead_request_duration_seconds_bucket{le="+Inf",method="Act",task="cartpole"} 1.0' in text
+    assert 'polyhead_queue_wait_seconds_count{task="cartpole"} 1.0' in text
+    assert 'polyhead_version_act_seconds_count{task="cartpole",version="1"} 1.0' in text
+    assert re.search(r"^polyhead_trunk_seconds_count [1-9]", text, re.MULTILINE)
