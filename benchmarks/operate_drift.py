@@ -44,7 +44,7 @@ TASKS = ("cartpole-long-pole", "cartpole-heavy-pole")
 DRIFTING, STEADY = TASKS
 
 
-def train_bundle(out: Path, seed: int) -> None:
+def train_bundle(out: Path, seed: int, steps: int = 50_000) -> None:
     from polyhead.trainer.config import PPOConfig
     from polyhead.trainer.policy import PolicyConfig
     from polyhead.trainer.train import train
@@ -54,7 +54,7 @@ def train_bundle(out: Path, seed: int) -> None:
         Suite(name="cartpole-pair", tasks=tuple(family.task(t) for t in TASKS)),
         out,
         config=PPOConfig(
-            total_steps=50_000, eval_interval=8_192, eval_episodes=3, final_eval_episodes=5, solved_evals=2,
+            total_steps=steps, eval_interval=8_192, eval_episodes=3, final_eval_episodes=5, solved_evals=2,
             seed=seed,
         ),
         policy_config=PolicyConfig(trunk_hidden=(32,), feature_size=32, critic_hidden=(32,)),
@@ -249,6 +249,9 @@ def main() -> None:
         "--bundle", type=Path, default=None, help="a trained two-task bundle (default: train one per seed)"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument(
+        "--train-steps", type=int, default=50_000, help="training steps of each seed's bundle (no --bundle)"
+    )
     parser.add_argument("--stationary-s", type=float, default=120.0)
     parser.add_argument("--after-s", type=float, default=300.0, help="longest run after the change")
     parser.add_argument(
@@ -271,7 +274,7 @@ def main() -> None:
             trained = Path(args.bundle) if args.bundle else Path(tmp) / f"trained-{seed}"
             if not args.bundle:
                 t0 = time.perf_counter()
-                train_bundle(trained, seed)
+                train_bundle(trained, seed, args.train_steps)
                 print(f"seed {seed}: bundle trained in {time.perf_counter() - t0:.0f} s", flush=True)
             for supersede in variants:
                 results.append(run_seed(args, seed, trained, Path(tmp), supersede=supersede))
