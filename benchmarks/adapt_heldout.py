@@ -77,10 +77,18 @@ def run(
     torch.manual_seed(seed)
     np.random.seed(seed)
     _, action_space = task_spaces(task)
-    old_tasks: list[TaskSpec] = list(load_suite(args.suite).train_tasks)
+    suite = load_suite(args.suite)
+    old_tasks: list[TaskSpec] = list(suite.train_tasks)
     base = load_policy(bundle)
     if method == "from scratch":
-        policy = build_policy(base.config, [task], {task.id: task_spaces(task)})
+        # The same architecture: the encoder kind of the trunk group the task would join (a CNN for a
+        # MiniGrid view), not the default MLP.
+        width = task_spaces(task)[0].shape
+        shared = next(
+            (e for e in suite.encoders if task_spaces(suite.task(e.tasks[0]))[0].shape == width), None
+        )
+        own = replace(shared if shared is not None else suite.encoder_for(task.id), tasks=(task.id,))
+        policy = build_policy(base.config, [task], {task.id: task_spaces(task)}, (own,))
     else:
         policy = base
         policy.add_head(task.id, action_space)

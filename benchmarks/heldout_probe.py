@@ -98,7 +98,7 @@ def bundle_probe(bundle: Path, suite: Suite, task: TaskSpec, args: argparse.Name
                 episodes=args.episodes,
                 seed=EVAL_SEED,
             )
-            best = {"head": floor.best_head, "return": floor.best_return}
+            best = {"head": floor.best_head, "return": floor.best_return, "returns": floor.returns}
     return {"fresh": fresh, "zero_shot": best}
 
 
