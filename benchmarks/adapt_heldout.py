@@ -137,6 +137,8 @@ def run(
         steps += per_iteration
         if steps % args.eval_every < per_iteration or i == iterations - 1:
             curve.append((steps, _eval(policy, task, args.episodes)))
+            # A partial curve survives a run stopped early (these runs take up to an hour under load).
+            print(f"  {method} {task.id} seed {seed}: {steps} samples -> {curve[-1][1]:.3f}", flush=True)
     envs.close()
     result: dict[str, Any] = {
         "method": method,
