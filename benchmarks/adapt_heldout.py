@@ -224,8 +224,12 @@ def main() -> None:
     for task_id in tasks:
         task = suite.task(task_id)
         _, action_space = task_spaces(task)
+        # zero_shot_floor lets an old head act only through the new task's encoder slot, which exists
+        # once the task has a head (without one every head is "incompatible" and the floor is -inf).
+        probe = load_policy(args.bundle)
+        probe.add_head(task.id, action_space)
         floor = zero_shot_floor(
-            base,
+            probe,
             task,
             action_space,
             old_tasks=[t.id for t in old_tasks],
