@@ -77,10 +77,18 @@ def run(
     torch.manual_seed(seed)
     np.random.seed(seed)
     _, action_space = task_spaces(task)
-    old_tasks: list[TaskSpec] = list(load_suite(args.suite).train_tasks)
+    suite = load_suite(args.suite)
+    old_tasks: list[TaskSpec] = list(suite.train_tasks)
     base = load_policy(bundle)
     if method == "from scratch":
-        policy = build_policy(base.config, [task], {task.id: task_spaces(task)})
+        # The same architecture: the encoder kind of the trunk group the task would join (a CNN for a
+        # MiniGrid view), not the default MLP.
+        width = task_spaces(task)[0].shape
+        shared = next(
+            (e for e in suite.encoders if task_spaces(suite.task(e.tasks[0]))[0].shape == width), None
+        )
+        own = replace(shared if shared is not None else suite.encoder_for(task.id), tasks=(task.id,))
+        policy = build_policy(base.config, [task], {task.id: task_spaces(task)}, (own,))
     else:
         policy = base
         policy.add_head(task.id, action_space)
@@ -129,6 +137,8 @@ def run(
         steps += per_iteration
         if steps % args.eval_every < per_iteration or i == iterations - 1:
             curve.append((steps, _eval(policy, task, args.episodes)))
+            # A partial curve survives a run stopped early (these runs take up to an hour under load).
+            print(f"  {method} {task.id} seed {seed}: {steps} samples -> {curve[-1][1]:.3f}", flush=True)
     envs.close()
     result: dict[str, Any] = {
         "method": method,
@@ -214,8 +224,12 @@ def main() -> None:
     for task_id in tasks:
         task = suite.task(task_id)
         _, action_space = task_spaces(task)
+        # zero_shot_floor lets an old head act only through the new task's encoder slot, which exists
+        # once the task has a head (without one every head is "incompatible" and the floor is -inf).
+        probe = load_policy(args.bundle)
+        probe.add_head(task.id, action_space)
         floor = zero_shot_floor(
-            base,
+            probe,
             task,
             action_space,
             old_tasks=[t.id for t in old_tasks],

@@ -93,7 +93,7 @@ def test_attrs_recompute_cartpole_derived_physics() -> None:
 
 def test_builtin_suites_load_and_validate() -> None:
     names = builtin_suites()
-    assert {"cartpole-family", "classic-mixed", "minigrid"} <= set(names)
+    assert {"cartpole-family", "classic-mixed", "minigrid", "minigrid-keys", "minigrid-lava"} <= set(names)
     family = load_suite("cartpole-family")
     assert len(family.train_tasks) >= 4 and len(family.heldout_tasks) >= 2
     for task in family.tasks:
@@ -218,3 +218,26 @@ def test_minigrid_keys_heldout_tasks_share_the_old_heads_action_space() -> None:
     assert len(suite.train_tasks) == 4 and [t.id for t in suite.heldout_tasks] == ["lavagap-7", "crossing-9"]
     spaces = {t.id: validate_task(t) for t in suite.tasks}
     assert len({(obs.shape, act.n) for obs, act in spaces.values()}) == 1  # type: ignore[union-attr]
+
+
+def test_minigrid_lava_loads_and_every_task_steps_through_the_cnn_view() -> None:
+    pytest.importorskip("minigrid")
+    suite = load_suite("minigrid-lava")
+    assert [t.id for t in suite.heldout_tasks] == ["lavagap-6", "lavagap-6-mirrored", "lavagap-7-mirrored"]
+    (group,) = suite.encoders
+    assert group.kind == "cnn" and set(group.tasks) == {t.id for t in suite.train_tasks}
+    spaces = {t.id: validate_task(t) for t in suite.tasks}
+    # One view and the same six actions everywhere: every old head can act on the held-out task.
+    assert {(obs.shape, act.n) for obs, act in spaces.values()} == {((151,), 6)}  # type: ignore[union-attr]
+    for task in suite.tasks:
+        env = make_env(task)
+        try:
+            obs, _ = env.reset(seed=5)
+            assert obs.shape == (151,) and obs.min() >= 0.0 and obs.max() <= 1.0
+            for action in (0, 2, 1, 2, 5):  # left, forward, right, forward, toggle
+                obs, reward, terminated, truncated, _ = env.step(action)
+                assert obs.shape == (151,) and reward >= 0.0
+                if terminated or truncated:
+                    obs, _ = env.reset()
+        finally:
+            env.close()
