@@ -55,8 +55,49 @@ METHODS = ("head-only (fresh)", "head-only (nearest)", "from scratch", "full fin
 COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
 
 
-def _eval(policy: MultiTaskPolicy, task: TaskSpec, episodes: int) -> float:
+def eval_return(policy: MultiTaskPolicy, task: TaskSpec, episodes: int) -> float:
+    """Mean deterministic return on the fixed evaluation episodes (``EVAL_SEED``)."""
     return float(np.mean(evaluate(policy, [task], episodes=episodes, seed=EVAL_SEED)[task.id]))
+
+
+def train_curve(
+    policy: MultiTaskPolicy,
+    task: TaskSpec,
+    optimizer: torch.optim.Optimizer,
+    ppo: PPOConfig,
+    samples: int,
+    *,
+    learner: HeadLearner | None,
+    seed: int,
+    eval_every: int,
+    episodes: int,
+    label: str,
+) -> list[tuple[int, float]]:
+    """PPO on one task (head-only through ``learner``, else ``optimizer`` over what it holds) with the
+    learning rate annealed to 0, evaluated at 0 samples and about every ``eval_every`` samples."""
+    envs = TaskEnvs(task, ppo.envs_per_task, policy.observation_size, seed=seed * 1000 + 7)
+    state = TaskState(task=task, envs=envs, weight=1.0)
+    per_iteration = ppo.envs_per_task * ppo.num_steps
+    iterations = math.ceil(samples / per_iteration)
+    generator = torch.Generator().manual_seed(seed)
+    curve = [(0, eval_return(policy, task, episodes))]
+    steps = 0
+    for i in range(iterations):
+        optimizer.param_groups[0]["lr"] = (1.0 - i / iterations) * ppo.learning_rate
+        if learner is not None:
+            learner.update(collect_head_rollout(policy, state, ppo))
+        else:
+            policy.train()
+            rollouts = collect_rollout(policy, [state], [np.arange(ppo.envs_per_task)], ppo)
+            compute_advantages(rollouts, ppo)
+            ppo_update(policy, optimizer, rollouts, {task.id: 1.0}, ppo, generator=generator)
+        steps += per_iteration
+        if steps % eval_every < per_iteration or i == iterations - 1:
+            curve.append((steps, eval_return(policy, task, episodes)))
+            # A partial curve survives a run stopped early (these runs take up to an hour under load).
+            print(f"  {label} {task.id} seed {seed}: {steps} samples -> {curve[-1][1]:.3f}", flush=True)
+    envs.close()
+    return curve
 
 
 def _old_returns(policy: MultiTaskPolicy, tasks: list[TaskSpec], episodes: int) -> dict[str, float]:
@@ -116,30 +157,12 @@ def run(
             if n.startswith(("trunk.", "encoders.")) or f"heads.{task.id}" in n
         ]
         optimizer = torch.optim.Adam(params, lr=ppo.learning_rate, eps=1e-5)
-    envs = TaskEnvs(task, ppo.envs_per_task, policy.observation_size, seed=seed * 1000 + 7)
-    state = TaskState(task=task, envs=envs, weight=1.0)
-    per_iteration = ppo.envs_per_task * ppo.num_steps
-    iterations = math.ceil(samples / per_iteration)
-    generator = torch.Generator().manual_seed(seed)
-    curve = [(0, _eval(policy, task, args.episodes))]
     started = time.perf_counter()
-    steps = 0
-    for i in range(iterations):
-        lr = (1.0 - i / iterations) * ppo.learning_rate
-        optimizer.param_groups[0]["lr"] = lr
-        if head_only:
-            learner.update(collect_head_rollout(policy, state, ppo))
-        else:
-            policy.train()
-            rollouts = collect_rollout(policy, [state], [np.arange(ppo.envs_per_task)], ppo)
-            compute_advantages(rollouts, ppo)
-            ppo_update(policy, optimizer, rollouts, {task.id: 1.0}, ppo, generator=generator)
-        steps += per_iteration
-        if steps % args.eval_every < per_iteration or i == iterations - 1:
-            curve.append((steps, _eval(policy, task, args.episodes)))
-            # A partial curve survives a run stopped early (these runs take up to an hour under load).
-            print(f"  {method} {task.id} seed {seed}: {steps} samples -> {curve[-1][1]:.3f}", flush=True)
-    envs.close()
+    curve = train_curve(
+        policy, task, optimizer, ppo, samples, learner=learner if head_only else None, seed=seed,
+        eval_every=args.eval_every, episodes=args.episodes, label=method,
+    )  # fmt: skip
+    steps = curve[-1][0]
     result: dict[str, Any] = {
         "method": method,
         "task": task.id,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,24 +23,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from adapt_heldout import EVAL_SEED, eval_return, train_curve
 from trainer_common import machine
 
 from polyhead.envs import task_spaces
 from polyhead.scores import normalise, random_return
 from polyhead.taskspec import Suite, TaskSpec, load_suite
 from polyhead.trainer.config import PPOConfig
-from polyhead.trainer.envs import TaskEnvs
-from polyhead.trainer.evaluate import evaluate
 from polyhead.trainer.policy import PolicyConfig, build_policy, load_policy
-from polyhead.trainer.ppo import TaskState, collect_rollout, compute_advantages, ppo_update
 from polyhead.trainer.updater.floor import zero_shot_floor
 
-EVAL_SEED = 123_000  # the same evaluation episodes as adapt_heldout.py
 BAR = 0.9
-
-
-def _eval(policy: Any, task: TaskSpec, episodes: int) -> float:
-    return float(np.mean(evaluate(policy, [task], episodes=episodes, seed=EVAL_SEED)[task.id]))
 
 
 def from_scratch(suite: Suite, task: TaskSpec, ppo: PPOConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -50,25 +42,11 @@ def from_scratch(suite: Suite, task: TaskSpec, ppo: PPOConfig, args: argparse.Na
     own = replace(suite.encoder_for(task.id), tasks=(task.id,))
     policy = build_policy(PolicyConfig(), [task], {task.id: task_spaces(task)}, (own,))
     optimizer = torch.optim.Adam(policy.parameters(), lr=ppo.learning_rate, eps=1e-5)
-    envs = TaskEnvs(task, ppo.envs_per_task, policy.observation_size, seed=ppo.seed * 1000 + 7)
-    state = TaskState(task=task, envs=envs, weight=1.0)
-    per_iteration = ppo.envs_per_task * ppo.num_steps
-    iterations = math.ceil(args.samples / per_iteration)
-    generator = torch.Generator().manual_seed(ppo.seed)
-    curve = [(0, _eval(policy, task, args.episodes))]
     started = time.perf_counter()
-    steps = 0
-    for i in range(iterations):
-        optimizer.param_groups[0]["lr"] = (1.0 - i / iterations) * ppo.learning_rate
-        policy.train()
-        rollouts = collect_rollout(policy, [state], [np.arange(ppo.envs_per_task)], ppo)
-        compute_advantages(rollouts, ppo)
-        ppo_update(policy, optimizer, rollouts, {task.id: 1.0}, ppo, generator=generator)
-        steps += per_iteration
-        if steps % args.eval_every < per_iteration or i == iterations - 1:
-            curve.append((steps, _eval(policy, task, args.episodes)))
-            print(f"  {task.id} seed {ppo.seed}: {steps} samples -> {curve[-1][1]:.3f}", flush=True)
-    envs.close()
+    curve = train_curve(
+        policy, task, optimizer, ppo, args.samples, learner=None, seed=ppo.seed,
+        eval_every=args.eval_every, episodes=args.episodes, label="from scratch",
+    )  # fmt: skip
     return {"seed": ppo.seed, "curve": curve, "seconds": time.perf_counter() - started}
 
 
@@ -88,7 +66,7 @@ def bundle_probe(bundle: Path, suite: Suite, task: TaskSpec, args: argparse.Name
         torch.manual_seed(seed)
         policy = load_policy(bundle)
         policy.add_head(task.id, task_spaces(task)[1])
-        fresh.append(_eval(policy, task, args.episodes))
+        fresh.append(eval_return(policy, task, args.episodes))
         if not best:
             floor = zero_shot_floor(
                 policy,
