@@ -128,6 +128,63 @@ def test_hot_metrics_export_what_prometheus_client_metrics_would() -> None:
     assert created(generate_latest(hot_registry).decode()) == created(generate_latest(reference).decode())
 
 
+def test_task_metrics_export_what_prometheus_client_metrics_would() -> None:
+    """The per-task entries (locked counters and histograms, gauges with remove, summaries) print the
+    same families, samples and labels as prometheus_client's Counter, Histogram, Gauge and Summary."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
+
+    from polyhead.server.metrics import (
+        SWAP_BUCKETS,
+        HotCounter,
+        HotGauge,
+        HotHistogram,
+        HotMetrics,
+        HotSummary,
+    )
+
+    hot_registry, reference = CollectorRegistry(), CollectorRegistry()
+    hot_loads = HotCounter("y_loads", "doc", ["task", "source"], locked=True)
+    hot_swap = HotHistogram("y_swap_seconds", "doc", ["task"], buckets=SWAP_BUCKETS, locked=True)
+    hot_active = HotGauge("y_active", "doc", ["task"])
+    hot_returns = HotSummary("y_return", "doc", ["task"])
+    hot_registry.register(HotMetrics([hot_loads, hot_swap, hot_active, hot_returns]))
+    loads = Counter("y_loads", "doc", ["task", "source"], registry=reference)
+    swap = Histogram("y_swap_seconds", "doc", ["task"], buckets=SWAP_BUCKETS, registry=reference)
+    active = Gauge("y_active", "doc", ["task"], registry=reference)
+    returns = Summary("y_return", "doc", ["task"], registry=reference)
+    for task in ("cartpole", "acrobot", "gone", "idle"):  # "idle": created at 0, never observed
+        for c in (hot_loads, loads):
+            c.labels(task=task, source="bundle")
+        for g in (hot_active, active):
+            g.labels(task=task).set(0)
+        for s in (hot_returns, returns):
+            s.labels(task=task)
+    for i, value in enumerate([0.0, 1e-7, 0.001, 0.5, 3.0, -2.5]):
+        task = ("cartpole", "acrobot", "gone")[i % 3]
+        for c in (hot_loads, loads):
+            c.labels(task=task, source="upload").inc(2)
+        for h in (hot_swap, swap):
+            h.labels(task=task).observe(abs(value))
+        for g in (hot_active, active):
+            g.labels(task=task).set(i + 1)
+        for s in (hot_returns, returns):
+            s.labels(task=task).observe(value)
+    for g in (hot_active, active):
+        g.remove("gone")
+        g.remove("never")
+    with pytest.raises(ValueError):
+        hot_loads.labels(task="cartpole", source="bundle").inc(-1)
+    hot_text, reference_text = generate_latest(hot_registry).decode(), generate_latest(reference).decode()
+    assert _without_created(hot_text) == _without_created(reference_text)
+
+    def created(text: str) -> list[str]:
+        return [line.rsplit(" ", 1)[0] for line in text.splitlines() if "_created" in line]
+
+    assert created(hot_text) == created(reference_text)
+    assert 'y_return_count{task="idle"} 0.0' in hot_text
+    assert 'y_active{task="gone"}' not in hot_text
+
+
 def test_hot_metrics_in_a_real_scrape(server: Any, policy_stub: Any) -> None:
     act(policy_stub, "cartpole", observations("cartpole", 2))
     text = _scrape(server.metrics_port)
