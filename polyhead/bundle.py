@@ -518,20 +518,21 @@ class Bundle:
         tdir = self.task_dir(task_id)
         if not tdir.is_dir():
             return []
-        out = []
-        for p in tdir.iterdir():
-            if p.is_dir() and p.name.isdigit() and (p / HEAD_JSON).is_file() and (p / HEAD_ONNX).is_file():
-                out.append(int(p.name))
-        return sorted(out)
+        return sorted(int(p.name) for p in tdir.iterdir() if _complete_version_dir(p))
+
+    def has_version(self, task_id: str, version: int) -> bool:
+        """Whether ``version`` is one of :meth:`versions`, with a few stats instead of a directory listing
+        (a listing per head made startup quadratic-ish in versions and doubled its directory reads)."""
+        return _complete_version_dir(self.task_dir(task_id) / str(version))
 
     def head(self, task_id: str, version: int | None = None) -> HeadRecord:
         """A head version (default: the active one); raises UnknownTask, UnknownVersion, CorruptHead."""
-        versions = self.versions(task_id)
-        if not versions:
-            raise UnknownTask(f"bundle {self.root} has no head for task {task_id!r}")
         if version is None:
             version = self.active_version(task_id)
-        if version not in versions:
+        elif not self.has_version(task_id, version):
+            versions = self.versions(task_id)
+            if not versions:
+                raise UnknownTask(f"bundle {self.root} has no head for task {task_id!r}")
             raise UnknownVersion(
                 f"task {task_id!r} has no version {version} in {self.root}; versions: {versions}"
             )
@@ -546,15 +547,15 @@ class Bundle:
 
     def active_version(self, task_id: str) -> int:
         """The version named by ``active.json``, else the highest complete version."""
-        versions = self.versions(task_id)
-        if not versions:
-            raise UnknownTask(f"bundle {self.root} has no head for task {task_id!r}")
         pointer = self.task_dir(task_id) / ACTIVE_JSON
         if pointer.is_file():
             with contextlib.suppress(BundleError, KeyError, TypeError, ValueError):
                 version = int(_read_json(pointer, "active pointer")["version"])
-                if version in versions:
+                if self.has_version(task_id, version):
                     return version
+        versions = self.versions(task_id)
+        if not versions:
+            raise UnknownTask(f"bundle {self.root} has no head for task {task_id!r}")
         return versions[-1]
 
     def set_active_version(self, task_id: str, version: int) -> None:
@@ -702,3 +703,9 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Bundle.open(target)
+
+
+def _complete_version_dir(path: Path) -> bool:
+    """A published version: a numeric directory holding its metadata and graph (a temporary ``.v*``
+    directory or a partial copy is not one)."""
+    return path.name.isdigit() and (path / HEAD_JSON).is_file() and (path / HEAD_ONNX).is_file()

@@ -9,6 +9,12 @@ Python counts and sums, no lock, exported under the same names, labels and bucke
 (:class:`HotMetrics`). Each of their label children is written by one thread at a time: request metrics on
 the event-loop thread, pass metrics by whichever thread runs the pass, and one pass runs at a time. A scrape
 reads them from the HTTP thread; it may see an observation's bucket before its sum, never a torn number.
+
+The per-task metrics (head loads and swaps, rejections, experience, episode summaries, the head gauges)
+are the same kind of entries with ``locked=True``: a series costs a slotted object in a dict rather than
+prometheus_client's child with its own locks and value objects, which at 10,000 tasks was most of a
+head's load time and memory beyond its weights. Their writers are several threads (head loads run in
+executor threads), so each family's writes share one lock; a gauge's ``set`` is one assignment and takes none.
 """
 
 from __future__ import annotations
@@ -20,8 +26,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, start_http_server
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
@@ -77,27 +89,90 @@ class _CounterChild:
         self.value += amount
 
 
+class _LockedHistogramChild(_HistogramChild):
+    __slots__ = ("_lock",)
+
+    def __init__(self, bounds: Sequence[float], lock: threading.Lock) -> None:
+        super().__init__(bounds)
+        self._lock = lock
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            super().observe(value)
+
+
+class _LockedCounterChild(_CounterChild):
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: threading.Lock) -> None:
+        super().__init__()
+        self._lock = lock
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:  # prometheus_client's contract: a counter never goes down
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        with self._lock:
+            self.value += amount
+
+
+class _GaugeChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class _SummaryChild:
+    __slots__ = ("_lock", "count", "created", "sum")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.count = 0
+        self.sum = 0.0
+        self.created = time.time()
+        self._lock = lock
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self.count += 1
+            self.sum += value
+
+
 class HotHistogram:
     """A histogram with prometheus_client's ``labels(...).observe(v)`` / ``observe(v)`` interface and
     exposition, without its per-observation lock (see the module docstring for who may write)."""
 
     def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str] = (), *, buckets: Sequence[float]
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float],
+        locked: bool = False,
     ):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._bounds = tuple(float(b) for b in buckets)
         self._les = [*(floatToGoString(b) for b in self._bounds), "+Inf"]  # type: ignore[no-untyped-call]
+        self._lock = threading.Lock() if locked else None
         self._children: dict[tuple[str, ...], _HistogramChild] = {}
         if not self.labelnames:
-            self._children[()] = _HistogramChild(self._bounds)
+            self._children[()] = self._new_child()
+
+    def _new_child(self) -> _HistogramChild:
+        if self._lock is None:
+            return _HistogramChild(self._bounds)
+        return _LockedHistogramChild(self._bounds, self._lock)
 
     def labels(self, **labels: str) -> _HistogramChild:
         key = tuple(str(labels[n]) for n in self.labelnames)
         child = self._children.get(key)
         if child is None:
-            child = self._children.setdefault(key, _HistogramChild(self._bounds))
+            child = self._children.setdefault(key, self._new_child())
         return child
 
     def observe(self, value: float) -> None:
@@ -108,7 +183,7 @@ class HotHistogram:
         if not with_samples:
             return family
         for key, child in list(self._children.items()):
-            counts = list(child.counts)
+            counts = list(child.counts)  # a copy: an observation may land while we sum
             cumulative = 0
             buckets = []
             for le, n in zip(self._les, counts, strict=True):
@@ -124,17 +199,19 @@ class HotHistogram:
 class HotCounter:
     """A counter with prometheus_client's ``labels(...).inc()`` interface and exposition, lock-free."""
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]):
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], *, locked: bool = False):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self._lock = threading.Lock() if locked else None
         self._children: dict[tuple[str, ...], _CounterChild] = {}
 
     def labels(self, **labels: str) -> _CounterChild:
         key = tuple(str(labels[n]) for n in self.labelnames)
         child = self._children.get(key)
         if child is None:
-            child = self._children.setdefault(key, _CounterChild())
+            new = _CounterChild() if self._lock is None else _LockedCounterChild(self._lock)
+            child = self._children.setdefault(key, new)
         return child
 
     def family(self, *, with_samples: bool = True) -> Metric:
@@ -145,10 +222,72 @@ class HotCounter:
         return family
 
 
+class HotGauge:
+    """A labelled gauge with prometheus_client's ``labels(...).set(v)`` / ``remove(...)`` interface and
+    exposition (only ``set``: what the server's per-task gauges need)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _GaugeChild] = {}
+
+    def labels(self, **labels: str) -> _GaugeChild:
+        key = tuple(str(labels[n]) for n in self.labelnames)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children.setdefault(key, _GaugeChild())
+        return child
+
+    def remove(self, *labelvalues: str) -> None:
+        """Drop a series; one that does not exist is no error (as in prometheus_client)."""
+        self._children.pop(tuple(str(v) for v in labelvalues), None)
+
+    def family(self, *, with_samples: bool = True) -> Metric:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if with_samples:
+            for key, child in list(self._children.items()):
+                family.add_metric(list(key), child.value)
+        return family
+
+
+class HotSummary:
+    """A labelled summary (count and sum, no quantiles: prometheus_client's ``Summary``) with its
+    ``labels(...).observe(v)`` interface and exposition."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._lock = threading.Lock()
+        self._children: dict[tuple[str, ...], _SummaryChild] = {}
+
+    def labels(self, **labels: str) -> _SummaryChild:
+        key = tuple(str(labels[n]) for n in self.labelnames)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children.setdefault(key, _SummaryChild(self._lock))
+        return child
+
+    def family(self, *, with_samples: bool = True) -> Metric:
+        family = SummaryMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if with_samples:
+            for key, child in list(self._children.items()):
+                with self._lock:  # count and sum of the same observations
+                    count, total = child.count, child.sum
+                family.add_metric(list(key), count, total)
+                family.samples.append(
+                    Sample(
+                        f"{self.name}_created", dict(zip(self.labelnames, key, strict=True)), child.created
+                    )
+                )
+        return family
+
+
 class HotMetrics:
     """The collector that exports every hot metric (registered once on the server's registry)."""
 
-    def __init__(self, metrics: Sequence[HotHistogram | HotCounter]) -> None:
+    def __init__(self, metrics: Sequence[HotHistogram | HotCounter | HotGauge | HotSummary]) -> None:
         self._metrics = tuple(metrics)
 
     def describe(self) -> Iterator[Metric]:
@@ -209,54 +348,50 @@ class ServerMetrics:
             "Requests waiting for inference",
             registry=r,
         )
-        self.expired = Counter(
+        self.expired = HotCounter(
             "polyhead_expired_requests",
             "Requests dropped before inference because their deadline passed",
             ["task"],
-            registry=r,
+            locked=True,
         )
-        self.rejected = Counter(
+        self.rejected = HotCounter(
             "polyhead_rejected_requests",
             "Requests refused with RESOURCE_EXHAUSTED: the queue was full or too many calls were in progress",
             ["task"],
-            registry=r,
+            locked=True,
         )
         # --- heads ---
-        self.active_head_version = Gauge(
+        self.active_head_version = HotGauge(
             "polyhead_active_head_version",
             "Head version serving the task",
             ["task"],
-            registry=r,
         )
-        self.loaded_heads = Gauge(
+        self.loaded_heads = HotGauge(
             "polyhead_loaded_heads",
             "Head versions loaded for the task",
             ["task"],
-            registry=r,
         )
-        self.canary_version = Gauge(
+        self.canary_version = HotGauge(
             "polyhead_canary_version",
             "Canary head version of the task (0: no canary)",
             ["task"],
-            registry=r,
         )
-        self.canary_percent = Gauge(
+        self.canary_percent = HotGauge(
             "polyhead_canary_percent",
             "Share of the task's traffic routed to its canary, in percent",
             ["task"],
-            registry=r,
         )
-        self.head_loads = Counter(
+        self.head_loads = HotCounter(
             "polyhead_head_loads",
             "Head versions loaded, by source (bundle, upload, watch)",
             ["task", "source"],
-            registry=r,
+            locked=True,
         )
-        self.head_load_failures = Counter(
+        self.head_load_failures = HotCounter(
             "polyhead_head_load_failures",
             "Head loads refused, by reason (the error class)",
             ["task", "reason"],
-            registry=r,
+            locked=True,
         )
         self.watch_failures = Counter(
             "polyhead_bundle_watch_failures",
@@ -268,71 +403,67 @@ class ServerMetrics:
             "1 while the bundle watch's last poll failed, else 0",
             registry=r,
         )
-        self.head_load_seconds = Histogram(
+        self.head_load_seconds = HotHistogram(
             "polyhead_head_load_seconds",
             "Validate + session build + warm-up time of a head load",
             ["task"],
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
-            registry=r,
+            locked=True,
         )
-        self.head_swaps = Counter(
+        self.head_swaps = HotCounter(
             "polyhead_head_swaps",
             "Changes of the active head version",
             ["task"],
-            registry=r,
+            locked=True,
         )
-        self.head_swap_seconds = Histogram(
+        self.head_swap_seconds = HotHistogram(
             "polyhead_head_swap_seconds",
             "Time to switch the active version (lock + reference swap)",
             ["task"],
             buckets=SWAP_BUCKETS,
-            registry=r,
+            locked=True,
         )
         # --- experience ---
-        self.episode_return = Summary(
+        self.episode_return = HotSummary(
             "polyhead_episode_return",
             "Returns of completed episodes reported to the server",
             ["task"],
-            registry=r,
         )
-        self.episode_return_last = Gauge(
+        self.episode_return_last = HotGauge(
             "polyhead_episode_return_last",
             "Return of the latest completed episode",
             ["task"],
-            registry=r,
         )
-        self.episode_length = Summary(
+        self.episode_length = HotSummary(
             "polyhead_episode_length",
             "Steps of completed episodes reported to the server",
             ["task"],
-            registry=r,
         )
-        self.experience_steps = Counter(
+        self.experience_steps = HotCounter(
             "polyhead_experience_steps",
             "Rewarded steps assembled into episodes",
             ["task"],
-            registry=r,
+            locked=True,
         )
-        self.experience_dropped = Counter(
+        self.experience_dropped = HotCounter(
             "polyhead_experience_dropped",
             "Experience refused at the edge (invalid_reward, invalid_action, invalid_log_prob, "
             "unknown_version, invalid_observation, invalid_step) or not assembled or delivered "
             "(unknown_episode, no_action, stale_step, duplicate_action, missing_reward, expired, evicted, "
             "subscriber_full)",
             ["task", "reason"],
-            registry=r,
+            locked=True,
         )
-        self.experience_segments = Counter(
+        self.experience_segments = HotCounter(
             "polyhead_experience_segments",
             "Episode segments published to StreamExperience subscribers",
             ["task"],
-            registry=r,
+            locked=True,
         )
-        self.version_episode_return = Summary(
+        self.version_episode_return = HotSummary(
             "polyhead_version_episode_return",
             "Returns of completed episodes played entirely by one head version (_count: their number)",
             ["task", "version"],
-            registry=r,
         )
         self.version_act_seconds = HotHistogram(
             "polyhead_version_act_seconds",
@@ -340,17 +471,16 @@ class ServerMetrics:
             ["task", "version"],
             buckets=LATENCY_BUCKETS,
         )
-        self.task_regressed = Gauge(
+        self.task_regressed = HotGauge(
             "polyhead_task_regressed",
             "1 while the live-return monitor finds the task's stable version worse than its own reference",
             ["task"],
-            registry=r,
         )
-        self.regression_events = Counter(
+        self.regression_events = HotCounter(
             "polyhead_regression_events",
             "Live-return monitor state changes, by kind (regressed, recovered)",
             ["task", "kind"],
-            registry=r,
+            locked=True,
         )
         self.open_episodes = Gauge(
             "polyhead_open_episodes",
@@ -374,6 +504,32 @@ class ServerMetrics:
                     self.batch_requests,
                     self.batch_encoders,
                     self.version_act_seconds,
+                ]
+            )
+        )
+        registry.register(
+            HotMetrics(
+                [
+                    self.expired,
+                    self.rejected,
+                    self.active_head_version,
+                    self.loaded_heads,
+                    self.canary_version,
+                    self.canary_percent,
+                    self.head_loads,
+                    self.head_load_failures,
+                    self.head_load_seconds,
+                    self.head_swaps,
+                    self.head_swap_seconds,
+                    self.episode_return,
+                    self.episode_return_last,
+                    self.episode_length,
+                    self.experience_steps,
+                    self.experience_dropped,
+                    self.experience_segments,
+                    self.version_episode_return,
+                    self.task_regressed,
+                    self.regression_events,
                 ]
             )
         )

@@ -106,7 +106,8 @@ class _Broadcast:
     value: npt.NDArray[Any]
 
 
-_SHAPE = _ShapeExpr()
+_SHAPE = _ShapeExpr()  # the only _ShapeExpr there is
+_MISSING = object()
 _SHAPE_OPS = frozenset({"Shape", "Concat", "Gather", "Slice", "Unsqueeze", "Squeeze", "Cast", "Reshape"})
 
 
@@ -149,7 +150,8 @@ def _linear(chain: _Partial, weight: F32, bias: F32, node: Any) -> _Partial:
     if width is not None and width != weight.shape[0]:
         raise NotAnMlp(f"{node.op_type} {node.name!r} takes {weight.shape[0]} inputs, gets {width}")
     columns = chain.columns if chain.columns is not None else int(weight.shape[0])
-    layer = Layer(np.ascontiguousarray(weight, dtype=np.float32), bias.astype(np.float32), "")
+    # No copies here: the bank copies each layer into its slot, and a load is mostly such small costs.
+    layer = Layer(weight.astype(np.float32, copy=False), bias.astype(np.float32, copy=False), "")
     return _Partial(chain.source, columns, chain.sliced, (*chain.layers, layer))
 
 
@@ -181,16 +183,19 @@ def _gemm(o: _Op) -> Any:
     chain = o.ins[0]
     if not isinstance(chain, _Partial) or o.attrs.get("transA", 0):
         raise NotAnMlp(f"Gemm {o.node.name!r} is not data @ constant")
-    b = _const(o.env, o.node.input[1], o.node).astype(np.float32)
+    b = _const(o.env, o.node.input[1], o.node).astype(np.float32, copy=False)
     if b.ndim != 2:
         raise NotAnMlp(f"Gemm {o.node.name!r} weight is not a matrix")
-    weight = (b.T if o.attrs.get("transB", 0) else b) * np.float32(o.attrs.get("alpha", 1.0))
+    weight = b.T if o.attrs.get("transB", 0) else b
+    alpha, beta = o.attrs.get("alpha", 1.0), o.attrs.get("beta", 1.0)
+    if alpha != 1.0:  # exporters write 1.0; scaling by it would only copy
+        weight = weight * np.float32(alpha)
     bias = np.zeros(weight.shape[1], dtype=np.float32)
     if len(o.node.input) > 2 and o.node.input[2]:
         c = _const(o.env, o.node.input[2], o.node)
-        bias = _vector(c, weight.shape[1], f"Gemm {o.node.name!r} bias") * np.float32(
-            o.attrs.get("beta", 1.0)
-        )
+        bias = _vector(c, weight.shape[1], f"Gemm {o.node.name!r} bias")
+        if beta != 1.0:
+            bias = bias * np.float32(beta)
     return _linear(chain, weight, bias, o.node)
 
 
@@ -201,7 +206,7 @@ def _matmul(o: _Op) -> Any:
     b = _const(o.env, o.node.input[1], o.node)
     if b.ndim != 2:
         raise NotAnMlp(f"MatMul {o.node.name!r} is not data @ constant matrix")
-    return _linear(chain, b.astype(np.float32), np.zeros(b.shape[1], dtype=np.float32), o.node)
+    return _linear(chain, b, np.zeros(b.shape[1], dtype=np.float32), o.node)
 
 
 def _add(o: _Op) -> Any:
@@ -284,13 +289,21 @@ _HANDLERS: dict[str, _Handler] = {
 def _step(node: Any, env: dict[str, Any]) -> Any:
     """The symbolic value of ``node``'s (single) output."""
     op = node.op_type
-    if any(i and i not in env for i in node.input):
-        raise NotAnMlp(f"{op} {node.name!r} reads an unknown value")
-    ins = [env.get(i) if i else None for i in node.input]
-    attrs = _attrs(node)
+    ins: list[Any] = []
+    on_shape = False
+    for i in node.input:  # a plain loop: this runs for every node of every head loaded
+        if not i:
+            ins.append(None)
+            continue
+        value = env.get(i, _MISSING)
+        if value is _MISSING:
+            raise NotAnMlp(f"{op} {node.name!r} reads an unknown value")
+        on_shape = on_shape or value is _SHAPE
+        ins.append(value)
+    attrs = _attrs(node) if len(node.attribute) else {}
     if op == "Expand" and isinstance(ins[0], np.ndarray) and isinstance(ins[1], _ShapeExpr):
         return _Broadcast(ins[0])  # log_std.expand_as(mean): a constant row per batch row
-    if op == "Shape" or any(isinstance(v, _ShapeExpr) for v in ins):
+    if op == "Shape" or on_shape:
         if op not in _SHAPE_OPS:
             raise NotAnMlp(f"{op} on a shape")
         return _SHAPE

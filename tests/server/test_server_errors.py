@@ -165,7 +165,7 @@ def test_calls_beyond_max_inflight_calls_are_overloaded_with_the_limit(server: A
     assert isinstance(refused, Overloaded)
     assert "5 Act calls in progress" in str(refused) and "max_inflight_calls (4)" in str(refused)
     assert outcome(1_000_000, 0) is None
-    assert metrics.rejected.labels(task="cartpole")._value.get() == 1
+    assert metrics.rejected.labels(task="cartpole").value == 1
 
 
 def test_expired_requests_are_dropped_before_inference(server: Any) -> None:

@@ -124,8 +124,8 @@ def test_report_experience_joins_rewards_with_served_actions(server: Any, policy
     assert from_proto(segment.rewards).tolist() == [-1.0]
     np.testing.assert_allclose(from_proto(segment.observations), obs[1:2], atol=1e-6)
     dropped = server.running.metrics.experience_dropped
-    assert dropped.labels(task="acrobot", reason="missing_reward")._value.get() == 1
-    assert dropped.labels(task="acrobot", reason="unknown_episode")._value.get() == 1
+    assert dropped.labels(task="acrobot", reason="missing_reward").value == 1
+    assert dropped.labels(task="acrobot", reason="unknown_episode").value == 1
 
 
 def test_late_reports_join_actions_in_served_order(server: Any, policy_stub: Any) -> None:
@@ -288,12 +288,12 @@ def test_poisoned_reports_are_refused_counted_and_never_reach_the_feed(server: A
     segments, call = _subscribe(server, [])
     dropped = server.running.metrics.experience_dropped
     for reason, field, report in POISON:
-        before = dropped.labels(task=report.task_id, reason=reason)._value.get()
+        before = dropped.labels(task=report.task_id, reason=reason).value
         # Each poisoned report ends an episode, so were it accepted a segment would reach the feed.
         report.terminated = not report.truncated
         details = _refused(lambda r=report: policy_stub.ReportExperience(iter([r]), timeout=10))
         assert field in details and "expected" in details, (field, details)
-        assert dropped.labels(task=report.task_id, reason=reason)._value.get() == before + 1, reason
+        assert dropped.labels(task=report.task_id, reason=reason).value == before + 1, reason
     # Reward-only reports and ActStream feedback are checked the same way.
     act(policy_stub, "acrobot", observations("acrobot"), episode_ids=["r"])
     for bad in (float("nan"), -1e30):
@@ -350,7 +350,7 @@ def test_rewards_join_by_step_index_and_a_retried_act_is_recorded_once(server: A
     # A retry of step 1 (the client saw a timeout): same (episode, step), not recorded again.
     act(policy_stub, "cartpole", obs[1], episode_ids=["j"], steps=[1])
     dropped = server.running.metrics.experience_dropped
-    assert dropped.labels(task="cartpole", reason="duplicate_action")._value.get() == 1
+    assert dropped.labels(task="cartpole", reason="duplicate_action").value == 1
     # Rewards out of order, each naming its step.
     reports = [
         policy_pb2.ExperienceReport(task_id="cartpole", episode_id="j", reward=3.0, step=2, terminated=True),

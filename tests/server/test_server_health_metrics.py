@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 from pathlib import Path
@@ -128,6 +129,63 @@ def test_hot_metrics_export_what_prometheus_client_metrics_would() -> None:
     assert created(generate_latest(hot_registry).decode()) == created(generate_latest(reference).decode())
 
 
+def test_task_metrics_export_what_prometheus_client_metrics_would() -> None:
+    """The per-task entries (locked counters and histograms, gauges with remove, summaries) print the
+    same families, samples and labels as prometheus_client's Counter, Histogram, Gauge and Summary."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
+
+    from polyhead.server.metrics import (
+        SWAP_BUCKETS,
+        HotCounter,
+        HotGauge,
+        HotHistogram,
+        HotMetrics,
+        HotSummary,
+    )
+
+    hot_registry, reference = CollectorRegistry(), CollectorRegistry()
+    hot_loads = HotCounter("y_loads", "doc", ["task", "source"], locked=True)
+    hot_swap = HotHistogram("y_swap_seconds", "doc", ["task"], buckets=SWAP_BUCKETS, locked=True)
+    hot_active = HotGauge("y_active", "doc", ["task"])
+    hot_returns = HotSummary("y_return", "doc", ["task"])
+    hot_registry.register(HotMetrics([hot_loads, hot_swap, hot_active, hot_returns]))
+    loads = Counter("y_loads", "doc", ["task", "source"], registry=reference)
+    swap = Histogram("y_swap_seconds", "doc", ["task"], buckets=SWAP_BUCKETS, registry=reference)
+    active = Gauge("y_active", "doc", ["task"], registry=reference)
+    returns = Summary("y_return", "doc", ["task"], registry=reference)
+    for task in ("cartpole", "acrobot", "gone", "idle"):  # "idle": created at 0, never observed
+        for c in (hot_loads, loads):
+            c.labels(task=task, source="bundle")
+        for g in (hot_active, active):
+            g.labels(task=task).set(0)
+        for s in (hot_returns, returns):
+            s.labels(task=task)
+    for i, value in enumerate([0.0, 1e-7, 0.001, 0.5, 3.0, -2.5]):
+        task = ("cartpole", "acrobot", "gone")[i % 3]
+        for c in (hot_loads, loads):
+            c.labels(task=task, source="upload").inc(2)
+        for h in (hot_swap, swap):
+            h.labels(task=task).observe(abs(value))
+        for g in (hot_active, active):
+            g.labels(task=task).set(i + 1)
+        for s in (hot_returns, returns):
+            s.labels(task=task).observe(value)
+    for g in (hot_active, active):
+        g.remove("gone")
+        g.remove("never")
+    with pytest.raises(ValueError):
+        hot_loads.labels(task="cartpole", source="bundle").inc(-1)
+    hot_text, reference_text = generate_latest(hot_registry).decode(), generate_latest(reference).decode()
+    assert _without_created(hot_text) == _without_created(reference_text)
+
+    def created(text: str) -> list[str]:
+        return [line.rsplit(" ", 1)[0] for line in text.splitlines() if "_created" in line]
+
+    assert created(hot_text) == created(reference_text)
+    assert 'y_return_count{task="idle"} 0.0' in hot_text
+    assert 'y_active{task="gone"}' not in hot_text
+
+
 def test_hot_metrics_in_a_real_scrape(server: Any, policy_stub: Any) -> None:
     act(policy_stub, "cartpole", observations("cartpole", 2))
     text = _scrape(server.metrics_port)
@@ -147,3 +205,61 @@ def test_hot_metrics_in_a_real_scrape(server: Any, policy_stub: Any) -> None:
     assert 'polyhead_queue_wait_seconds_count{task="cartpole"} 1.0' in text
     assert 'polyhead_version_act_seconds_count{task="cartpole",version="1"} 1.0' in text
     assert re.search(r"^polyhead_trunk_seconds_count [1-9]", text, re.MULTILINE)
+
+
+def _series(text: str, task: str) -> dict[str, float]:
+    """The scraped samples that carry ``task="<task>"``, ``_created`` left out: name{labels} -> value."""
+    out = {}
+    for line in text.splitlines():
+        if f'task="{task}"' in line and not line.startswith("#") and "_created{" not in line:
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_a_loaded_task_exports_its_series_at_0_and_unloading_drops_its_gauges(
+    server: Any, admin_stub: Any, tiny_bundle: Path
+) -> None:
+    from polyhead.bundle import Bundle
+
+    record = Bundle.open(tiny_bundle).head("cartpole")
+    meta = record.meta.to_json()
+    head_json = json.dumps({**meta, "task": {**meta["task"], "id": "fresh"}, "version": 0, "head_sha256": ""})
+    admin_stub.LoadHead(
+        admin_pb2.LoadHeadRequest(
+            task_id="fresh", onnx=record.read_onnx(), head_json=head_json, activate=True
+        )
+    )
+    loaded = _series(_scrape(server.metrics_port), "fresh")
+    for name in (
+        "polyhead_rejected_requests_total",
+        "polyhead_expired_requests_total",
+        "polyhead_experience_steps_total",
+        "polyhead_experience_segments_total",
+        "polyhead_episode_return_count",
+        "polyhead_episode_length_count",
+        "polyhead_task_regressed",
+        "polyhead_canary_version",
+        "polyhead_canary_percent",
+    ):
+        assert loaded[f'{name}{{task="fresh"}}'] == 0.0, name
+    for kind in ("recovered", "regressed"):
+        assert loaded[f'polyhead_regression_events_total{{kind="{kind}",task="fresh"}}'] == 0.0
+    assert loaded['polyhead_head_loads_total{source="upload",task="fresh"}'] == 1.0
+    assert loaded['polyhead_head_swaps_total{task="fresh"}'] == 1.0
+    assert loaded['polyhead_head_load_seconds_count{task="fresh"}'] == 1.0
+    assert loaded['polyhead_active_head_version{task="fresh"}'] == 1.0
+    assert loaded['polyhead_loaded_heads{task="fresh"}'] == 1.0
+
+    admin_stub.UnloadHead(admin_pb2.UnloadHeadRequest(task_id="fresh", all_versions=True))
+    unloaded = _series(_scrape(server.metrics_port), "fresh")
+    # The gauges that describe what is served go; counters keep their history for rate() over the window.
+    gone = {k for k in loaded if k.split("{")[0] in _SERVING_GAUGES}
+    assert gone and not gone & set(unloaded)
+    assert unloaded['polyhead_loaded_heads{task="fresh"}'] == 0.0
+    assert {k: v for k, v in unloaded.items() if k != 'polyhead_loaded_heads{task="fresh"}'} == {
+        k: v for k, v in loaded.items() if k not in gone and k != 'polyhead_loaded_heads{task="fresh"}'
+    }
+
+
+_SERVING_GAUGES = ("polyhead_active_head_version", "polyhead_canary_version", "polyhead_canary_percent")

@@ -78,9 +78,7 @@ def test_watch_loads_and_activates_a_published_version(
         )
         _wait_for(
             lambda: (
-                srv.running.metrics.head_load_failures.labels(
-                    task="cartpole", reason="CorruptHead"
-                )._value.get()
+                srv.running.metrics.head_load_failures.labels(task="cartpole", reason="CorruptHead").value
                 >= 1
             )
         )

@@ -137,7 +137,7 @@ def test_poisoned_experience_is_refused_and_the_updater_finishes(
     assert poisoner.codes == {"INVALID_ARGUMENT": poisoner.sent}, poisoner.codes
     dropped = srv.running.metrics.experience_dropped
     for reason, sent in poisoner.by_reason.items():
-        assert dropped.labels(task=TASK.id, reason=reason)._value.get() >= sent, reason
+        assert dropped.labels(task=TASK.id, reason=reason).value >= sent, reason
     # Nothing of it reached the updater: its own second line of defence found nothing to skip.
     assert result.steps >= 1_500
     assert result.dropped_steps["non_finite"] == 0
