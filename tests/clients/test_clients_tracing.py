@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from polyhead.clients import AsyncPolicyClient, ChannelConfig, PolicyClient
 from polyhead.server.app import BackgroundServer
 from polyhead.server.settings import ServerSettings
+from tests.contract.hidden_modules import without
 
 OBS = np.array([0.01, -0.02, 0.03, 0.0], dtype=np.float32)
 
@@ -106,13 +107,9 @@ def test_without_propagation_or_a_current_span_the_server_starts_its_own_trace(
     assert episode.get_span_context().trace_id not in {c.context.trace_id for c in calls}
 
 
-_WITHOUT_OTEL = """
-import importlib.abc, sys
-class Hide(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "opentelemetry":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Hide())
+_WITHOUT_OTEL = (
+    without("opentelemetry")
+    + """
 from polyhead.clients import ChannelConfig
 ChannelConfig("127.0.0.1:1")  # fine without OpenTelemetry
 try:
@@ -120,6 +117,7 @@ try:
 except ImportError as exc:
     print(exc)
 """
+)
 
 
 def test_propagation_without_opentelemetry_says_what_to_install() -> None:

@@ -28,6 +28,7 @@ from server_helpers import act, observations
 from polyhead.server.app import BackgroundServer
 from polyhead.tensors import to_proto
 from polyhead.v1 import policy_pb2, policy_pb2_grpc
+from tests.contract.hidden_modules import without
 
 CALL_CHILDREN = {"receive", "queue_wait", "encode"}
 
@@ -220,16 +221,13 @@ def test_tracing_off_never_imports_opentelemetry(tiny_bundle: Path) -> None:
     assert json.loads(out.stdout.splitlines()[-1]) == []
 
 
-_WITHOUT_OTEL = """
-import importlib.abc, sys
-class Hide(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "opentelemetry":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Hide())
+_WITHOUT_OTEL = (
+    without("opentelemetry")
+    + """
 from polyhead.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+)
 
 
 def test_tracing_on_without_the_extra_fails_in_one_line(tiny_bundle: Path) -> None:
