@@ -213,18 +213,18 @@ def record(path: Path, name: str, data: dict[str, Any]) -> None:
         fh.write(json.dumps({"benchmark": name, "time": time.time(), **data}) + "\n")
 
 
-async def _pingpong(target: str, n: int, mode: str) -> float:
+async def _pingpong(target: str, n: int, mode: str, task: str = "cartpole") -> float:
     """Messages per second of one client doing ``n`` sequential steps, by unary Act or one ActStream."""
     import grpc
 
     from polyhead.tensors import to_proto
     from polyhead.v1 import policy_pb2, policy_pb2_grpc
 
-    obs = to_proto(obs_for("cartpole", None, np.random.default_rng(0)))
+    obs = to_proto(obs_for(task, None, np.random.default_rng(0)))
     async with grpc.aio.insecure_channel(target) as channel:
         stub = policy_pb2_grpc.PolicyServiceStub(channel)
         if mode == "unary":
-            request = policy_pb2.ActRequest(task_id="cartpole", observations=obs, deterministic=True)
+            request = policy_pb2.ActRequest(task_id=task, observations=obs, deterministic=True)
             for _ in range(200):
                 await stub.Act(request)
             t0 = time.perf_counter()
@@ -232,11 +232,9 @@ async def _pingpong(target: str, n: int, mode: str) -> float:
                 await stub.Act(request)
             return n / (time.perf_counter() - t0)
         call = stub.ActStream()
-        first = policy_pb2.StepRequest(
-            task_id="cartpole", episode_id="bench", observation=obs, deterministic=True
-        )
+        first = policy_pb2.StepRequest(task_id=task, episode_id="bench", observation=obs, deterministic=True)
         step = policy_pb2.StepRequest(
-            task_id="cartpole",
+            task_id=task,
             episode_id="bench",
             observation=obs,
             deterministic=True,
@@ -256,15 +254,15 @@ async def _pingpong(target: str, n: int, mode: str) -> float:
         return rate
 
 
-def _pingpong_proc(target: str, n: int, mode: str) -> float:
-    return asyncio.run(_pingpong(target, n, mode))
+def _pingpong_proc(target: str, n: int, mode: str, task: str = "cartpole") -> float:
+    return asyncio.run(_pingpong(target, n, mode, task))
 
 
-def pingpong_proc(target: str, n: int, mode: str) -> float:
+def pingpong_proc(target: str, n: int, mode: str, task: str = "cartpole") -> float:
     """:func:`_pingpong` in a spawned process."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return float(pool.apply(_pingpong_proc, (target, n, mode)))
+        return float(pool.apply(_pingpong_proc, (target, n, mode, task)))
 
 
 def machine_note() -> dict[str, Any]:

@@ -28,15 +28,20 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=Path("/tmp/polyhead-bench-bundle"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument(
+        "--task", default=None, help="the task to act on (default: cartpole, or else the bundle's first task)"
+    )
     args = parser.parse_args()
     bundle = build_bundle(args.bundle)
+    tasks = json.loads((bundle / "manifest.json").read_text())["tasks"]
+    task = args.task or ("cartpole" if "cartpole" in tasks else tasks[0])
     rounds = []
     with serve(bundle) as server:
         for r in range(args.rounds):
             echo = sequential_latency_proc(server.target, "echo", args.calls)
-            act = sequential_latency_proc(server.target, "act", args.calls)
-            unary = pingpong_proc(server.target, args.calls, "unary")
-            stream = pingpong_proc(server.target, args.calls, "stream")
+            act = sequential_latency_proc(server.target, "act", args.calls, task)
+            unary = pingpong_proc(server.target, args.calls, "unary", task)
+            stream = pingpong_proc(server.target, args.calls, "stream", task)
             row = {
                 "echo_p50_us": float(np.percentile(echo, 50) * 1e6),
                 "echo_p99_us": float(np.percentile(echo, 99) * 1e6),
@@ -51,7 +56,17 @@ def main() -> None:
             rounds.append(row)
             print(f"round {r}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()), file=sys.stderr)
     median = {k: statistics.median(row[k] for row in rounds) for k in rounds[0]}
-    print(json.dumps({"benchmark": "server_latency", **machine_note(), "median": median, "rounds": rounds}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "server_latency",
+                **machine_note(),
+                "task": task,
+                "median": median,
+                "rounds": rounds,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
