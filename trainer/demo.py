@@ -65,7 +65,7 @@ class DemoConfig:
     scenario: str = "adapt"  # "adapt": a new task arrives; "drift": a served task's environment changes
     drift_task: str = "cartpole-long-pole"  # drift: the task whose actuator is reversed
     stationary_s: float = 60.0  # drift: seconds of unchanged traffic before the change
-    drift_s: float = 330.0  # drift: the longest the changed environment runs
+    drift_s: float = 420.0  # drift: the longest the changed environment runs
     recover_fraction: float = 0.9  # drift: recovered = a 20-episode mean at this share of the pre-change one
     budget_s: float = 600.0  # drift: the changed environment runs at most until this much of the run is used
 

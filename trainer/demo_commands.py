@@ -73,9 +73,10 @@ def register_demo(subparsers: Any) -> None:
     parser.add_argument(
         "--drift-s",
         type=float,
-        default=330.0,
+        default=420.0,
         help="drift: the longest the changed environment runs (the run ends earlier once the task is "
-        "recovered and a window of episodes has been played under the recovered head)",
+        "recovered and a window of episodes has been played under the recovered head; --budget-s cuts "
+        "it shorter when training took long)",
     )
     parser.add_argument(
         "--budget-s",
