@@ -28,6 +28,8 @@ from typing import Any
 
 from trainer_common import machine, mean_std
 
+from polyhead.taskspec import load_suite
+
 ROOT = Path(__file__).resolve().parent.parent
 COLORS = {"padded": "tab:red", "suite": "tab:blue", "per-task": "tab:green"}
 
@@ -74,7 +76,14 @@ def run_once(
     }
 
 
-def table(results: list[dict[str, Any]], arms: list[str]) -> str:
+def first_at_target(curve: list[list[float]], target: float) -> int | None:
+    """Total samples at the first periodic evaluation at or above ``target`` (None: never)."""
+    return next((int(step) for step, value in curve if value >= target), None)
+
+
+def table(report: dict[str, Any]) -> str:
+    results, arms = report["runs"], report["arms"]
+    targets = {t.id: t.target_return for t in load_suite(report["suite"]).train_tasks}
     tasks = list(results[0]["final_returns"])
     lines = [
         "| encoders | " + " | ".join(tasks) + " | tasks solved per seed | wall s | train steps/s | params |",
@@ -90,6 +99,22 @@ def table(results: list[dict[str, Any]], arms: list[str]) -> str:
             f" | {mean_std([r['train_steps_per_second'] for r in mine])}"
             f" | {mine[0]['policy_parameters']:,} |"
         )  # fmt: skip
+    lines += [
+        "",
+        "Total samples at the first evaluation at the task's target, per seed (-: not reached):",
+        "",
+    ]
+    lines += ["| encoders | " + " | ".join(f"{t} ({targets[t]:g})" for t in tasks) + " |"]
+    lines += ["|---|" + "---|" * len(tasks)]
+    for arm in arms:
+        mine = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["seed"])
+        cells = [
+            " / ".join(
+                "-" if (n := first_at_target(r["curves"][t], targets[t])) is None else f"{n:,}" for r in mine
+            )
+            for t in tasks
+        ]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "Per seed, final return of the exported checkpoint (same seed, both arms):", ""]
     lines += ["| seed | encoders | " + " | ".join(tasks) + " | wall s | load at start |"]
     lines += ["|---|---|" + "---:|" * (len(tasks) + 2)]
@@ -150,7 +175,16 @@ def main() -> int:
         default="",
         help="more `polyhead train` options, space-separated (e.g. '--envs-per-task 4')",
     )
+    parser.add_argument(
+        "--report-only", action="store_true", help="re-read --out, print the tables and redraw --plot"
+    )
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads(args.out.read_text())
+        print(table(saved))
+        if args.plot:
+            plot(saved, args.plot)
+        return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
     extra = ["--eval-interval", str(args.eval_interval), *args.extra.split()]
@@ -177,7 +211,7 @@ def main() -> int:
         "extra": extra,
         "runs": results,
     }
-    print(table(results, arms), file=sys.stderr)
+    print(table(report), file=sys.stderr)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
