@@ -31,21 +31,36 @@ from trainer_common import machine, mean_std
 from polyhead.taskspec import load_suite
 
 ROOT = Path(__file__).resolve().parent.parent
-COLORS = {"padded": "tab:red", "suite": "tab:blue", "per-task": "tab:green"}
+COLORS = {"padded": "tab:red", "suite": "tab:blue", "per-task": "tab:green", "before": "tab:grey"}
 
 
 def run_once(
-    suite: str, total_steps: int, *, seed: int, arm: str, work: Path, extra: list[str]
+    suite: str,
+    total_steps: int,
+    *,
+    seed: int,
+    arm: str,
+    work: Path,
+    extra: list[str],
+    before: Path | None = None,
 ) -> dict[str, Any]:
+    """One `polyhead train` run; arm "before" runs the checkout ``before`` (code from before per-task
+    encoders: no --encoders option) with the same interpreter and its own sources first on the path."""
     out = work / f"{arm}-s{seed}"
+    layout = [] if arm == "before" else ["--encoders", arm]
     command = [
         sys.executable, "-m", "polyhead", "train", "--suite", suite, "--out", str(out),
-        "--total-steps", str(total_steps), "--seed", str(seed), "--encoders", arm,
+        "--total-steps", str(total_steps), "--seed", str(seed), *layout,
         "--solved-evals", "0", "--exporter", "torchscript", "--no-progress", "--json", *extra,
     ]  # fmt: skip
+    cwd, env = ROOT, None
+    if arm == "before":
+        if before is None:
+            raise SystemExit("arm 'before' needs --before-checkout")
+        cwd, env = before, {**os.environ, "PYTHONPATH": str(before)}
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, check=False)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
@@ -69,7 +84,7 @@ def run_once(
         "load_average_1m_at_start": round(load, 1),
         "policy_parameters": summary["policy_parameters"],
         "best_step": summary["best_step"],
-        "final_returns": {t: round(v["eval_return"], 1) for t, v in summary["tasks"].items()},
+        "final_returns": {t: round(v["eval_return"], 3) for t, v in summary["tasks"].items()},
         "last_periodic_eval_returns": {t: c[-1][1] for t, c in curves.items()},
         "solved": summary["solved"],
         "curves": curves,
@@ -91,7 +106,9 @@ def table(report: dict[str, Any]) -> str:
     ]
     for arm in arms:
         mine = [r for r in results if r["arm"] == arm]
-        cells = [mean_std([r["final_returns"][t] for r in mine]) for t in tasks]
+        # MiniGrid's returns lie in [0, 1]; one decimal would hide every difference.
+        digits = 3 if max(abs(v) for v in targets.values()) < 10 else 1
+        cells = [mean_std([r["final_returns"][t] for r in mine], digits) for t in tasks]
         lines.append(
             f"| {arm} | " + " | ".join(cells)
             + f" | {' / '.join(str(len(r['solved'])) for r in mine)}"
@@ -119,7 +136,7 @@ def table(report: dict[str, Any]) -> str:
     lines += ["| seed | encoders | " + " | ".join(tasks) + " | wall s | load at start |"]
     lines += ["|---|---|" + "---:|" * (len(tasks) + 2)]
     for r in sorted(results, key=lambda r: (r["seed"], arms.index(r["arm"]))):
-        cells = [f"{r['final_returns'][t]:.1f}" for t in tasks]
+        cells = [f"{r['final_returns'][t]:g}" for t in tasks]
         lines.append(
             f"| {r['seed']} | {r['arm']} | " + " | ".join(cells)
             + f" | {r['command_wall_seconds']:.0f} | {r['load_average_1m_at_start']:.1f} |"
@@ -152,7 +169,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("deterministic eval return")
         ax.legend(fontsize=7)
     fig.suptitle(
-        f"{report['suite']}: padded vs suite encoders, mean ± std over seeds (shared 2-core CPU)", fontsize=10
+        f"{report['suite']}: {' vs '.join(report['arms'])} encoders, mean ± std over seeds (shared CPU)",
+        fontsize=10,
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +194,12 @@ def main() -> int:
         help="more `polyhead train` options, space-separated (e.g. '--envs-per-task 4')",
     )
     parser.add_argument(
+        "--before-checkout",
+        type=Path,
+        default=None,
+        help="source tree from before per-task encoders (`git archive 55526e4^`), for the arm 'before'",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="re-read --out, print the tables and redraw --plot"
     )
     args = parser.parse_args()
@@ -197,8 +221,9 @@ def main() -> int:
             order = arms if seed % 2 else arms[::-1]
             for arm in order:
                 result = run_once(
-                    args.suite, args.total_steps, seed=seed, arm=arm, work=Path(tmp), extra=extra
-                )
+                    args.suite, args.total_steps, seed=seed, arm=arm, work=Path(tmp), extra=extra,
+                    before=args.before_checkout,
+                )  # fmt: skip
                 brief = {k: v for k, v in result.items() if k != "curves"}
                 print(json.dumps(brief), file=sys.stderr, flush=True)
                 results.append(result)
