@@ -142,6 +142,12 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
     adapt = next(v for k, v in out.items() if k.startswith("adapt"))
     ratio = adapt["final_normalised_mean"] / scratch["final_normalised_mean"]
     sample_share = adapt["samples"] / scratch["samples"]
+    bar = 0.9 * scratch["final_normalised_mean"]
+    for arm, runs in by_arm.items():
+        # Per seed: the first curve point (5 deterministic episodes) at 90 % of scratch's final.
+        out[arm]["samples_to_90pct_of_scratch_final"] = [
+            next((int(x) for x, y in r["curve"] if normalise(y, random, target) >= bar), None) for r in runs
+        ]
     out["target"] = {
         "adapt_over_scratch_final_normalised": ratio,
         "adapt_samples_share_of_scratch": sample_share,
@@ -154,22 +160,25 @@ def table(report: dict[str, Any]) -> str:
     analysis = report["analysis"]
     random, target = report["random_return"], report["target_return"]
     lines = [
-        "| arm | samples | final return | final normalised | per seed (normalised) | wall s |",
-        "|---|---:|---:|---:|---|---:|",
+        "| arm | samples | final return | final normalised | per seed (normalised) "
+        "| samples to 90 % of scratch's final, per seed | wall s |",
+        "|---|---:|---:|---:|---|---|---:|",
     ]
     for arm in dict.fromkeys(r["arm"] for r in report["runs"]):
         runs = [r for r in report["runs"] if r["arm"] == arm]
+        reach = analysis[arm]["samples_to_90pct_of_scratch_final"]
         lines.append(
             f"| {arm} | {runs[0]['samples']:,} | {mean_std([r['final'] for r in runs])} "
             f"| {analysis[arm]['final_normalised_mean']:.2f} "
             f"| {', '.join(f'{v:.2f}' for v in analysis[arm]['final_normalised_per_seed'])} "
+            f"| {' / '.join('-' if n is None else f'{n:,}' for n in reach)} "
             f"| {mean_std([r['command_wall_seconds'] for r in runs])} |"
         )
     t = analysis["target"]
     lines += [
         "",
         f"random policy {random:.1f}, target {target:.1f}; adapt / scratch final (normalised) "
-        f"{t['adapt_over_scratch_final_normalised']:.2f} with {t['adapt_samples_share_of_scratch']:.0%} of "
+        f"{t['adapt_over_scratch_final_normalised']:.2f} with {t['adapt_samples_share_of_scratch']:.1%} of "
         f"its samples: target (>= 0.90 with <= 50 %) {'met' if t['met'] else 'NOT met'}",
     ]
     adapt = [r for r in report["runs"] if "trunk_sha256_unchanged" in r]
@@ -218,7 +227,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bundle", type=Path, required=True, help="trained bundle (left untouched)")
+    parser.add_argument("--bundle", type=Path, help="trained bundle (left untouched; required to run)")
     parser.add_argument(
         "--task-spec",
         type=Path,
@@ -234,7 +243,18 @@ def main() -> int:
     parser.add_argument("--random-episodes", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--report-only", action="store_true", help="re-analyse --out, redraw --plot")
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads(args.out.read_text())
+        saved["analysis"] = analyse(saved)
+        args.out.write_text(json.dumps(saved, indent=1) + "\n")
+        print(table(saved))
+        if args.plot:
+            plot(saved, args.plot)
+        return 0
+    if args.bundle is None:
+        parser.error("--bundle is required (except with --report-only)")
     task = load_task_spec(args.task_spec)
     report: dict[str, Any] = {
         "machine": machine(),
