@@ -31,7 +31,7 @@ from trainer_common import machine, mean_std
 from polyhead.taskspec import load_suite
 
 ROOT = Path(__file__).resolve().parent.parent
-COLORS = {"padded": "tab:red", "suite": "tab:blue", "per-task": "tab:green", "before": "tab:grey"}
+COLORS = {"padded": "tab:red", "suite": "tab:blue", "per-task": "tab:green", "before": "tab:grey", "after": "tab:purple"}
 
 
 def run_once(
@@ -42,22 +42,22 @@ def run_once(
     arm: str,
     work: Path,
     extra: list[str],
-    before: Path | None = None,
+    checkouts: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """One `polyhead train` run; arm "before" runs the checkout ``before`` (code from before per-task
-    encoders: no --encoders option) with the same interpreter and its own sources first on the path."""
+    """One `polyhead train` run. An arm named in ``checkouts`` runs that source tree (e.g. the code from
+    before per-task encoders, which has no --encoders option: its default layout) with the same
+    interpreter and the tree's sources first on the path; any other arm is an --encoders value."""
     out = work / f"{arm}-s{seed}"
-    layout = [] if arm == "before" else ["--encoders", arm]
+    checkout = (checkouts or {}).get(arm)
+    layout = [] if checkout is not None else ["--encoders", arm]
     command = [
         sys.executable, "-m", "polyhead", "train", "--suite", suite, "--out", str(out),
         "--total-steps", str(total_steps), "--seed", str(seed), *layout,
         "--solved-evals", "0", "--exporter", "torchscript", "--no-progress", "--json", *extra,
     ]  # fmt: skip
     cwd, env = ROOT, None
-    if arm == "before":
-        if before is None:
-            raise SystemExit("arm 'before' needs --before-checkout")
-        cwd, env = before, {**os.environ, "PYTHONPATH": str(before)}
+    if checkout is not None:
+        cwd, env = checkout, {**os.environ, "PYTHONPATH": str(checkout)}
     load = os.getloadavg()[0]
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, check=False)
@@ -194,10 +194,10 @@ def main() -> int:
         help="more `polyhead train` options, space-separated (e.g. '--envs-per-task 4')",
     )
     parser.add_argument(
-        "--before-checkout",
-        type=Path,
-        default=None,
-        help="source tree from before per-task encoders (`git archive 55526e4^`), for the arm 'before'",
+        "--checkouts",
+        default="",
+        help="NAME=DIR,...: arms that run another source tree (`git archive COMMIT | tar -x -C DIR`) with "
+        "its default encoder layout, e.g. before=/tmp/pre-encoders",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="re-read --out, print the tables and redraw --plot"
@@ -212,6 +212,9 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
     extra = ["--eval-interval", str(args.eval_interval), *args.extra.split()]
+    checkouts = {
+        name: Path(path) for name, path in (item.split("=", 1) for item in args.checkouts.split(",") if item)
+    }
     start_machine = machine()
     print(f"machine: {start_machine}", file=sys.stderr)
     results = []
@@ -222,7 +225,7 @@ def main() -> int:
             for arm in order:
                 result = run_once(
                     args.suite, args.total_steps, seed=seed, arm=arm, work=Path(tmp), extra=extra,
-                    before=args.before_checkout,
+                    checkouts=checkouts,
                 )  # fmt: skip
                 brief = {k: v for k, v in result.items() if k != "curves"}
                 print(json.dumps(brief), file=sys.stderr, flush=True)
