@@ -31,7 +31,13 @@ from trainer_common import machine, mean_std
 from polyhead.taskspec import load_suite
 
 ROOT = Path(__file__).resolve().parent.parent
-COLORS = {"padded": "tab:red", "suite": "tab:blue", "per-task": "tab:green", "before": "tab:grey", "after": "tab:purple"}
+COLORS = {
+    "padded": "tab:red",
+    "suite": "tab:blue",
+    "per-task": "tab:green",
+    "before": "tab:grey",
+    "after": "tab:purple",
+}
 
 
 def run_once(
