@@ -222,6 +222,7 @@ def main() -> None:
         saved["analysis"] = analyse(saved)
         args.out.write_text(json.dumps(saved, indent=1))
         plot(saved, args.plot)
+        plot_forgetting(saved, args.plot)
         print(markdown(saved))
         return
     torch.set_num_threads(1)
@@ -278,6 +279,7 @@ def main() -> None:
     report["analysis"] = analyse(report)
     args.out.write_text(json.dumps(report, indent=1))
     plot(report, args.plot)
+    plot_forgetting(report, args.plot)
     print(markdown(report))
 
 
@@ -557,6 +559,44 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def plot_forgetting(report: dict[str, Any], path: Path) -> None:
+    """Old tasks' deterministic returns before and after each method's runs (mean ± std over runs), next
+    to ``path`` as ``<stem>_forgetting.png``: the forgetting question's plot."""
+    runs = [r for r in report["runs"] if r.get("old_task_returns_after")]
+    if not runs or not report.get("old_task_returns_before"):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    old = list(report["old_task_returns_before"])
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    width = 0.8 / (len(methods) + 1)
+    fig, ax = plt.subplots(figsize=(3.0 + 2.0 * len(old), 4.0))
+    xs = np.arange(len(old))
+    ax.bar(xs, [report["old_task_returns_before"][t] for t in old], width, color="0.6", label="before")
+    for i, m in enumerate(methods, start=1):
+        after = np.asarray([[r["old_task_returns_after"][t] for t in old] for r in runs if r["method"] == m])
+        ax.bar(
+            xs + i * width,
+            after.mean(0),
+            width,
+            yerr=after.std(0),
+            capsize=2,
+            color=COLORS[m],
+            label=f"after {m} (n={len(after)})",
+        )
+    ax.set_xticks(xs + width * len(methods) / 2, old, fontsize=8)
+    ax.set_ylabel(f"old task's deterministic return ({report.get('episodes', 5)} episodes)")
+    suite = report.get("suite", "cartpole-family")
+    ax.set_title(f"{suite}: old tasks before and after adding {', '.join(report['zero_shot'])}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    out = path.with_name(f"{path.stem}_forgetting{path.suffix}")
+    fig.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":
