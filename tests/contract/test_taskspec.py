@@ -223,7 +223,7 @@ def test_minigrid_keys_heldout_tasks_share_the_old_heads_action_space() -> None:
 def test_minigrid_lava_loads_and_every_task_steps_through_the_cnn_view() -> None:
     pytest.importorskip("minigrid")
     suite = load_suite("minigrid-lava")
-    assert [t.id for t in suite.heldout_tasks] == ["lavagap-7-mirrored"]
+    assert [t.id for t in suite.heldout_tasks] == ["lavagap-7-mirrored", "doorkey-6x6-mirrored"]
     assert [t.id for t in suite.train_tasks] == ["lavagap-5", "lavagap-6", "empty-random-6x6", "doorkey-5x5"]
     (group,) = suite.encoders
     assert group.kind == "cnn" and set(group.tasks) == {t.id for t in suite.train_tasks}
