@@ -142,3 +142,27 @@ def test_deterministic_evaluation_is_repeatable() -> None:
     second = evaluate(policy, tasks, episodes=2, seed=5)
     assert first == second
     assert all(len(v) == 2 for v in first.values())
+
+
+def test_an_early_stop_is_confirmed_on_the_final_evaluation_episodes(tmp_path: Path) -> None:
+    # One short evaluation episode in a row can be lucky; the run may stop early only when the policy
+    # also reaches the target on the 10 final-evaluation episodes, which the summary then reports.
+    path = tmp_path / "easy.toml"
+    path.write_text(
+        '[suite]\nname = "easy"\n\n[[task]]\nid = "cartpole"\nenv = "CartPole-v1"\ntarget_return = 40\n'
+    )
+    config = PPOConfig(
+        total_steps=40_960,
+        envs_per_task=4,
+        num_steps=64,
+        update_epochs=4,
+        eval_interval=1_024,
+        eval_episodes=1,
+        final_eval_episodes=10,
+        solved_evals=2,
+    )
+    result = train(
+        load_suite(path), tmp_path / "bundle", config=config, progress=False, exporter="torchscript"
+    )
+    assert result.steps < config.total_steps, "CartPole to 40 in 40k steps: the run should have stopped early"
+    assert result.eval_returns["cartpole"] >= 40
