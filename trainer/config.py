@@ -89,7 +89,8 @@ class PPOConfig:
         default=3,
         metadata={
             "help": "stop early after this many consecutive evaluations reach every task's target return "
-            "(0: always train for --total-steps)"
+            "and the policy reaches them on the final evaluation's episodes too (0: always train for "
+            "--total-steps)"
         },
     )
     torch_threads: int = field(
