@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import signal
 import subprocess
 import threading
@@ -101,16 +102,19 @@ def served_actions(target: str, task: str, observations: np.ndarray) -> str:
 _VERDICTS = frozenset({"widen", "promote", "rollback", "supersede", "retire", "give_up"})
 
 
-def _labelled(url: str, name: str, labels: dict[str, str]) -> float:
+def _labelled(url: str, *queries: tuple[str, dict[str, str]]) -> list[float]:
+    """The value of each (sample name, labels) query in one scrape of ``url`` (0 where absent)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
+    values = [0.0] * len(queries)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+            for i, (name, labels) in enumerate(queries):
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    values[i] = float(sample.value)
+    return values
 
 
 def _train(config: DemoConfig, say: Say, logs: Path) -> tuple[Path, dict[str, Any]]:
@@ -214,15 +218,20 @@ def run_drift_demo(config: DemoConfig, say: Say) -> DriftState:
         changed_at = time.monotonic() + stationary_s  # provisional; set exactly at the change
         change_wall = [time.time() + stationary_s]
         steps_at_change = [0.0]
+        # The regressed flag lasts only until the first promotion, which a poll on a loaded machine can
+        # miss; the server's count of regression events cannot be missed.
+        regressions_at_change = [math.inf]
+        counters = (
+            ("polyhead_experience_steps_total", {"task": drift}),
+            ("polyhead_regression_events_total", {"task": drift, "kind": "regressed"}),
+        )
 
         def poll() -> None:
             with PolicyClient(server.target, timeout=5.0) as client:
                 while not stop.is_set():
                     try:
                         catalog = client.list_tasks(refresh=True)
-                        steps = _labelled(
-                            server.metrics_url, "polyhead_experience_steps_total", {"task": drift}
-                        )
+                        steps, regressions = _labelled(server.metrics_url, *counters)
                     except Exception as exc:  # a poll that fails is a gap in the plot, not a failure
                         say(f"      (poll failed: {exc})")
                         stop.wait(0.5)
@@ -234,7 +243,7 @@ def run_drift_demo(config: DemoConfig, say: Say) -> DriftState:
                             "stable": task.active_version,
                             "canary": task.canary_version,
                             "share": task.canary_percent,
-                            "regressed": task.regressed,
+                            "regressed": task.regressed or regressions > regressions_at_change[0],
                             "samples": int(steps - steps_at_change[0]),
                             "others_regressed": sorted(
                                 t for t in others if t in catalog.tasks and catalog.tasks[t].regressed
@@ -261,7 +270,7 @@ def run_drift_demo(config: DemoConfig, say: Say) -> DriftState:
         say(f"[3/4] {drift!r}: the actuator is reversed in its simulators; operate recovers it")
         index = state.tasks.index(drift)
         normal = fleets[index]
-        steps_at_change[0] = _labelled(server.metrics_url, "polyhead_experience_steps_total", {"task": drift})
+        steps_at_change[0], regressions_at_change[0] = _labelled(server.metrics_url, *counters)
         changed_at = time.monotonic()
         change_wall[0] = time.time()
         fleets[index] = SimulatorFleet(
