@@ -255,11 +255,13 @@ def run_drift_demo(config: DemoConfig, say: Say) -> DriftState:
         poller = threading.Thread(target=poll, name="drift-poller", daemon=True)
         poller.start()
         time.sleep(stationary_s)
-        # The pre-change return is measured and the monitor's live reference forms on these episodes:
-        # wait (up to as long again) for 40 of them when a loaded machine played fewer.
+        # The pre-change return is measured and the monitor's live reference (40 episodes) forms on these
+        # episodes: wait (up to as long again, at least 30 s) for 40 of them when a loaded machine played
+        # fewer, --fast included. A change while the reference is still forming can put a half-changed
+        # block into it, and the monitor then misses the drop (seen under the full test suite's load).
         drifting = fleets[state.tasks.index(drift)]
-        extra = time.monotonic() + stationary_s
-        while drifting.stats.episodes < 40 and time.monotonic() < extra and not config.fast:
+        extra = time.monotonic() + max(stationary_s, 30.0)
+        while drifting.stats.episodes < 40 and time.monotonic() < extra:
             time.sleep(1.0)
         if operator.poll() is not None:
             raise DemoError(f"polyhead operate exited with status {operator.returncode}; see {operate_log}")
