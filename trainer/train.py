@@ -201,6 +201,7 @@ def train(
     best: tuple[tuple[int, float], int, dict[str, Any]] | None = None
     last_cosines = None
     solved_streak = 0
+    final_evaluation: dict[str, list[float]] | None = None
     task_stats: dict[str, Any] = {}
     if checkpoint is not None:
         policy.load_state_dict(checkpoint["policy"])
@@ -400,6 +401,7 @@ def train(
                         confirmed = {t: float(np.mean(v)) for t, v in confirm.items()}
                         if _all_solved(confirmed, tasks):
                             best = (_score(confirmed, tasks), global_step, copy.deepcopy(policy.state_dict()))
+                            final_evaluation = confirm  # the same policy on the same episodes: not run twice
                             log.info(
                                 "every training task reached its target in %d evaluations in a row and on "
                                 "the %d final-evaluation episodes (%s steps)",
@@ -430,7 +432,7 @@ def train(
             assert best is not None
             _, best_step, best_state = best
             policy.load_state_dict(best_state)
-            final = evaluate(
+            final = final_evaluation or evaluate(
                 policy,
                 tasks,
                 episodes=config.final_eval_episodes,
