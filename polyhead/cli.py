@@ -33,6 +33,7 @@ _FALLBACK = {
     "bench": "polyhead.clients.commands:register_bench",
     "adapt": "polyhead.trainer.adapt_commands:register_adapt",
     "demo": "polyhead.trainer.demo_commands:register_demo",
+    "operate": "polyhead.trainer.operate_commands:register",
 }
 _EXTRA_HINT = {
     "train": "train",
@@ -41,8 +42,9 @@ _EXTRA_HINT = {
     "serve": "serve",
     "simulate": "client",
     "bench": "client",
+    "operate": "train",
 }
-_ORDER = ["demo", "train", "serve", "simulate", "adapt", "bench"]
+_ORDER = ["demo", "train", "serve", "simulate", "adapt", "bench", "operate"]
 # One-line summaries for `polyhead --help`, so listing the commands imports none of them (a registrar may
 # import torch: 0.8 s and hundreds of MB that `polyhead simulate` should not pay).
 _SUMMARY = {
@@ -52,6 +54,7 @@ _SUMMARY = {
     "simulate": "run gymnasium environments of a served task through the server",
     "adapt": "train a new task's head against the frozen trunk (local or live experience) and publish it",
     "bench": "measure latency and throughput of a server (concurrency sweep, echo floor, swaps)",
+    "operate": "watch live tasks; re-adapt a task that regresses, through canaries (long-running)",
 }
 
 Handler = Callable[[argparse.Namespace], int]

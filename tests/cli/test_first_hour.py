@@ -178,3 +178,19 @@ def test_exit_status_classes() -> None:
     assert _exit_status(Unavailable("the server is shutting down", attempts=5)) == 1
     assert _exit_status(ServerError("internal")) == 1
     assert _exit_status(ValueError("a bug")) is None
+
+
+@pytest.mark.parametrize("command", ["serve", "simulate", "bench"])
+def test_serving_and_client_commands_do_not_import_torch(command: str, tmp_path: Path) -> None:
+    """Every subcommand other than the one run is only listed, so `polyhead serve` never pays for the
+    trainer's import of torch (it once did, through `operate`'s registrar: 1.7 s of every server start)."""
+    probe = (
+        "import sys; from polyhead.cli import build_parser; "
+        f"build_parser(only={command!r}); print(sorted(m for m in ('torch', 'gymnasium') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path, check=True
+    )
+    assert "torch" not in proc.stdout, proc.stdout
+    listed = polyhead("--help", cwd=tmp_path)
+    assert "operate" in listed.stdout and "regresses" in listed.stdout
