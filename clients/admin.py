@@ -9,7 +9,7 @@ is idempotent or guarded by the server (a version loaded twice with the same byt
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +29,53 @@ class SwapResult:
     previous_version: int
     active_version: int
     swap_seconds: float
+
+
+def load_request(
+    task_id: str,
+    *,
+    onnx: bytes | None = None,
+    head_json: str = "",
+    encoder: bytes | None = None,
+    repository_path: str | None = None,
+    version: int = 0,
+    activate: bool = True,
+    canary_percent: float | None = None,
+) -> admin_pb2.LoadHeadRequest:
+    """One ``LoadHead`` request: a task version from bytes (``onnx`` + ``head_json``, and ``encoder`` for a
+    format-2 bundle) or from the server's bundle (``repository_path`` = ``heads/<task>/<version>``);
+    ``version`` 0 means the next free one; ``canary_percent`` (with ``activate=False``): make it the
+    task's canary at that share."""
+    if (onnx is None) == (repository_path is None):
+        raise ValueError("give exactly one of onnx (with head_json) or repository_path")
+    req = admin_pb2.LoadHeadRequest(task_id=task_id, version=version, activate=activate)
+    if canary_percent is not None:
+        req.canary_percent = canary_percent
+    if onnx is not None:
+        req.onnx = onnx
+        req.head_json = head_json
+        if encoder is not None:
+            req.encoder_onnx = encoder
+    else:
+        req.repository_path = str(repository_path)
+    return req
+
+
+def dir_request(
+    task_id: str, head_dir: str | Path, *, version: int = 0, activate: bool = True
+) -> admin_pb2.LoadHeadRequest:
+    """The :func:`load_request` uploading a version directory from this machine (``head.onnx`` +
+    ``head.json``, and ``encoder.onnx`` when it has one)."""
+    head_dir = Path(head_dir)
+    encoder = head_dir / "encoder.onnx"
+    return load_request(
+        task_id,
+        onnx=(head_dir / "head.onnx").read_bytes(),
+        head_json=(head_dir / "head.json").read_text(encoding="utf-8"),
+        encoder=encoder.read_bytes() if encoder.is_file() else None,
+        version=version,
+        activate=activate,
+    )
 
 
 class AdminClient:
@@ -78,36 +125,43 @@ class AdminClient:
         or from the server's bundle (``repository_path`` = ``heads/<task>/<version>``); ``version`` 0
         means the next free one. ``canary_percent`` (with ``activate=False``): make it the task's canary
         at that share."""
-        if (onnx is None) == (repository_path is None):
-            raise ValueError("give exactly one of onnx (with head_json) or repository_path")
-        req = admin_pb2.LoadHeadRequest(task_id=task_id, version=version, activate=activate)
-        if canary_percent is not None:
-            req.canary_percent = canary_percent
-        if onnx is not None:
-            req.onnx = onnx
-            req.head_json = head_json
-            if encoder is not None:
-                req.encoder_onnx = encoder
-        else:
-            req.repository_path = str(repository_path)
+        req = load_request(
+            task_id,
+            onnx=onnx,
+            head_json=head_json,
+            encoder=encoder,
+            repository_path=repository_path,
+            version=version,
+            activate=activate,
+            canary_percent=canary_percent,
+        )
         resp: admin_pb2.LoadHeadResponse = self._unary(self._stub.LoadHead, req, timeout)
         return resp
+
+    def load_heads(
+        self, requests: Iterable[admin_pb2.LoadHeadRequest], *, timeout: float | None = None
+    ) -> Iterator[admin_pb2.LoadHeadResponse]:
+        """Load many versions over one ``LoadHeads`` stream (build each request with
+        :func:`load_request`): yields one response per request, in order, while the requests are still
+        being sent. The first refused request ends the stream with its typed error, whose message names its
+        index; the versions answered before it stay loaded. ``timeout`` bounds the whole stream (default:
+        none). Not retried: a request with ``version`` 0 is not idempotent."""
+        call = self._stub.LoadHeads(iter(requests), timeout=timeout, metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
 
     def load_head_dir(
         self, task_id: str, head_dir: str | Path, *, version: int = 0, activate: bool = True
     ) -> admin_pb2.LoadHeadResponse:
         """Upload a version directory from this machine (``head.onnx`` + ``head.json``, and
         ``encoder.onnx`` when it has one)."""
-        head_dir = Path(head_dir)
-        encoder = head_dir / "encoder.onnx"
-        return self.load_head(
-            task_id,
-            onnx=(head_dir / "head.onnx").read_bytes(),
-            head_json=(head_dir / "head.json").read_text(encoding="utf-8"),
-            encoder=encoder.read_bytes() if encoder.is_file() else None,
-            version=version,
-            activate=activate,
-        )
+        req = dir_request(task_id, head_dir, version=version, activate=activate)
+        resp: admin_pb2.LoadHeadResponse = self._unary(self._stub.LoadHead, req, None)
+        return resp
 
     def set_active_version(self, task_id: str, version: int, *, timeout: float | None = None) -> SwapResult:
         resp = self._unary(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import threading
@@ -271,7 +272,15 @@ async def start_server(
         max_loaded_versions=settings.max_loaded_versions,
         stacked_heads=settings.stacked_heads,
     )
-    await asyncio.to_thread(registry.load_bundle_heads)
+    # Nothing else runs yet, so the cyclic GC can wait: with thousands of heads it kept rescanning
+    # everything loaded so far, a fifth of a 10,000-head startup (docs/benchmarks.md, "#15 loading").
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        await asyncio.to_thread(registry.load_bundle_heads)
+    finally:
+        if paused:
+            gc.enable()
     gate = DrainGate()
     inflight = InflightCounter()
     batcher = Batcher(

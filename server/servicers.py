@@ -342,8 +342,39 @@ class HeadAdminServicer(admin_pb2_grpc.HeadAdminServicer):
     async def LoadHead(
         self, request: admin_pb2.LoadHeadRequest, context: Context
     ) -> admin_pb2.LoadHeadResponse:
+        return await self._load(request)
+
+    async def LoadHeads(
+        self, request_iterator: AsyncIterator[admin_pb2.LoadHeadRequest], context: Context
+    ) -> AsyncIterator[admin_pb2.LoadHeadResponse]:
+        index = 0
+        messages = aiter(request_iterator)
+        while True:
+            started = time.perf_counter()
+            task_id = ""
+            try:
+                request = await anext(messages)
+                task_id = request.task_id
+                response = await self._load(request)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:  # includes a malformed message (DecodeError) from the iterator
+                code, message = _translate(exc, "LoadHeads")
+                self._observer.record("LoadHeads", task_id, code, started)
+                where = f"task {task_id!r}, " if task_id else ""
+                await context.abort(
+                    code, f"LoadHeads request {index} ({where}earlier ones loaded): {message}"
+                )
+            self._observer.record("LoadHeads", task_id, grpc.StatusCode.OK, started)
+            index += 1
+            yield response
+
+    async def _load(self, request: admin_pb2.LoadHeadRequest) -> admin_pb2.LoadHeadResponse:
         source = request.WhichOneof("source")
-        # Loading builds and warms an onnxruntime session: off the event loop.
+        wants_canary = request.HasField("canary_percent")
+        if wants_canary and request.activate:  # before loading: a refused request changes nothing
+            raise InvalidArgument("LoadHead takes canary_percent only with activate=false")
+        # Loading parses, checks and (for a session) warms up a head: off the event loop.
         result: LoadResult
         if source == "onnx":
             result = await asyncio.to_thread(
@@ -366,9 +397,7 @@ class HeadAdminServicer(admin_pb2_grpc.HeadAdminServicer):
         else:
             raise InvalidArgument("LoadHead needs `onnx` bytes (with head_json) or a `repository_path`")
         canary: float | None = None
-        if request.HasField("canary_percent"):
-            if request.activate:
-                raise InvalidArgument("LoadHead takes canary_percent only with activate=false")
+        if wants_canary:
             self._registry.set_canary(request.task_id, result.head.version, request.canary_percent)
             canary = request.canary_percent
         return admin_pb2.LoadHeadResponse(

@@ -39,6 +39,11 @@ class HeadAdminStub:
                 request_serializer=polyhead_dot_v1_dot_admin__pb2.LoadHeadRequest.SerializeToString,
                 response_deserializer=polyhead_dot_v1_dot_admin__pb2.LoadHeadResponse.FromString,
                 _registered_method=True)
+        self.LoadHeads = channel.stream_stream(
+                '/polyhead.v1.HeadAdmin/LoadHeads',
+                request_serializer=polyhead_dot_v1_dot_admin__pb2.LoadHeadRequest.SerializeToString,
+                response_deserializer=polyhead_dot_v1_dot_admin__pb2.LoadHeadResponse.FromString,
+                _registered_method=True)
         self.SetActiveVersion = channel.unary_unary(
                 '/polyhead.v1.HeadAdmin/SetActiveVersion',
                 request_serializer=polyhead_dot_v1_dot_admin__pb2.SetActiveVersionRequest.SerializeToString,
@@ -84,6 +89,16 @@ class HeadAdminServicer:
         A failed load leaves the serving version untouched.
         Errors: INVALID_ARGUMENT (corrupt ONNX, bad request), FAILED_PRECONDITION (incompatible head),
         ALREADY_EXISTS (version loaded with other bytes), NOT_FOUND (repository path missing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadHeads(self, request_iterator, context):
+        """Many LoadHead requests over one stream (bulk uploads: thousands of heads without a call each). Each
+        request is loaded as LoadHead would, in order, and answered by one response before the next is loaded.
+        The first that fails ends the call with LoadHead's status for it, the message naming its index and
+        task; the versions answered before it stay loaded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,6 +165,11 @@ def add_HeadAdminServicer_to_server(servicer, server):
                     request_deserializer=polyhead_dot_v1_dot_admin__pb2.LoadHeadRequest.FromString,
                     response_serializer=polyhead_dot_v1_dot_admin__pb2.LoadHeadResponse.SerializeToString,
             ),
+            'LoadHeads': grpc.stream_stream_rpc_method_handler(
+                    servicer.LoadHeads,
+                    request_deserializer=polyhead_dot_v1_dot_admin__pb2.LoadHeadRequest.FromString,
+                    response_serializer=polyhead_dot_v1_dot_admin__pb2.LoadHeadResponse.SerializeToString,
+            ),
             'SetActiveVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.SetActiveVersion,
                     request_deserializer=polyhead_dot_v1_dot_admin__pb2.SetActiveVersionRequest.FromString,
@@ -211,6 +231,33 @@ class HeadAdmin:
             request,
             target,
             '/polyhead.v1.HeadAdmin/LoadHead',
+            polyhead_dot_v1_dot_admin__pb2.LoadHeadRequest.SerializeToString,
+            polyhead_dot_v1_dot_admin__pb2.LoadHeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadHeads(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/polyhead.v1.HeadAdmin/LoadHeads',
             polyhead_dot_v1_dot_admin__pb2.LoadHeadRequest.SerializeToString,
             polyhead_dot_v1_dot_admin__pb2.LoadHeadResponse.FromString,
             options,

@@ -186,11 +186,11 @@ def test_serving_and_client_commands_do_not_import_torch(command: str, tmp_path:
     trainer's import of torch (it once did, through `operate`'s registrar: 1.7 s of every server start)."""
     probe = (
         "import sys; from polyhead.cli import build_parser; "
-        f"build_parser(only={command!r}); print(sorted(m for m in ('torch', 'gymnasium') if m in sys.modules))"
+        f"build_parser(only={command!r}); print('torch' in sys.modules)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path, check=True
     )
-    assert "torch" not in proc.stdout, proc.stdout
+    assert proc.stdout.strip() == "False", proc.stdout
     listed = polyhead("--help", cwd=tmp_path)
     assert "operate" in listed.stdout and "regresses" in listed.stdout

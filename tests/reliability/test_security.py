@@ -33,17 +33,26 @@ OBS = to_proto(np.zeros(4, np.float32))
 
 
 def admin_requests(bundle: Path) -> dict[str, Any]:
-    """One well-formed request per HeadAdmin method (each would succeed with the right token)."""
+    """One well-formed request per HeadAdmin method (the right token gets each past the token check)."""
     head = Bundle.open(bundle).head("cartpole")
-    return {
-        "LoadHead": admin_pb2.LoadHeadRequest(
-            task_id="cartpole", onnx=head.read_onnx(), head_json=json.dumps(head.meta.to_json()), version=1
-        ),
+    load = admin_pb2.LoadHeadRequest(
+        task_id="cartpole", onnx=head.read_onnx(), head_json=json.dumps(head.meta.to_json()), version=1
+    )
+    requests = {
+        "LoadHead": load,
+        "LoadHeads": [load, load],  # a stream of requests
         "SetActiveVersion": admin_pb2.SetActiveVersionRequest(task_id="cartpole", version=1),
         "UnloadHead": admin_pb2.UnloadHeadRequest(task_id="cartpole", version=1),
         "ListHeads": admin_pb2.ListHeadsRequest(),
+        # The canary calls reach the registry with the token (FAILED_PRECONDITION: version 1 is stable).
+        "SetCanary": admin_pb2.SetCanaryRequest(task_id="cartpole", version=1, canary_percent=10.0),
+        "PromoteCanary": admin_pb2.PromoteCanaryRequest(task_id="cartpole"),
+        "ClearCanary": admin_pb2.ClearCanaryRequest(task_id="cartpole"),
         "StreamExperience": admin_pb2.StreamExperienceRequest(task_ids=["cartpole"]),
     }
+    # Every method of the service, so a new one cannot skip the token check unnoticed.
+    assert set(requests) == set(admin_pb2.DESCRIPTOR.services_by_name["HeadAdmin"].methods_by_name)
+    return requests
 
 
 def call(
@@ -60,6 +69,8 @@ def call(
     try:
         if method == "StreamExperience":
             list(stub.StreamExperience(request, metadata=metadata, timeout=stream_timeout))
+        elif method == "LoadHeads":
+            list(stub.LoadHeads(iter(request), metadata=metadata, timeout=30))
         else:
             getattr(stub, method)(request, metadata=metadata, timeout=30)
     except grpc.RpcError as exc:
@@ -71,6 +82,8 @@ def send_raw(channel: grpc.Channel, method: str, payload: bytes) -> None:
     """``payload`` as the request message of HeadAdmin ``method``, with no serializer in between."""
     if method == "StreamExperience":
         list(channel.unary_stream(f"/polyhead.v1.HeadAdmin/{method}")(payload, timeout=5))
+    elif method == "LoadHeads":
+        list(channel.stream_stream(f"/polyhead.v1.HeadAdmin/{method}")(iter([payload]), timeout=5))
     else:
         channel.unary_unary(f"/polyhead.v1.HeadAdmin/{method}")(payload, timeout=5)
 
@@ -93,9 +106,12 @@ def test_token_is_enforced_on_every_admin_rpc(
             assert "admin token" in (err.value.details() or "")
         # Nothing was changed by the refused calls.
         assert [h.version for h in srv.registry.tasks["cartpole"].versions.values()] == [1]
-        # With the token every method runs (UnloadHead of the active version is refused on its merits).
+        # With the token every method runs (UnloadHead of the active version and the canary calls on a task
+        # without a canary are refused on their merits).
         expected = {
             "UnloadHead": grpc.StatusCode.FAILED_PRECONDITION,
+            "SetCanary": grpc.StatusCode.FAILED_PRECONDITION,
+            "PromoteCanary": grpc.StatusCode.FAILED_PRECONDITION,
             "StreamExperience": grpc.StatusCode.DEADLINE_EXCEEDED,
         }
         for method, request in requests.items():

@@ -273,3 +273,27 @@ def test_banks_grow_free_and_reuse_slots_only_after_the_last_holder_lets_go(tiny
     del newcomer, reused
     gc.collect()
     assert bank.live == 0 and bank.capacity == 32
+
+
+def test_a_batch_over_every_chunk_of_a_bank_equals_each_head_alone(tiny_bundle: Path) -> None:
+    """Slots live in chunks of 8, 8, 16, 32 ... rows; one grouped pass gathers weights from several."""
+    meta = _meta_for(_meta(tiny_bundle, "cartpole"), "features")
+    rng = np.random.default_rng(7)
+    banks = HeadBanks()
+    heads = [
+        banks.stack(parse_mlp_head(make_head(meta, rng, value_source="features"), meta), meta, feature_size=F)
+        for _ in range(40)
+    ]
+    bank = heads[0].policy_bank
+    assert bank.capacity == 64 and len({h.policy_slot for h in heads}) == 40
+    picked = [heads[i] for i in (39, 0, 12, 7, 8, 25, 16, 3, 33)]  # chunks 3, 0, 1, 0, 1, 2, 2, 0, 3
+    rows = [1, 2, 1, 3, 1, 2, 1, 1, 2]
+    features = rng.standard_normal((sum(rows), F)).astype(np.float32)
+    obs_norms = [rng.standard_normal((r, 4)).astype(np.float32) for r in rows]
+    out = run_stacked(picked, rows, features, obs_norms, [True] * len(picked))
+    at = 0
+    for head, r, obs in zip(picked, rows, obs_norms, strict=True):
+        alone = head.run(features[at : at + r], obs)
+        np.testing.assert_allclose(out.logits[at : at + r], alone.logits, rtol=1e-6, atol=1e-6)  # type: ignore[index]
+        np.testing.assert_allclose(out.value[at : at + r], alone.value, rtol=1e-6, atol=1e-6)
+        at += r

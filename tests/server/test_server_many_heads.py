@@ -20,6 +20,8 @@ from onnx import numpy_helper
 from server_helpers import act, observations
 
 from polyhead.bundle import Bundle
+from polyhead.clients.admin import AdminClient, load_request
+from polyhead.clients.errors import InvalidRequest
 from polyhead.server.actions import Sampling
 from polyhead.server.app import BackgroundServer
 from polyhead.server.batcher import Batcher
@@ -48,12 +50,14 @@ def perturbed(bundle: Path, base: str, seed: int) -> tuple[bytes, dict[str, Any]
     return model.SerializeToString(), record.meta.to_json()
 
 
-def upload(admin: admin_pb2_grpc.HeadAdminStub, task: str, onnx_bytes: bytes, meta: dict[str, Any]) -> int:
+def request(task: str, onnx_bytes: bytes, meta: dict[str, Any], **fields: Any) -> admin_pb2.LoadHeadRequest:
+    """A LoadHead request for ``onnx_bytes`` as task ``task`` (``meta``: the head.json it was made from)."""
     head_json = json.dumps({**meta, "task": {**meta["task"], "id": task}, "version": 0, "head_sha256": ""})
-    response = admin.LoadHead(
-        admin_pb2.LoadHeadRequest(task_id=task, onnx=onnx_bytes, head_json=head_json, activate=True),
-        timeout=30,
-    )
+    return load_request(task, onnx=onnx_bytes, head_json=head_json, **{"activate": True, **fields})
+
+
+def upload(admin: admin_pb2_grpc.HeadAdminStub, task: str, onnx_bytes: bytes, meta: dict[str, Any]) -> int:
+    response = admin.LoadHead(request(task, onnx_bytes, meta), timeout=30)
     return int(response.head.version)
 
 
@@ -105,8 +109,14 @@ def test_hundreds_of_uploaded_heads_serve_the_same_results_as_a_session_per_head
         grpc.insecure_channel(sessions.admin_target) as r_admin_ch,
     ):
         s_admin, r_admin = admin_pb2_grpc.HeadAdminStub(s_admin_ch), admin_pb2_grpc.HeadAdminStub(r_admin_ch)
+        # One LoadHeads stream to the stacked server, a LoadHead call per head to the other: same heads.
+        with AdminClient(stacked.admin_target) as client:
+            streamed = list(client.load_heads(request(t, b, m) for t, (_, b, m) in heads.items()))
+        assert [(r.head.task_id, r.head.version, r.active_version) for r in streamed] == [
+            (t, 1, 1) for t in heads
+        ]
         for task, (_, onnx_bytes, meta) in heads.items():
-            assert upload(s_admin, task, onnx_bytes, meta) == upload(r_admin, task, onnx_bytes, meta) == 1
+            assert upload(r_admin, task, onnx_bytes, meta) == 1
         s_reg, r_reg = stacked.running.registry, sessions.running.registry
         assert all(isinstance(s_reg.resolve(t).runtime, StackedHead) for t in heads)
         assert all(isinstance(r_reg.resolve(t).runtime, HeadRuntime) for t in heads)
@@ -248,3 +258,29 @@ def test_acts_during_loads_and_swaps_keep_their_heads(server: BackgroundServer, 
             checked += 1
         loader.join()
         assert not errors, errors
+
+
+def test_a_refused_request_ends_a_load_stream_naming_it_and_keeps_what_was_loaded(
+    server: BackgroundServer, tiny_bundle: Path
+) -> None:
+    heads = _heads(tiny_bundle, 6, seed=2)
+    items = [request(t, b, m) for t, (_, b, m) in heads.items()]
+    items[3] = request("many-0003", b"not an onnx graph", heads["many-0003"][2])
+    # canary_percent with activate is refused before anything loads (it used to load and activate first).
+    canary = request("many-0005", heads["many-0005"][1], heads["many-0005"][2], canary_percent=10.0)
+    with AdminClient(server.admin_target) as client:
+        answered = []
+        with pytest.raises(InvalidRequest) as err:
+            answered.extend(client.load_heads(iter(items)))
+        with pytest.raises(InvalidRequest) as refused:
+            client.load_head("many-0005", onnx=canary.onnx, head_json=canary.head_json, canary_percent=10.0)
+        assert "canary_percent only with activate=false" in str(refused.value)
+        tasks = {h.task_id for h in client.list_heads()}
+    assert [r.head.task_id for r in answered] == ["many-0000", "many-0001", "many-0002"]
+    assert "LoadHeads request 3 (task 'many-0003'" in str(err.value), str(err.value)
+    assert {"many-0000", "many-0001", "many-0002"} <= tasks
+    assert not tasks & {"many-0003", "many-0004", "many-0005"}
+    # The server goes on serving, the streamed heads included.
+    with grpc.insecure_channel(server.target) as ch:
+        stub = policy_pb2_grpc.PolicyServiceStub(ch)
+        assert act(stub, "many-0001", observations(heads["many-0001"][0], 2)).head_version == 1
