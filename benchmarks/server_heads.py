@@ -3,16 +3,19 @@ own, and the server CPU of a batch spread over 64 tasks vs the same batch on one
 (the default) and ``--no-stacked-heads`` (a session per head) side by side in one run.
 
     nice -n 5 .venv/bin/python benchmarks/server_heads.py [--heads 10000] [--modes stacked,sessions]
-        [--calls 2000] [--rounds 3] [--bundle-heads 10000] [--kernels]
+        [--calls 2000] [--rounds 3] [--bundle-heads 10000] [--startup-rounds 3] [--kernels]
+        [--compare-block 250] [--compare-rounds 4]
 
 Per mode: a server on the benchmark bundle (`--no-watch`); p50 of one client calling Act on `cartpole`
-(one observation, a spawned process); N heads uploaded with LoadHead (`extra-00000` ...: cartpole's head
-with its weights perturbed per head, so each head is its own); RSS growth / N (and the head's own weight
-bytes, for "beyond its weights"); the p50 again; then 64 concurrent Act calls per round (64 tasks, or 64
-times `cartpole`), rounds alternating, server CPU seconds per round. `--bundle-heads M`: time to start a
-server on a bundle that holds M extra heads on disk (startup loading) against the plain bundle.
-`--kernels`: the grouped-matmul kernel choice (one batched matmul over gathered weights vs a matmul per
-contiguous run of rows). Prints one JSON line.
+(one observation, a spawned process); N heads uploaded over one LoadHeads stream (`extra-00000` ...:
+cartpole's head with its weights perturbed per head, so each head is its own); RSS growth / N (and the
+head's own weight bytes, for "beyond its weights"); the p50 again; then 64 concurrent Act calls per round
+(64 tasks, or 64 times `cartpole`), rounds alternating, server CPU seconds per round; then blocks of
+`--compare-block` more heads uploaded by LoadHeads and by a LoadHead call per head, alternating, ms per
+head each. `--bundle-heads M`: time to a ready server on a bundle that holds M extra heads on disk, each
+with its own bytes (startup loading), against the plain bundle, the two alternating `--startup-rounds`
+times (medians). `--kernels`: the grouped-matmul kernel choice (one batched matmul over gathered weights
+vs a matmul per contiguous run of rows). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_common import admin_stub, build_bundle, machine_note, obs_for, sequential_latency_proc, serve
+from server_common import build_bundle, machine_note, obs_for, sequential_latency_proc, serve
 
-from polyhead.bundle import Bundle
-from polyhead.v1 import admin_pb2
+from polyhead.bundle import Bundle, sha256_bytes
+from polyhead.clients.admin import AdminClient, load_request
 
 MODES = {"stacked": (), "sessions": ("--no-stacked-heads",)}
 
@@ -129,31 +132,57 @@ def _burst_cpu(server: Any, tasks: list[list[str]], rounds: int) -> list[float]:
     return [statistics.fmean(c) for c in cpu]
 
 
+def _head_json(task: str, meta: dict[str, Any]) -> str:
+    return json.dumps({**meta, "task": {**meta["task"], "id": task}, "version": 0, "head_sha256": ""})
+
+
+def _upload(admin: AdminClient, how: str, prefix: str, heads: list[bytes], meta: dict[str, Any]) -> float:
+    """Seconds to upload ``heads`` as tasks ``<prefix>-00000`` ...: one LoadHeads stream, or a LoadHead
+    call per head."""
+    tasks = [f"{prefix}-{i:05d}" for i in range(len(heads))]
+    t0 = time.perf_counter()
+    if how == "stream":
+        requests = (
+            load_request(t, onnx=b, head_json=_head_json(t, meta)) for t, b in zip(tasks, heads, strict=True)
+        )
+        answered = sum(1 for _ in admin.load_heads(requests))
+    else:
+        answered = len(
+            [
+                admin.load_head(t, onnx=b, head_json=_head_json(t, meta))
+                for t, b in zip(tasks, heads, strict=True)
+            ]
+        )
+    assert answered == len(heads)
+    return time.perf_counter() - t0
+
+
 def _mode(
     bundle_dir: Path, mode: str, args: argparse.Namespace, heads: list[bytes], meta: dict[str, Any]
 ) -> dict[str, Any]:
-    with serve(bundle_dir, "--no-watch", *MODES[mode]) as server:
-        admin = admin_stub(server)
+    with serve(bundle_dir, "--no-watch", *MODES[mode]) as server, AdminClient(server.admin_target) as admin:
         base_p50 = _p50(server.target, args.calls, args.rounds)
         base_rss = server.rss_bytes()
-        t0 = time.perf_counter()
-        for i, onnx_bytes in enumerate(heads):
-            task = f"extra-{i:05d}"
-            head_json = json.dumps(
-                {**meta, "task": {**meta["task"], "id": task}, "version": 0, "head_sha256": ""}
-            )
-            admin.LoadHead(
-                admin_pb2.LoadHeadRequest(task_id=task, onnx=onnx_bytes, head_json=head_json, activate=True)
-            )
-        load_seconds = time.perf_counter() - t0
+        load_seconds = _upload(admin, "stream", "extra", heads, meta)
         time.sleep(1.0)
         many_rss = server.rss_bytes()
         many_p50 = _p50(server.target, args.calls, args.rounds)
         spread = [f"extra-{i:05d}" for i in range(min(64, len(heads)))]
         one_cpu, many_cpu = _burst_cpu(server, [["cartpole"] * len(spread), spread], args.burst_rounds)
+        # LoadHeads vs a LoadHead call per head, alternating blocks on the same (growing) server.
+        per_head: dict[str, list[float]] = {"stream": [], "unary": []}
+        block = heads[: args.compare_block]
+        for r in range(args.compare_rounds):
+            for how in ("unary", "stream") if r % 2 else ("stream", "unary"):
+                seconds = _upload(admin, how, f"{how}{r}", block, meta)
+                per_head[how].append(seconds / len(block) * 1e3)
     return {
         "load_seconds": load_seconds,
         "load_ms_per_head": load_seconds / len(heads) * 1e3,
+        "compare_ms_per_head": per_head,
+        "stream_vs_unary": statistics.median(per_head["stream"]) / statistics.median(per_head["unary"])
+        if per_head["stream"]
+        else None,
         "rss_mib_before": base_rss / 2**20,
         "rss_mib_after": many_rss / 2**20,
         "kib_per_head": (many_rss - base_rss) / len(heads) / 1024,
@@ -166,9 +195,10 @@ def _mode(
     }
 
 
-def _startup(bundle_dir: Path, n: int, modes: list[str]) -> dict[str, Any]:
-    """Seconds to a ready server on the plain bundle and on a copy holding n more heads on disk."""
-    big = bundle_dir.parent / f"{bundle_dir.name}-{n}-heads"
+def _startup(bundle_dir: Path, n: int, modes: list[str], heads: list[bytes], rounds: int) -> dict[str, Any]:
+    """Seconds to a ready server on the plain bundle and on a copy holding n more heads on disk (each its
+    own bytes: the perturbed uploads, cycled when fewer), plain and big alternating ``rounds`` times."""
+    big = bundle_dir.parent / f"{bundle_dir.name}-{n}-distinct-heads"
     if not big.is_dir():
         tmp = big.with_name(big.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,19 +209,30 @@ def _startup(bundle_dir: Path, n: int, modes: list[str]) -> dict[str, Any]:
             task = f"disk-{i:05d}"
             dest = tmp / "heads" / task / "1"
             dest.mkdir(parents=True)
-            for name in ("head.onnx", "encoder.onnx"):
-                if (source / "1" / name).is_file():
-                    (dest / name).hardlink_to(source / "1" / name)
-            (dest / "head.json").write_text(json.dumps({**meta, "task": {**meta["task"], "id": task}}))
+            onnx_bytes = heads[i % len(heads)]
+            (dest / "head.onnx").write_bytes(onnx_bytes)
+            if (source / "1" / "encoder.onnx").is_file():  # one encoder group: the same bytes
+                (dest / "encoder.onnx").hardlink_to(source / "1" / "encoder.onnx")
+            task_meta = {
+                **meta,
+                "task": {**meta["task"], "id": task},
+                "head_sha256": sha256_bytes(onnx_bytes),
+            }
+            (dest / "head.json").write_text(json.dumps(task_meta))
         tmp.rename(big)
-    out: dict[str, Any] = {"bundle_heads": n}
+    out: dict[str, Any] = {"bundle_heads": n, "distinct_head_bytes": min(n, len(heads))}
     for mode in modes:
-        for name, path in (("plain", bundle_dir), ("big", big)):
-            t0 = time.perf_counter()
-            with serve(path, "--no-watch", *MODES[mode]) as server:
-                out[f"{mode}_{name}_start_s"] = time.perf_counter() - t0
-                if name == "big":
-                    out[f"{mode}_big_rss_mib"] = server.rss_bytes() / 2**20
+        times: dict[str, list[float]] = {"plain": [], "big": []}
+        for _ in range(rounds):
+            for name, path in (("plain", bundle_dir), ("big", big)):
+                t0 = time.perf_counter()
+                with serve(path, "--no-watch", *MODES[mode]) as server:
+                    times[name].append(time.perf_counter() - t0)
+                    if name == "big":
+                        out[f"{mode}_big_rss_mib"] = server.rss_bytes() / 2**20
+        out[f"{mode}_start_s"] = times
+        out[f"{mode}_plain_start_s"] = statistics.median(times["plain"])
+        out[f"{mode}_big_start_s"] = statistics.median(times["big"])
         out[f"{mode}_load_s"] = out[f"{mode}_big_start_s"] - out[f"{mode}_plain_start_s"]
     return out
 
@@ -234,14 +275,20 @@ def main() -> None:
     parser.add_argument("--burst-rounds", type=int, default=30)
     parser.add_argument("--bundle-heads", type=int, default=0)
     parser.add_argument("--kernels", action="store_true")
+    parser.add_argument("--startup-rounds", type=int, default=1, help="plain/big server starts, alternating")
+    parser.add_argument(
+        "--compare-block", type=int, default=250, help="heads per LoadHeads-vs-LoadHead block"
+    )
+    parser.add_argument("--compare-rounds", type=int, default=4, help="blocks of each (0: no comparison)")
     args = parser.parse_args()
     bundle_dir = build_bundle(args.bundle)
     modes = [m for m in args.modes.split(",") if m]
     report: dict[str, Any] = {"benchmark": "server_heads", **machine_note(), "heads_added": args.heads}
     if args.kernels:
         report["kernels"] = _kernels()
+    every, meta, weight_bytes = _heads(bundle_dir, max(args.heads, min(args.bundle_heads, 10_000)))
     if args.heads:
-        heads, meta, weight_bytes = _heads(bundle_dir, args.heads)
+        heads = every[: args.heads]
         report["head_weight_kib"] = weight_bytes / 1024
         for mode in modes:
             result = _mode(bundle_dir, mode, args, heads, meta)
@@ -249,13 +296,14 @@ def main() -> None:
             report[mode] = result
             print(
                 f"{mode}: {args.heads} heads in {result['load_seconds']:.1f} s, "
+                f"(LoadHeads vs LoadHead per head x{result['stream_vs_unary'] or float('nan'):.2f}), "
                 f"{result['kib_per_head']:.1f} KiB/head ({result['kib_per_head_beyond_weights']:.1f} beyond "
                 f"weights), p50 x{result['p50_ratio']:.2f}, 64-task burst CPU "
                 f"x{result['burst_cpu_ratio']:.2f}",
                 file=sys.stderr,
             )
     if args.bundle_heads:
-        report["startup"] = _startup(bundle_dir, args.bundle_heads, modes)
+        report["startup"] = _startup(bundle_dir, args.bundle_heads, modes, every, args.startup_rounds)
     print(json.dumps(report))
 
 
