@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import socket
 import threading
@@ -49,7 +48,7 @@ from polyhead.server.health import HealthServicer
 from polyhead.server.inflight import InflightCounter
 from polyhead.server.metrics import MetricsHTTPServer, ServerMetrics, serve_metrics
 from polyhead.server.monitor import LiveReturnWatch
-from polyhead.server.registry import HeadRegistry, TaskHeads
+from polyhead.server.registry import HeadRegistry, TaskHeads, gc_paused
 from polyhead.server.runtime import TrunkRuntime, session_options
 from polyhead.server.servicers import DiagnosticsServicer, HeadAdminServicer, PolicyServicer, make_observer
 from polyhead.server.settings import ServerSettings
@@ -272,15 +271,8 @@ async def start_server(
         max_loaded_versions=settings.max_loaded_versions,
         stacked_heads=settings.stacked_heads,
     )
-    # Nothing else runs yet, so the cyclic GC can wait: with thousands of heads it kept rescanning
-    # everything loaded so far, a fifth of a 10,000-head startup (docs/benchmarks.md, "#15 loading").
-    paused = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():  # a fifth of a 10,000-head startup otherwise (docs/benchmarks.md, "#15 loading")
         await asyncio.to_thread(registry.load_bundle_heads)
-    finally:
-        if paused:
-            gc.enable()
     gate = DrainGate()
     inflight = InflightCounter()
     batcher = Batcher(

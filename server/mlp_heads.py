@@ -25,7 +25,7 @@ import itertools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -162,9 +162,9 @@ def _const(env: dict[str, Any], name: str, node: Any) -> npt.NDArray[Any]:
     return value
 
 
-@dataclass(frozen=True, eq=False)
-class _Op:
-    """One node while the graph is walked: its proto, symbolic inputs, attributes, everything so far."""
+class _Op(NamedTuple):
+    """One node while the graph is walked: its proto, symbolic inputs, attributes, everything so far.
+    (A NamedTuple: a frozen dataclass's __init__ was a tenth of a parse.)"""
 
     node: Any
     ins: list[Any]

@@ -22,7 +22,7 @@ from polyhead.server.dataplane import DataPlane
 from polyhead.server.experience import ExperienceHub, Segment, Transition
 from polyhead.server.metrics import ServerMetrics
 from polyhead.server.monitor import LiveReturnWatch
-from polyhead.server.registry import HeadRegistry, LoadedHead, LoadResult, TaskHeads
+from polyhead.server.registry import HeadRegistry, LoadedHead, LoadResult, TaskHeads, gc_paused
 from polyhead.server.status import code_label, status_for
 from polyhead.server.tracing import DISABLED, Tracer
 from polyhead.spaces import space_to_proto
@@ -403,12 +403,13 @@ class HeadAdminServicer(admin_pb2_grpc.HeadAdminServicer):
     ) -> list[admin_pb2.LoadHeadResponse | Exception]:
         """Load each request in turn; a refused one ends the list (the rest are not loaded)."""
         out: list[admin_pb2.LoadHeadResponse | Exception] = []
-        for request in requests:
-            try:
-                out.append(self._load(request))
-            except Exception as exc:
-                out.append(exc)
-                break
+        with gc_paused():  # a few loads at a time: what they leave is collected right after
+            for request in requests:
+                try:
+                    out.append(self._load(request))
+                except Exception as exc:
+                    out.append(exc)
+                    break
         return out
 
     async def _abort_load(

@@ -26,6 +26,7 @@ from polyhead.server.actions import Sampling
 from polyhead.server.app import BackgroundServer
 from polyhead.server.batcher import Batcher
 from polyhead.server.mlp_heads import StackedHead
+from polyhead.server.registry import gc_paused
 from polyhead.server.runtime import HeadRuntime
 from polyhead.tensors import from_proto
 from polyhead.v1 import admin_pb2, admin_pb2_grpc, policy_pb2_grpc
@@ -284,3 +285,33 @@ def test_a_refused_request_ends_a_load_stream_naming_it_and_keeps_what_was_loade
     with grpc.insecure_channel(server.target) as ch:
         stub = policy_pb2_grpc.PolicyServiceStub(ch)
         assert act(stub, "many-0001", observations(heads["many-0001"][0], 2)).head_version == 1
+
+
+def test_loads_pause_the_cyclic_gc_and_the_last_one_out_turns_it_back_on() -> None:
+    import gc
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        inner_done = threading.Event()
+
+        def other_load() -> None:  # a concurrent LoadHeads batch ends first
+            with gc_paused():
+                assert not gc.isenabled()
+            inner_done.set()
+
+        worker = threading.Thread(target=other_load)
+        worker.start()
+        worker.join(10)
+        assert inner_done.is_set() and not gc.isenabled()  # still inside the first block
+    assert gc.isenabled()
+    gc.disable()  # turned off by someone else: a load block leaves it off
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError), gc_paused():  # an exception inside still turns it back on
+        raise RuntimeError("load failed")
+    assert gc.isenabled()
