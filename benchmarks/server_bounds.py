@@ -2,7 +2,8 @@
 windows, with the load on the server's cores (``shared``) or on the other core (``pinned``).
 
     .venv/bin/python benchmarks/server_bounds.py [--bundle DIR] [--rounds 2] [--seconds 3] \\
-        [--modes shared,pinned] [--profile DIR] [--out FILE.json]
+        [--modes shared,pinned] [--levels c1,c64,b64x16] [--arm NAME=POLYHEAD_VAR=VALUE,...] \\
+        [--profile DIR] [--out FILE.json]
 
 Every Act window runs right after an echo window on the same server (``Diagnostics.Echo`` with a payload
 as large as that window's Act request, so the floor carries the same bytes in). Windows: 1 client, 64
@@ -185,13 +186,15 @@ def payloads_for(level: Level) -> tuple[list[bytes], list[bytes]]:
 
 
 @contextlib.contextmanager
-def mode_server(bundle: Path, mode: str, pool: LoadPool) -> Iterator[ServerProcess]:
+def mode_server(
+    bundle: Path, mode: str, pool: LoadPool, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
     everything = set(range(os.cpu_count() or 1))
     driver = os.sched_getaffinity(0)
     try:
         if mode == "pinned":
             os.sched_setaffinity(0, LOAD_CPUS)
-        with serve(bundle) as server:
+        with serve(bundle, env=env) as server:
             yield server
     finally:
         os.sched_setaffinity(0, driver)
@@ -207,10 +210,17 @@ def apply_mode(mode: str, server: ServerProcess, pool: LoadPool) -> None:
 
 
 def measure_mode(
-    pool: LoadPool, server: ServerProcess, mode: str, *, seconds: float, warmup_s: float
+    pool: LoadPool,
+    server: ServerProcess,
+    mode: str,
+    *,
+    seconds: float,
+    warmup_s: float,
+    levels: Sequence[Level] = LEVELS,
+    label: str = "",
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for level in LEVELS:
+    for level in levels:
         act, echo = payloads_for(level)
         kw: dict[str, Any] = {"clients": level.clients, "seconds": seconds, "warmup_s": warmup_s}
         apply_mode(mode, server, pool)
@@ -220,7 +230,7 @@ def measure_mode(
         rows = level.rows or 1
         out[level.name] = {"echo": e, "act": a}
         _log(
-            f"{mode} {level.name}: act {a['rps']:.0f}/s ({a['rps'] * rows:.0f} actions/s) / echo "
+            f"{label or mode} {level.name}: act {a['rps']:.0f}/s ({a['rps'] * rows:.0f} actions/s) / echo "
             f"{e['rps']:.0f}/s = {a['rps'] / e['rps']:.2f}; p50 {a['p50_us']:.0f}/{e['p50_us']:.0f} us = "
             f"{a['p50_us'] / e['p50_us']:.2f}; server CPU/call {a['server_cpu_us_per_request']:.0f}/"
             f"{e['server_cpu_us_per_request']:.0f} us = "
@@ -237,22 +247,48 @@ def measure_mode(
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::\d+)?\)$")
 
 
+def _category(frames: Sequence[str]) -> str:
+    """Where one main-thread sample was: the innermost polyhead function (and whether onnxruntime, numpy
+    or gRPC ran beneath it), else what the event loop was doing (gRPC's Cython/C-core layer, select)."""
+    outer = ("(polyhead/__main__", "(polyhead/cli", "(polyhead/server/commands")
+    ours = [i for i, f in enumerate(frames) if "(polyhead/" in f and not any(o in f for o in outer)]
+    if ours:
+        name = frames[ours[-1]].split(" (", 1)[0]
+        below = " ".join(frames[ours[-1] + 1 :])
+        for marker, label in (
+            ("onnxruntime", "onnxruntime under {}"),
+            ("numpy", "{} (numpy)"),
+            ("_multiarray", "{} (numpy)"),
+            ("cygrpc", "gRPC under {}"),
+        ):
+            if marker in below:
+                return label.format(name)
+        return name
+    stack = " ".join(frames)
+    if "epoll_wait" in stack or "EpollSelector.select" in stack:
+        return "event loop: epoll/select"
+    return "gRPC Cython/C-core (no polyhead frame)" if "cygrpc" in stack else "asyncio / other Python"
+
+
 def summarise_raw(raw: Path, main_tid: int, top: int = 40) -> dict[str, Any]:
-    """Per-function inclusive and self sample counts of the main thread from py-spy's raw format."""
+    """Main-thread samples from py-spy's raw format: per category (:func:`_category`), per function
+    inclusive and self."""
     inclusive: Counter[str] = Counter()
     self_: Counter[str] = Counter()
+    categories: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_s = line.rpartition(" ")
         if not stack:
             continue
         frames = stack.split(";")
-        # With --threads the first frame is the thread ("process ... " / "thread (0x..)").
+        # With --threads the first frame names the thread: "thread (TID): NAME".
         head, frames = frames[0], frames[1:]
-        if f"{main_tid}" not in head and hex(main_tid) not in head:
+        if f"({main_tid})" not in head:
             continue
         count = int(count_s)
         total += count
+        categories[_category(frames)] += count
         names = []
         for f in frames:
             m = _FRAME.match(f)
@@ -263,6 +299,7 @@ def summarise_raw(raw: Path, main_tid: int, top: int = 40) -> dict[str, Any]:
             self_[names[-1]] += count
     return {
         "samples": total,
+        "categories": categories.most_common(),
         "inclusive": inclusive.most_common(top),
         "self": self_.most_common(top),
     }
@@ -311,6 +348,9 @@ def profile_window(
         summary["inclusive_us_per_call"] = [
             (fn, round(n / summary["samples"] * per_call, 1)) for fn, n in summary["inclusive"]
         ]
+        summary["categories_us_per_call"] = [
+            (fn, round(n / summary["samples"] * per_call, 1)) for fn, n in summary["categories"]
+        ]
         summary["self_us_per_call"] = [
             (fn, round(n / summary["samples"] * per_call, 1)) for fn, n in summary["self"]
         ]
@@ -335,8 +375,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--modes", default="shared,pinned")
     parser.add_argument("--profile", type=Path, help="also profile 64-client windows with py-spy into DIR")
+    parser.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        help="NAME=VAR=VALUE[,VAR=VALUE]: also serve with these environment settings (POLYHEAD_...), "
+        "side by side with the defaults in every round and mode",
+    )
+    parser.add_argument("--levels", default=",".join(lv.name for lv in LEVELS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    levels = [lv for lv in LEVELS if lv.name in args.levels.split(",")]
+    arms: list[tuple[str, dict[str, str] | None]] = [("default", None)]
+    for spec in args.arm:
+        name, _, assignments = spec.partition("=")
+        arms.append((name, dict(a.split("=", 1) for a in assignments.split(","))))
     if (os.cpu_count() or 1) < 2:
         parser.error("pinning needs at least 2 CPUs")
     bundle = build_bundle(args.bundle)
@@ -348,8 +401,18 @@ def main() -> None:
             out: dict[str, Any] = {"loadavg": os.getloadavg()}
             # Alternate which mode goes first, so a burst of other work does not always hit the same one.
             for mode in modes if r % 2 == 0 else modes[::-1]:
-                with mode_server(bundle, mode, pool) as server:
-                    out[mode] = measure_mode(pool, server, mode, seconds=args.seconds, warmup_s=args.warmup)
+                for arm, env in arms if r % 2 == 0 else arms[::-1]:
+                    key = mode if arm == "default" else f"{mode}/{arm}"
+                    with mode_server(bundle, mode, pool, env) as server:
+                        out[key] = measure_mode(
+                            pool,
+                            server,
+                            mode,
+                            seconds=args.seconds,
+                            warmup_s=args.warmup,
+                            levels=levels,
+                            label=key,
+                        )
             report["rounds"].append(out)
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
