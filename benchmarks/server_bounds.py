@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -116,9 +116,18 @@ def _pass_counts(server: ServerProcess) -> tuple[float, float]:
     return m.get("polyhead_trunk_seconds_count", 0.0), requests
 
 
+class Served(Protocol):
+    """A server in a child process: what :func:`window` needs of it."""
+
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def target(self) -> str: ...
+
+
 def window(
     pool: LoadPool,
-    server: ServerProcess,
+    server: Served,
     *,
     method: str,
     payloads: Sequence[bytes],
@@ -132,7 +141,9 @@ def window(
     def at_edge() -> None:
         edges.append((time.time(), _thread_cpu(pid), _proc_cpu(pool.pids), _machine_ticks()))
 
-    passes0, req0 = _pass_counts(server) if method == ACT else (0.0, 0.0)
+    # Requests per trunk pass from polyhead's metrics (another server has none).
+    counted = method == ACT and isinstance(server, ServerProcess)
+    passes0, req0 = _pass_counts(server) if counted else (0.0, 0.0)
     result = pool.run(
         target=server.target,
         method=method,
@@ -168,7 +179,8 @@ def window(
         "load_cpu_us_per_request": (load1 - load0) / max(1, n) * 1e6,
         "machine_busy": (m1[0] - m0[0]) / max(1, m1[1] - m0[1]),
     }
-    if method == ACT:
+    if counted:
+        assert isinstance(server, ServerProcess)
         passes1, req1 = _pass_counts(server)
         out["requests_per_trunk_pass"] = (req1 - req0) / max(1.0, passes1 - passes0)
     return out
@@ -202,7 +214,7 @@ def mode_server(
             pin(p, everything)
 
 
-def apply_mode(mode: str, server: ServerProcess, pool: LoadPool) -> None:
+def apply_mode(mode: str, server: Served, pool: LoadPool) -> None:
     everything = set(range(os.cpu_count() or 1))
     pin(server.proc.pid, SERVER_CPUS if mode == "pinned" else everything)
     for p in pool.pids:
