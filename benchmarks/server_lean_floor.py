@@ -3,16 +3,18 @@
     .venv/bin/python benchmarks/server_lean_floor.py [--bundle DIR] [--rounds 3] [--seconds 3] \\
         [--modes pinned] [--out FILE.json]
 
-The lean server (this file with ``--serve``, its own process, grpc.aio like polyhead) has three unary
-methods on raw bytes: ``Diagnostics/Echo`` (parse an EchoRequest, answer an EchoResponse: polyhead's echo
-without its call wrapper), ``PolicyService/Act`` (parse an ActRequest, ``np.frombuffer`` the observations,
-one finiteness check, ONE onnxruntime run of the task's encoder + trunk + head fused into one graph by
-``benchmarks/peers/fuse.py``, answer an ActResponse with the int64 actions) and ``PolicyService/ActNoModel``
-(the same without the model run: a constant action). No batching, no validation beyond that, no metrics,
-no deadlines, no versions: the least a Python Act can do on this transport, so its CPU per call over its
-own echo's is the floor of the ratio any Python implementation of Act on grpc.aio could reach.
+The lean server (this file with ``--serve``, its own process, grpc.aio like polyhead) has unary methods on
+raw bytes: ``Diagnostics/Echo`` (parse an EchoRequest, answer an EchoResponse: polyhead's echo without its
+call wrapper); ``PolicyService/Act`` (parse an ActRequest, ``np.frombuffer`` the observations, one
+finiteness check, ONE onnxruntime run of the task's encoder + trunk + head fused into one graph by
+``benchmarks/peers/fuse.py``, answer an ActResponse with the int64 actions); ``PolicyService/ActThreeRuns``
+(the same model as three sessions, encoder, trunk and head, as polyhead runs it); and
+``PolicyService/ActNoModel`` (no model run: a constant action). No batching, no validation beyond that,
+no metrics, no deadlines, no versions: the least a Python Act can do on this transport, so its CPU per
+call over its own echo's is the floor of the ratio any Python implementation of Act on grpc.aio could
+reach.
 
-Every window is one of: polyhead echo, polyhead Act, lean echo, lean Act, lean ActNoModel (task
+Every window is one of: polyhead echo, polyhead Act, lean echo, lean Act, ActThreeRuns, ActNoModel (task
 ``cartpole``, one observation per call, deterministic), at 1 and 64 clients, with the CPU figures of
 ``server_bounds.py`` (per thread, from ``/proc``). ``pinned`` (default): each server on CPU 0, the load
 on CPU 1, so the server is the bottleneck and requests/s ratios equal CPU ratios.
@@ -40,11 +42,12 @@ from server_bounds import ACT, ECHO, LOAD_CPUS, _log, apply_mode, pin, window
 from server_common import _request_bytes, build_bundle, machine_note, serve
 
 ACT_NO_MODEL = "/polyhead.v1.PolicyService/ActNoModel"
+ACT_THREE_RUNS = "/polyhead.v1.PolicyService/ActThreeRuns"
 TASK = "cartpole"
 
 
 # --- the lean server (child process) -------------------------------------------------------------------
-async def _lean_main(model_path: Path, port_file: Path) -> None:
+async def _lean_main(model_dir: Path, port_file: Path) -> None:
     import grpc
     import numpy as np
     import onnxruntime as ort
@@ -54,9 +57,13 @@ async def _lean_main(model_path: Path, port_file: Path) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(
-        model_path.read_bytes(), sess_options=options, providers=["CPUExecutionProvider"]
-    )
+
+    def load(name: str) -> Any:
+        data = (model_dir / name).read_bytes()
+        return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+
+    session = load("fused.onnx")
+    encoder, trunk, head = load("encoder.onnx"), load("trunk.onnx"), load("head.onnx")
     int64 = types_pb2.DType.Value("DTYPE_INT64")
 
     def observations(request: bytes) -> tuple[Any, Any]:
@@ -85,6 +92,14 @@ async def _lean_main(model_path: Path, port_file: Path) -> None:
         (actions,) = session.run(["action"], {"obs": obs})
         return respond(message, actions)
 
+    async def act_three_runs(request: bytes, _context: Any) -> bytes:
+        # What polyhead runs per pass, as three sessions: encoder, trunk, head (then argmax).
+        message, obs = observations(request)
+        embedding, obs_norm = encoder.run(["embedding", "obs_norm"], {"obs": obs})
+        (features,) = trunk.run(["features"], {"embedding": embedding})
+        (logits,) = head.run(["logits"], {"features": features, "obs_norm": obs_norm})
+        return respond(message, logits.argmax(axis=1))
+
     zero = np.zeros(1, np.int64)
 
     async def act_no_model(request: bytes, _context: Any) -> bytes:
@@ -99,7 +114,8 @@ async def _lean_main(model_path: Path, port_file: Path) -> None:
         (
             grpc.method_handlers_generic_handler("polyhead.v1.Diagnostics", {"Echo": unary(echo)}),
             grpc.method_handlers_generic_handler(
-                "polyhead.v1.PolicyService", {"Act": unary(act), "ActNoModel": unary(act_no_model)}
+                "polyhead.v1.PolicyService",
+                {"Act": unary(act), "ActNoModel": unary(act_no_model), "ActThreeRuns": unary(act_three_runs)},
             ),
         )
     )
@@ -112,10 +128,10 @@ async def _lean_main(model_path: Path, port_file: Path) -> None:
 class LeanServer:
     """The lean server in a child process (``--serve``), stopped by SIGTERM."""
 
-    def __init__(self, model_path: Path) -> None:
+    def __init__(self, model_dir: Path) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="lean-floor-"))
         port_file = self._dir / "port"
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(model_path), str(port_file)])
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(model_dir), str(port_file)])
         deadline = time.monotonic() + 60
         while not port_file.is_file() or not port_file.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -138,12 +154,12 @@ class LeanServer:
 
 
 @contextlib.contextmanager
-def lean_server(model_path: Path, mode: str) -> Iterator[LeanServer]:
+def lean_server(model_dir: Path, mode: str) -> Iterator[LeanServer]:
     driver = os.sched_getaffinity(0)
     if mode == "pinned":
         os.sched_setaffinity(0, LOAD_CPUS)
     try:
-        server = LeanServer(model_path)
+        server = LeanServer(model_dir)
         try:
             yield server
         finally:
@@ -162,6 +178,18 @@ def polyhead_server(bundle: Path, mode: str) -> Iterator[Any]:
             yield server
     finally:
         os.sched_setaffinity(0, driver)
+
+
+def check_lean(target: str, payloads: list[bytes]) -> None:
+    """The fused run and the three runs answer every payload with the same bytes (same actions)."""
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        for payload in payloads:
+            fused = channel.unary_unary(ACT)(payload, timeout=10)
+            three = channel.unary_unary(ACT_THREE_RUNS)(payload, timeout=10)
+            if fused != three:
+                raise AssertionError("the fused model and the three sessions answer differently")
 
 
 def _payloads() -> tuple[list[bytes], list[bytes]]:
@@ -190,8 +218,17 @@ def main() -> None:
     from fuse import fuse
 
     bundle = build_bundle(args.bundle)
-    model_path = Path(tempfile.mkdtemp(prefix="lean-floor-model-")) / "fused.onnx"
-    model_path.write_bytes(fuse(bundle, TASK)[0])
+    from polyhead.bundle import Bundle
+
+    model_dir = Path(tempfile.mkdtemp(prefix="lean-floor-model-"))
+    (model_dir / "fused.onnx").write_bytes(fuse(bundle, TASK)[0])
+    record = Bundle.open(bundle).head(TASK)
+    encoder = record.read_encoder()
+    if encoder is None:
+        parser.error("needs a format-2 bundle (per-task encoders)")
+    (model_dir / "encoder.onnx").write_bytes(encoder)
+    (model_dir / "head.onnx").write_bytes(record.read_onnx())
+    (model_dir / "trunk.onnx").write_bytes(Bundle.open(bundle).trunk_path.read_bytes())
     act, echo = _payloads()
     clients = [int(c) for c in args.clients.split(",")]
     report: dict[str, Any] = {"benchmark": "server_lean_floor", **machine_note(), "rounds": []}
@@ -203,11 +240,13 @@ def main() -> None:
             for mode in args.modes.split(","):
                 servers = [
                     ("polyhead", ((ECHO, echo), (ACT, act))),
-                    ("lean", ((ECHO, echo), (ACT, act), (ACT_NO_MODEL, act))),
+                    ("lean", ((ECHO, echo), (ACT, act), (ACT_THREE_RUNS, act), (ACT_NO_MODEL, act))),
                 ]
                 for name, methods in servers if r % 2 == 0 else servers[::-1]:
-                    ctx = lean_server(model_path, mode) if name == "lean" else polyhead_server(bundle, mode)
+                    ctx = lean_server(model_dir, mode) if name == "lean" else polyhead_server(bundle, mode)
                     with ctx as server:
+                        if name == "lean":
+                            check_lean(server.target, act)
                         for c in clients:
                             for method, payloads in methods:
                                 apply_mode(mode, server, pool)
