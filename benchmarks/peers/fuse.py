@@ -4,13 +4,15 @@
 
 The fused graph is exactly what ``polyhead serve`` computes for a deterministic ``Act`` on that task:
 
-    obs [B, d] --(zero-pad to the trunk's D)--> trunk.onnx --features[, obs_norm]--> head.onnx
-        --logits--> ArgMax(axis=1) + action_space.start --> "action" int64 [B];  "value" float32 [B]
+    format 2:  obs [B, d] --> encoder.onnx --embedding--> trunk.onnx --features--> head.onnx (+ obs_norm)
+    format 1:  obs [B, d] --(zero-pad to the trunk's D)--> trunk.onnx --features[, obs_norm]--> head.onnx
+    then:      --logits--> ArgMax(axis=1) + action_space.start --> "action" int64 [B];  "value" float32 [B]
 
-It is built from the bundle's own ``trunk.onnx`` and ``head.onnx`` with ``onnx.compose.merge_models``
-(weights byte-identical to what polyhead serves), so the peers serve the same policy, not a re-export.
-Only categorical (Discrete) heads are supported: the Gaussian post-processing (clip and affine map to
-the Box bounds) would have to be rebuilt in ONNX, and the comparison needs only one task.
+It is built from the bundle's own ``encoder.onnx`` (format 2), ``trunk.onnx`` and ``head.onnx`` with
+``onnx.compose.merge_models`` (weights byte-identical to what polyhead serves), so the peers serve the
+same policy, not a re-export. Only categorical (Discrete) heads are supported: the Gaussian
+post-processing (clip and affine map to the Box bounds) would have to be rebuilt in ONNX, and the
+comparison needs only one task.
 
 :func:`check_parity` compares the fused model's actions with polyhead's served deterministic actions.
 """
@@ -47,25 +49,45 @@ def fuse(bundle_dir: Path, task: str) -> tuple[bytes, int]:
     width = observation_size(meta.observation_space)
     trunk = onnx.load_model_from_string(bundle.trunk_path.read_bytes())
     head = onnx.load_model_from_string(record.read_onnx())
-    if trunk.ir_version != head.ir_version:
-        head.ir_version = trunk.ir_version  # same exporter, same opset: the IR stamp may differ only
+    encoder_bytes = record.read_encoder()
+    if encoder_bytes is not None:
+        # Format 2: the task's encoder (obs -> embedding, obs_norm) runs before the shared trunk
+        # (embedding -> features); the head reads features and the encoder's obs_norm.
+        encoder = onnx.load_model_from_string(encoder_bytes)
+        trunk.ir_version = head.ir_version = encoder.ir_version  # same exporter: only the stamp may differ
+        front = compose.merge_models(
+            encoder,
+            trunk,
+            io_map=[("embedding", "embedding")],
+            prefix1="encoder/",
+            prefix2="trunk/",
+            outputs=["trunk/features", "encoder/obs_norm"],
+        )
+        front_input = "encoder/obs"
+        front_outputs = {"features": "trunk/features", "obs_norm": "encoder/obs_norm"}
+        pad_to = width  # the encoder takes the task's own width: nothing to pad
+    else:
+        # Format 1: one trunk over observations zero-padded to the suite's widest, as
+        # polyhead.spaces.pad_observations does.
+        head.ir_version = trunk.ir_version
+        front = compose.add_prefix(trunk, "trunk/")
+        front_input = "trunk/obs"
+        front_outputs = {name: f"trunk/{name}" for name in ("features", "obs_norm")}
+        pad_to = bundle.manifest.observation_size
     merged = compose.merge_models(
-        trunk,
+        front,
         head,
-        io_map=[(name, name) for name in meta.inputs],
-        prefix1="trunk/",
+        io_map=[(front_outputs[name], name) for name in meta.inputs],
         prefix2="head/",
         outputs=["head/logits", "head/value"],
     )
     graph = merged.graph
-    # Pad the task's observation to the trunk's width, as polyhead.spaces.pad_observations does.
-    pad_to = bundle.manifest.observation_size
-    graph.input.pop()
+    del graph.input[:]
     graph.input.append(helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", width]))
     pads = numpy_helper.from_array(np.array([0, 0, 0, pad_to - width], np.int64), "fuse/pads")
     start = numpy_helper.from_array(np.array(meta.action_space.start, np.int64), "fuse/start")
     graph.initializer.extend([pads, start])
-    graph.node.insert(0, helper.make_node("Pad", [INPUT, "fuse/pads"], ["trunk/obs"], name="fuse/pad"))
+    graph.node.insert(0, helper.make_node("Pad", [INPUT, "fuse/pads"], [front_input], name="fuse/pad"))
     graph.node.extend(
         [
             helper.make_node(
