@@ -144,15 +144,32 @@ class AdminClient:
         """Load many versions over one ``LoadHeads`` stream (build each request with
         :func:`load_request`): yields one response per request, in order, while the requests are still
         being sent. The first refused request ends the stream with its typed error, whose message names its
-        index; the versions answered before it stay loaded. ``timeout`` bounds the whole stream (default:
-        none). Not retried: a request with ``version`` 0 is not idempotent."""
-        call = self._stub.LoadHeads(iter(requests), timeout=timeout, metadata=self._metadata)
+        index; the versions answered before it stay loaded. The server loads what it has read in batches,
+        so a call that ends early may have loaded some versions after the last answer. An exception raised
+        while iterating ``requests`` ends the stream and is raised as itself after the answers before it.
+        ``timeout`` bounds the whole stream (default: none). Not retried: a request with ``version`` 0 is
+        not idempotent."""
+        failed: list[Exception] = []
+
+        def sent() -> Iterator[admin_pb2.LoadHeadRequest]:
+            # An error making the requests (a missing file) ends the stream here and is raised as itself,
+            # not as the UNKNOWN status gRPC would give the call.
+            try:
+                yield from requests
+            except Exception as exc:
+                failed.append(exc)
+
+        call = self._stub.LoadHeads(sent(), timeout=timeout, metadata=self._metadata)
         try:
             yield from call
         except grpc.RpcError as exc:
+            if failed:
+                raise failed[0] from None
             raise from_rpc_error(exc) from None
         finally:
             call.cancel()
+        if failed:  # the requests before it were all loaded
+            raise failed[0]
 
     def load_head_dir(
         self, task_id: str, head_dir: str | Path, *, version: int = 0, activate: bool = True

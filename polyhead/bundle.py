@@ -551,7 +551,7 @@ class Bundle:
     def active_version(self, task_id: str) -> int:
         """The version named by ``active.json``, else the highest complete version."""
         # No existence checks before the reads (a stat each): a startup calls this once per task.
-        with contextlib.suppress(BundleError, KeyError, TypeError, ValueError):
+        with contextlib.suppress(BundleError, KeyError, TypeError, ValueError, OSError):
             version = int(_read_json(self.task_dir(task_id) / ACTIVE_JSON, "active pointer")["version"])
             if self.has_version(task_id, version):
                 return version
@@ -710,7 +710,7 @@ def write_bundle(
 def _complete_version_dir(path: Path) -> bool:
     """A published version: a numeric directory holding its metadata and graph (a temporary ``.v*``
     directory or a partial copy is not one)."""
-    return path.name.isdigit() and (path / HEAD_JSON).is_file() and (path / HEAD_ONNX).is_file()
+    return _is_version_name(path.name) and (path / HEAD_JSON).is_file() and (path / HEAD_ONNX).is_file()
 
 
 def _is_complete(root: Path, task_id: str, version: int) -> bool:
@@ -739,6 +739,11 @@ def _numbered_dirs(path: Path) -> list[int]:
     """The numeric names under ``path``: candidate versions, whose completeness (and so being a
     directory) the caller checks (os.listdir: a third of scandir's cost for a task's few entries here)."""
     try:
-        return [int(name) for name in os.listdir(path) if name.isdigit()]
+        return [int(name) for name in os.listdir(path) if _is_version_name(name)]
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def _is_version_name(name: str) -> bool:
+    """A version directory's name: ASCII digits, no leading zero ("07" and "²" are not versions)."""
+    return name.isascii() and name.isdigit() and str(int(name)) == name

@@ -221,6 +221,11 @@ class TaskMap(Mapping[str, TaskHeads]):
         return self._len
 
 
+def _check_share(percent: float) -> None:
+    if not (0.0 <= percent <= 100.0) or math.isnan(percent):
+        raise InvalidArgument(f"canary_percent must be within 0..100, got {percent}")
+
+
 _gc_lock = threading.Lock()
 _gc_pausers = 0
 
@@ -229,7 +234,8 @@ _gc_pausers = 0
 def gc_paused() -> Iterator[None]:
     """The cyclic garbage collector off while a block loads heads (it was a fifth of a bulk load: every
     collection rescanned what the loads before had built). Nested and concurrent blocks are counted, so
-    the collector comes back when the last one ends; garbage made meanwhile is collected then."""
+    the collector comes back on when the last one ends, and garbage made meanwhile goes at its next
+    collection. A pause leaves the collector off if it was off when the first pause began."""
     global _gc_pausers
     with _gc_lock:
         if _gc_pausers == 0 and not gc.isenabled():  # someone else turned it off: leave it to them
@@ -698,8 +704,7 @@ class HeadRegistry:
         """Make loaded ``version`` the task's canary at ``percent`` (0..100) of traffic, or change the share
         of the current canary. Raises UnknownTask, UnknownVersion, CanaryError (the stable version, or a
         share outside 0..100)."""
-        if not (0.0 <= percent <= 100.0) or math.isnan(percent):
-            raise InvalidArgument(f"canary_percent must be within 0..100, got {percent}")
+        _check_share(percent)
         with self._lock:
             entry = self._entry(task_id)
             if version not in entry.versions:
@@ -717,6 +722,17 @@ class HeadRegistry:
         log.info("task %s: canary version %d at %g%% (stable %d)", task_id, version, percent, entry.active)
         self._notify(task_id)
         return updated
+
+    def check_canary_load(self, task_id: str, percent: float) -> None:
+        """Refuse, before anything loads, a load that is to become ``task_id``'s canary at ``percent`` when
+        it could not: a share outside 0..100, or a task with no stable version yet (its first version
+        always serves). Raises InvalidArgument, CanaryError."""
+        _check_share(percent)
+        if task_id not in self._tasks:
+            raise CanaryError(
+                f"task {task_id!r} is not served yet: its first version becomes the stable one, not a "
+                "canary; load it without canary_percent first"
+            )
 
     def promote_canary(self, task_id: str, version: int = 0) -> SwapResult:
         """The canary becomes the stable version (one reference swap); ``version`` (if not 0) must name the

@@ -22,6 +22,7 @@ from polyhead.server.dataplane import DataPlane
 from polyhead.server.experience import ExperienceHub, Segment, Transition
 from polyhead.server.metrics import ServerMetrics
 from polyhead.server.monitor import LiveReturnWatch
+from polyhead.server.readahead import read_ahead
 from polyhead.server.registry import HeadRegistry, LoadedHead, LoadResult, TaskHeads, gc_paused
 from polyhead.server.status import code_label, status_for
 from polyhead.server.tracing import DISABLED, Tracer
@@ -332,21 +333,8 @@ def segment_to_proto(segment: Segment) -> admin_pb2.EpisodeSegment:
     return msg
 
 
-_LOAD_AHEAD = 16  # LoadHeads requests read ahead of the loader (heads may be up to max_head_bytes each)
-
-
-async def _read_into(
-    messages: AsyncIterator[admin_pb2.LoadHeadRequest],
-    queue: asyncio.Queue[admin_pb2.LoadHeadRequest | BaseException | None],
-) -> None:
-    """The stream's requests into ``queue``, then None at its end, or the exception reading raised."""
-    try:
-        async for message in messages:
-            await queue.put(message)
-    except Exception as exc:  # a malformed message (DecodeError): answered in its turn
-        await queue.put(exc)
-        return
-    await queue.put(None)
+# LoadHeads reads at most this much ahead of its loads (a head may be as large as the message limit).
+_READ_AHEAD_BYTES = 8 << 20
 
 
 class HeadAdminServicer(admin_pb2_grpc.HeadAdminServicer):
@@ -365,45 +353,37 @@ class HeadAdminServicer(admin_pb2_grpc.HeadAdminServicer):
     async def LoadHeads(
         self, request_iterator: AsyncIterator[admin_pb2.LoadHeadRequest], context: Context
     ) -> AsyncIterator[admin_pb2.LoadHeadResponse]:
-        # The loop reads ahead while a worker thread loads: each hop to the thread takes every request
-        # read meanwhile (a hop per head was a fifth of a bulk upload's server time).
-        queue: asyncio.Queue[admin_pb2.LoadHeadRequest | BaseException | None] = asyncio.Queue(_LOAD_AHEAD)
-        reader = asyncio.create_task(_read_into(request_iterator, queue))
+        batches = read_ahead(
+            request_iterator, max_bytes=_READ_AHEAD_BYTES, size=admin_pb2.LoadHeadRequest.ByteSize
+        )
         index = 0
         try:
             while True:
                 started = time.perf_counter()
-                items = [await queue.get()]
-                while len(items) < _LOAD_AHEAD and not queue.empty():
-                    items.append(queue.get_nowait())
-                requests: list[admin_pb2.LoadHeadRequest] = []
-                ended, end = False, None
-                for item in items:  # a None (the client's end) or an exception ends the items read
-                    if isinstance(item, admin_pb2.LoadHeadRequest):
-                        requests.append(item)
-                    else:
-                        ended, end = True, item
-                outcomes = await asyncio.to_thread(self._load_in_order, requests) if requests else []
-                for request, outcome in zip(requests, outcomes, strict=False):
+                try:
+                    batch = await anext(batches)
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:  # reading the next message failed (undecodable)
+                    await self._abort_load(context, exc, index, "", started)
+                    return  # not reached: abort raises
+                outcomes = await asyncio.to_thread(self._load_in_order, batch)
+                for request, outcome in zip(batch, outcomes, strict=False):
                     if isinstance(outcome, Exception):
                         await self._abort_load(context, outcome, index, request.task_id, started)
                         return  # not reached: abort raises
                     self._observer.record("LoadHeads", request.task_id, grpc.StatusCode.OK, started)
                     index += 1
                     yield outcome
-                if ended:
-                    if end is not None:  # e.g. an undecodable message
-                        await self._abort_load(context, end, index, "", started)
-                    return
         finally:
-            reader.cancel()
+            await batches.aclose()
 
     def _load_in_order(
         self, requests: list[admin_pb2.LoadHeadRequest]
     ) -> list[admin_pb2.LoadHeadResponse | Exception]:
         """Load each request in turn; a refused one ends the list (the rest are not loaded)."""
         out: list[admin_pb2.LoadHeadResponse | Exception] = []
-        with gc_paused():  # a few loads at a time: what they leave is collected right after
+        with gc_paused():  # a few loads at a time; what they leave goes at the next collection
             for request in requests:
                 try:
                     out.append(self._load(request))
@@ -424,8 +404,10 @@ class HeadAdminServicer(admin_pb2_grpc.HeadAdminServicer):
         """One LoadHead request, in the calling (worker) thread."""
         source = request.WhichOneof("source")
         wants_canary = request.HasField("canary_percent")
-        if wants_canary and request.activate:  # before loading: a refused request changes nothing
-            raise InvalidArgument("LoadHead takes canary_percent only with activate=false")
+        if wants_canary:  # checked before loading: a refused request changes nothing
+            if request.activate:
+                raise InvalidArgument("LoadHead takes canary_percent only with activate=false")
+            self._registry.check_canary_load(request.task_id, request.canary_percent)
         result: LoadResult
         if source == "onnx":
             result = self._registry.load_from_bytes(

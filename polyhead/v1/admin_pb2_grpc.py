@@ -96,9 +96,11 @@ class HeadAdminServicer:
 
     def LoadHeads(self, request_iterator, context):
         """Many LoadHead requests over one stream (bulk uploads: thousands of heads without a call each). Each
-        request is loaded as LoadHead would, in order, and answered by one response before the next is loaded.
-        The first that fails ends the call with LoadHead's status for it, the message naming its index and
-        task; the versions answered before it stay loaded.
+        request is loaded as LoadHead would, in order, and answered by one response, in order. The first that
+        fails ends the call with LoadHead's status for it, the message naming its index and task; the
+        versions answered before it stay loaded and none after it is loaded. The server loads what it has
+        read in batches: a call that ends otherwise (cancelled, deadline) may have loaded some versions after
+        the last response (ListHeads shows them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -21,7 +21,7 @@ from server_helpers import act, observations
 
 from polyhead.bundle import Bundle
 from polyhead.clients.admin import AdminClient, load_request
-from polyhead.clients.errors import InvalidRequest
+from polyhead.clients.errors import InvalidRequest, PreconditionFailed
 from polyhead.server.actions import Sampling
 from polyhead.server.app import BackgroundServer
 from polyhead.server.batcher import Batcher
@@ -315,3 +315,67 @@ def test_loads_pause_the_cyclic_gc_and_the_last_one_out_turns_it_back_on() -> No
     with pytest.raises(RuntimeError), gc_paused():  # an exception inside still turns it back on
         raise RuntimeError("load failed")
     assert gc.isenabled()
+
+
+def test_an_undecodable_message_mid_stream_is_named_and_the_ones_before_it_stay_loaded(
+    server: BackgroundServer, tiny_bundle: Path
+) -> None:
+    heads = _heads(tiny_bundle, 2, seed=3)
+    raw = [request(t, b, m).SerializeToString() for t, (_, b, m) in heads.items()] + [b"\xff\xff\xff"]
+    with grpc.insecure_channel(server.admin_target) as ch:
+        call = ch.stream_stream("/polyhead.v1.HeadAdmin/LoadHeads")(iter(raw), timeout=60)
+        answered = []
+        with pytest.raises(grpc.RpcError) as err:
+            answered.extend(call)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "LoadHeads request 2 (earlier ones loaded)" in (err.value.details() or ""), err.value.details()
+    assert len(answered) == 2
+    assert set(heads) <= set(server.running.registry.tasks)
+
+
+def test_canary_loads_that_cannot_be_canaries_are_refused_before_anything_loads(
+    server: BackgroundServer, tiny_bundle: Path
+) -> None:
+    _, onnx_bytes, meta = _heads(tiny_bundle, 1, seed=4)["many-0000"]
+    registry = server.running.registry
+    with AdminClient(server.admin_target) as client:
+        before = dict(registry.tasks["cartpole"].versions)
+        with pytest.raises(InvalidRequest) as share:
+            client.load_head(
+                "cartpole",
+                onnx=onnx_bytes,
+                head_json=request("cartpole", onnx_bytes, meta).head_json,
+                activate=False,
+                canary_percent=150.0,
+            )
+        assert "within 0..100, got 150" in str(share.value)
+        assert dict(registry.tasks["cartpole"].versions) == before  # nothing loaded
+        with pytest.raises(PreconditionFailed) as new_task:
+            client.load_head(
+                "brand-new",
+                onnx=onnx_bytes,
+                head_json=request("brand-new", onnx_bytes, meta).head_json,
+                activate=False,
+                canary_percent=10.0,
+            )
+        assert "not served yet" in str(new_task.value)
+        assert "brand-new" not in registry.tasks
+
+
+def test_an_error_making_the_requests_is_raised_as_itself_after_the_answers_before_it(
+    server: BackgroundServer, tiny_bundle: Path
+) -> None:
+    heads = _heads(tiny_bundle, 3, seed=5)
+
+    def requests() -> Iterator[admin_pb2.LoadHeadRequest]:
+        for k, (task, (_, onnx_bytes, meta)) in enumerate(heads.items()):
+            if k == 2:
+                raise FileNotFoundError("heads/missing/head.onnx")
+            yield request(task, onnx_bytes, meta)
+
+    answered = []
+    with AdminClient(server.admin_target) as client, pytest.raises(FileNotFoundError, match="missing"):
+        answered.extend(client.load_heads(requests()))
+    assert [r.head.task_id for r in answered] == ["many-0000", "many-0001"]
+    assert {"many-0000", "many-0001"} <= set(server.running.registry.tasks)
+    assert "many-0002" not in server.running.registry.tasks
