@@ -14,8 +14,10 @@ head's own weight bytes, for "beyond its weights"); the p50 again; then 64 concu
 `--compare-block` more heads uploaded by LoadHeads and by a LoadHead call per head, alternating, ms per
 head each. `--bundle-heads M`: time to a ready server on a bundle that holds M extra heads on disk, each
 with its own bytes (startup loading), against the plain bundle, the two alternating `--startup-rounds`
-times (medians). `--kernels`: the grouped-matmul kernel choice (one batched matmul over gathered weights
-vs a matmul per contiguous run of rows). Prints one JSON line.
+times (medians). `--pass-cpu R`: in process, the CPU of one forced 64-row pass spread over 64 of the
+N uploaded tasks vs 64 rows of one task, R passes each, alternating, without and with values.
+`--kernels`: the grouped-matmul kernel choice (one batched matmul over gathered weights vs a matmul per
+contiguous run of rows). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -237,6 +239,67 @@ def _startup(bundle_dir: Path, n: int, modes: list[str], heads: list[bytes], rou
     return out
 
 
+def _pass_cpu(bundle_dir: Path, heads: list[bytes], meta: dict[str, Any], reps: int) -> dict[str, Any]:
+    """In process: CPU of one batcher pass of 64 requests spread over 64 tasks vs 64 requests of one task
+    (passes forced to hold all 64, as a saturated server's would), with len(heads) heads loaded, with and
+    without values; the trunk and encoder are the same in both, the head chains differ."""
+    from polyhead.server.actions import Sampling
+    from polyhead.server.app import BackgroundServer
+    from polyhead.server.batcher import Batcher
+    from polyhead.server.settings import ServerSettings
+
+    settings = ServerSettings(bundle=bundle_dir, port=0, admin_port=0, metrics_port=0, watch_bundle=False)
+    out: dict[str, Any] = {"heads_loaded": len(heads), "reps": reps}
+    with BackgroundServer(settings) as srv, AdminClient(srv.admin_target) as admin:
+        _upload(admin, "stream", "extra", heads, meta)
+        registry, running = srv.running.registry, srv.running
+        spread = [registry.resolve(f"extra-{i:05d}") for i in range(0, len(heads), max(1, len(heads) // 64))][
+            :64
+        ]
+        one = [registry.resolve("extra-00000")] * 64
+        rng = np.random.default_rng(0)
+        obs = [obs_for("cartpole", 1, rng) for _ in range(64)]
+
+        async def passes(resolved: list[Any], value: bool) -> float:
+            batcher = Batcher(
+                running.batcher.trunk,
+                metrics=running.metrics,
+                max_batch_size=256,
+                max_queue_delay_s=1.0,
+                max_queue_size=1000,
+                pending=lambda: 64,
+            )
+            try:
+                sampling = Sampling(1, True, None, value=value)
+                await asyncio.gather(
+                    *(batcher.act(h, o, sampling) for h, o in zip(resolved, obs, strict=True))
+                )
+                c0 = time.process_time()
+                for _ in range(reps):
+                    await asyncio.gather(
+                        *(batcher.act(h, o, sampling) for h, o in zip(resolved, obs, strict=True))
+                    )
+                assert batcher.stats.passes == reps + 1, batcher.stats
+                return (time.process_time() - c0) / reps
+            finally:
+                batcher.shutdown()
+
+        for value in (False, True):
+            cpu: dict[str, list[float]] = {"spread": [], "one": []}
+            for _ in range(3):  # alternating
+                for name, resolved in (("spread", spread), ("one", one)):
+                    cpu[name].append(
+                        asyncio.run_coroutine_threadsafe(passes(resolved, value), srv.loop).result(600)
+                    )
+            key = "with_value" if value else "actions_only"
+            out[key] = {
+                "pass_cpu_us_64_tasks": [c * 1e6 for c in cpu["spread"]],
+                "pass_cpu_us_one_task": [c * 1e6 for c in cpu["one"]],
+                "ratio": statistics.median(cpu["spread"]) / statistics.median(cpu["one"]),
+            }
+    return out
+
+
 def _kernels() -> dict[str, Any]:
     """µs per grouped pass, batched matmul over gathered weights vs a matmul per run of equal slots."""
     from polyhead.server.mlp_heads import Chain, ChainBank, Layer
@@ -275,6 +338,7 @@ def main() -> None:
     parser.add_argument("--burst-rounds", type=int, default=30)
     parser.add_argument("--bundle-heads", type=int, default=0)
     parser.add_argument("--kernels", action="store_true")
+    parser.add_argument("--pass-cpu", type=int, default=0, help="reps of in-process 64-row passes (0: skip)")
     parser.add_argument("--startup-rounds", type=int, default=1, help="plain/big server starts, alternating")
     parser.add_argument(
         "--compare-block", type=int, default=250, help="heads per LoadHeads-vs-LoadHead block"
@@ -300,6 +364,13 @@ def main() -> None:
                 f"{result['kib_per_head']:.1f} KiB/head ({result['kib_per_head_beyond_weights']:.1f} beyond "
                 f"weights), p50 x{result['p50_ratio']:.2f}, 64-task burst CPU "
                 f"x{result['burst_cpu_ratio']:.2f}",
+                file=sys.stderr,
+            )
+    if args.pass_cpu:
+        report["pass_cpu"] = _pass_cpu(bundle_dir, every[: max(args.heads, 64)], meta, args.pass_cpu)
+        for key in ("actions_only", "with_value"):
+            print(
+                f"one 64-row pass, 64 tasks vs one ({key}): x{report['pass_cpu'][key]['ratio']:.2f}",
                 file=sys.stderr,
             )
     if args.bundle_heads:

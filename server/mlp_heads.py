@@ -408,6 +408,7 @@ class ChainBank:
         self._used = 0  # slots ever handed out (high-water mark)
         self._live = 0
         self._chunks: tuple[tuple[tuple[F32, F32], ...], ...] = (self._alloc(_INITIAL_CAPACITY),)
+        self._local = threading.local()  # per-thread gather buffers (passes run on two threads)
 
     def _alloc(self, size: int) -> tuple[tuple[F32, F32], ...]:
         return tuple(
@@ -463,10 +464,40 @@ class ChainBank:
                 x = _activate(x @ w[row] + b[row], act)
             return x
         where, rows = _locate_many(slots)
-        for layer, act in enumerate(activations):
-            w, b = _gather(chunks, layer, where, rows)
-            x = _activate(np.matmul(x[:, None, :], w)[:, 0, :] + b, act)
-        return x
+        order = None
+        if (where != where[0]).any():
+            # Rows ordered by chunk, so each chunk's weights gather straight into one contiguous slice.
+            order = np.argsort(where, kind="stable")
+            where, rows, x = where[order], rows[order], x[order]
+        cuts = [0, *(np.flatnonzero(np.diff(where)) + 1).tolist(), len(rows)]
+        segments = [(lo, hi, int(where[lo])) for lo, hi in itertools.pairwise(cuts)]
+        n = len(rows)
+        for layer, ((weights, biases), act) in enumerate(zip(self._scratch(n), activations, strict=True)):
+            for lo, hi, chunk in segments:
+                w, bias = chunks[chunk][layer]
+                # mode="clip": with the default "raise" numpy buffers `out` (a copy again); rows are valid
+                np.take(w, rows[lo:hi], axis=0, out=weights[lo:hi], mode="clip")
+                np.take(bias, rows[lo:hi], axis=0, out=biases[lo:hi], mode="clip")
+            x = _activate(np.matmul(x[:, None, :], weights[:n])[:, 0, :] + biases[:n], act)
+        if order is None:
+            return x
+        out = np.empty_like(x)
+        out[order] = x
+        return out
+
+    def _scratch(self, rows: int) -> list[tuple[F32, F32]]:
+        """This thread's gather buffers, one per layer, for at least ``rows`` rows. Reused: fresh buffers
+        (a MB per layer at 64 rows of a 64x64 layer) went back to the OS after each pass and were faulted
+        in again by the next, which cost more than the pass itself here (1 ms against 0.1)."""
+        buffers: list[tuple[F32, F32]] | None = getattr(self._local, "buffers", None)
+        if buffers is None or buffers[0][0].shape[0] < rows:
+            size = max(rows, 2 * buffers[0][0].shape[0] if buffers else 64)
+            buffers = [
+                (np.empty((size, i, o), dtype=np.float32), np.empty((size, o), dtype=np.float32))
+                for i, o, _ in self.signature[2]
+            ]
+            self._local.buffers = buffers
+        return buffers
 
     def run_segments(self, x: F32, slots: npt.NDArray[np.intp]) -> F32:
         """Same result as :meth:`run`, one matmul per run of equal slots (kept for the kernel benchmark)."""
@@ -499,28 +530,6 @@ def _locate_many(slots: npt.NDArray[np.intp]) -> tuple[npt.NDArray[np.intp], npt
     chunk = np.where(q == 0, 0, np.frexp(q.astype(np.float64))[1]).astype(np.intp)
     base = np.where(chunk == 0, 0, _INITIAL_CAPACITY << np.maximum(chunk - 1, 0))
     return chunk, slots - base
-
-
-def _gather(
-    chunks: tuple[tuple[tuple[F32, F32], ...], ...],
-    layer: int,
-    where: npt.NDArray[np.intp],
-    rows: npt.NDArray[np.intp],
-) -> tuple[F32, F32]:
-    """Layer ``layer``'s weights and biases of every row's slot (``where``/``rows``: its chunk and row)."""
-    first = int(where[0])
-    if not (where != first).any():
-        w, b = chunks[first][layer]
-        return w[rows], b[rows]
-    w0, b0 = chunks[0][layer]
-    weights = np.empty((len(rows), *w0.shape[1:]), dtype=np.float32)
-    biases = np.empty((len(rows), *b0.shape[1:]), dtype=np.float32)
-    for chunk in np.unique(where).tolist():
-        mask = where == chunk
-        w, b = chunks[chunk][layer]
-        weights[mask] = w[rows[mask]]
-        biases[mask] = b[rows[mask]]
-    return weights, biases
 
 
 class HeadBanks:
