@@ -451,11 +451,25 @@ METHODS = {
     "/polyhead.v1.PolicyService/ReportExperience": ("stream_unary", False),
     "/polyhead.v1.Diagnostics/Echo": ("unary_unary", False),
     "/polyhead.v1.HeadAdmin/LoadHead": ("unary_unary", True),
+    "/polyhead.v1.HeadAdmin/LoadHeads": ("stream_stream", True),
+    "/polyhead.v1.HeadAdmin/SetCanary": ("unary_unary", True),
+    "/polyhead.v1.HeadAdmin/PromoteCanary": ("unary_unary", True),
+    "/polyhead.v1.HeadAdmin/ClearCanary": ("unary_unary", True),
     "/polyhead.v1.HeadAdmin/SetActiveVersion": ("unary_unary", True),
     "/polyhead.v1.HeadAdmin/UnloadHead": ("unary_unary", True),
     "/polyhead.v1.HeadAdmin/ListHeads": ("unary_unary", True),
     "/polyhead.v1.HeadAdmin/StreamExperience": ("unary_stream", True),
 }
+
+
+def test_the_raw_bytes_fuzz_covers_every_method() -> None:
+    every = {
+        f"/{service.full_name}/{m.name}"
+        for module in (policy_pb2, admin_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for m in service.methods
+    }
+    assert set(METHODS) == every
 
 
 def raw_call(t: Target, method: str, payloads: list[bytes]) -> None:
@@ -515,6 +529,17 @@ def test_head_upload_over_max_head_bytes_is_refused_precisely(target: Target) ->
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
     assert "max_head_bytes" in details and str(MAX_HEAD_BYTES) in details, details
     assert str(len(onnx) + len(target.head_json.encode())) in details, details
+    assert target.admin.ListHeads(admin_pb2.ListHeadsRequest(), timeout=10) == before
+    # The same head in a LoadHeads stream: refused the same way, named by its place in the stream.
+    ok = admin_pb2.LoadHeadRequest(
+        task_id="cartpole", onnx=target.head_onnx, head_json=target.head_json, version=1
+    )
+    big = admin_pb2.LoadHeadRequest(task_id="cartpole", onnx=onnx, head_json=target.head_json)
+    with pytest.raises(grpc.RpcError) as err:
+        list(target.admin.LoadHeads(iter([ok, big]), timeout=30))
+    details = err.value.details() or ""
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "LoadHeads request 1 (task 'cartpole'" in details and str(MAX_HEAD_BYTES) in details, details
     assert target.admin.ListHeads(admin_pb2.ListHeadsRequest(), timeout=10) == before
     CASES["oversize"] += 1
     restore_and_check(target)
