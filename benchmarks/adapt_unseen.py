@@ -29,19 +29,16 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from trainer_common import machine, mean_std
+from trainer_common import machine, mean_std, run_polyhead, write_report
 
 from polyhead.scores import random_return
 from polyhead.taskspec import load_task_spec
 
-ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--solved-evals", "0", "--exporter", "torchscript", "--no-progress", "--json"]
 
 
@@ -51,16 +48,6 @@ def file_hashes(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-def _run(command: list[str]) -> tuple[dict[str, Any], float, float]:
-    load = os.getloadavg()[0]
-    started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), wall, load
 
 
 def run_adapt(
@@ -84,7 +71,7 @@ def run_adapt(
         "--eval-interval", str(eval_interval), *COMMON,
         *([] if encoder is None else ["--encoder", encoder]),
     ]  # fmt: skip
-    summary, wall, load = _run(command)
+    summary, wall, load = run_polyhead(command)
     after = file_hashes(copy)
     task = summary["task"]
     meta = json.loads((copy / "heads" / task / str(summary["active_version"]) / "head.json").read_text())
@@ -114,7 +101,7 @@ def run_scratch(spec: Path, *, seed: int, samples: int, eval_interval: int, work
         sys.executable, "-m", "polyhead", "train", "--suite", str(spec), "--out", str(out),
         "--total-steps", str(samples), "--seed", str(seed), "--eval-interval", str(eval_interval), *COMMON,
     ]  # fmt: skip
-    summary, wall, load = _run(command)
+    summary, wall, load = run_polyhead(command)
     (result,) = summary["tasks"].values()
     with (out / "logs" / "eval.csv").open(newline="") as fh:
         rows = [(int(r["step"]), float(r["eval_return_mean"])) for r in csv.DictReader(fh)]
@@ -315,9 +302,7 @@ def main() -> int:
     report["load_average_at_end"] = [round(v, 1) for v in os.getloadavg()]
     report["analysis"] = analyse(report)
     print(table(report), file=sys.stderr)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out)
     if args.plot:
         plot(report, args.plot)
     return 0

@@ -19,18 +19,15 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from trainer_common import machine, mean_std
+from trainer_common import ROOT, machine, mean_std, run_polyhead, train_steps_per_second, write_report
 
 from polyhead.taskspec import load_suite
 
-ROOT = Path(__file__).resolve().parent.parent
 COLORS = {
     "padded": "tab:red",
     "suite": "tab:blue",
@@ -64,17 +61,7 @@ def run_once(
     cwd, env = ROOT, None
     if checkout is not None:
         cwd, env = checkout, {**os.environ, "PYTHONPATH": str(checkout)}
-    load = os.getloadavg()[0]
-    started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, check=False)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    with (out / "logs" / "metrics.csv").open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    first, last = rows[0], rows[-1]
-    span = float(last["wall_seconds"]) - float(first["wall_seconds"])
+    summary, wall, load = run_polyhead(command, cwd=cwd, env=env)
     curves: dict[str, list[list[float]]] = {}
     with (out / "logs" / "eval.csv").open(newline="") as fh:
         for row in csv.DictReader(fh):
@@ -86,7 +73,7 @@ def run_once(
         "seed": seed,
         "steps": summary["steps"],
         "command_wall_seconds": round(wall, 1),
-        "train_steps_per_second": round((int(last["step"]) - int(first["step"])) / span, 1),
+        "train_steps_per_second": train_steps_per_second(out),
         "load_average_1m_at_start": round(load, 1),
         "policy_parameters": summary["policy_parameters"],
         "best_step": summary["best_step"],
@@ -246,9 +233,7 @@ def main() -> int:
         "runs": results,
     }
     print(table(report), file=sys.stderr)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, args.out)
     if args.plot:
         plot(report, args.plot)
     return 0

@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 from load import LoadPool
-from server_common import ServerProcess, _request_bytes, build_bundle, machine_note, serve
+from server_common import ServerProcess, _request_bytes, build_bundle, emit_report, machine_note, serve
 
 TASKS = ("cartpole", "acrobot", "cartpole-continuous")
 ECHO = "/polyhead.v1.Diagnostics/Echo"
@@ -445,11 +445,7 @@ def main() -> None:
     finally:
         pool.close()
     report["loadavg_end"] = os.getloadavg()
-    text = json.dumps(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -265,6 +265,15 @@ def pingpong_proc(target: str, n: int, mode: str, task: str = "cartpole") -> flo
         return float(pool.apply(_pingpong_proc, (target, n, mode, task)))
 
 
+def emit_report(report: dict[str, Any], out: Path | None) -> None:
+    """The report as one JSON line on stdout, and at ``out`` too when given."""
+    text = json.dumps(report)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
+
+
 def machine_note() -> dict[str, Any]:
     """Load average and core count at measurement time (the machine is shared)."""
     return {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
 from load import LoadPool
 from server_bounds import ACT, ECHO, LOAD_CPUS, _log, apply_mode, pin, window
-from server_common import _request_bytes, build_bundle, machine_note, serve
+from server_common import _request_bytes, build_bundle, emit_report, machine_note, serve
 
 ACT_NO_MODEL = "/polyhead.v1.PolicyService/ActNoModel"
 ACT_THREE_RUNS = "/polyhead.v1.PolicyService/ActThreeRuns"
@@ -273,11 +272,7 @@ def main() -> None:
     finally:
         pool.close()
     report["loadavg_end"] = os.getloadavg()
-    text = json.dumps(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -20,19 +20,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from trainer_common import machine, mean_std
-
-ROOT = Path(__file__).resolve().parent.parent
+from trainer_common import machine, mean_std, run_polyhead, train_steps_per_second, write_report
 
 
 def run_once(
@@ -44,23 +39,15 @@ def run_once(
         "--total-steps", str(total_steps), "--seed", str(seed), "--nproc", str(nproc),
         "--solved-evals", "0", "--exporter", "torchscript", "--no-progress", "--json", *extra,
     ]  # fmt: skip
-    load = os.getloadavg()[0]
-    started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary, wall, load = run_polyhead(command)
     with (out / "logs" / "metrics.csv").open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    first, last = rows[0], rows[-1]
-    span = float(last["wall_seconds"]) - float(first["wall_seconds"])
+        last = list(csv.DictReader(fh))[-1]
     return {
         "nproc": nproc,
         "seed": seed,
         "steps": summary["steps"],
         "command_wall_seconds": round(wall, 1),
-        "train_steps_per_second": round((int(last["step"]) - int(first["step"])) / span, 1),
+        "train_steps_per_second": train_steps_per_second(out),
         "rank0_cpu_seconds": float(last["cpu_seconds"]),
         "load_average_1m_at_start": round(load, 1),
         "eval_returns": {t: round(v["eval_return"], 1) for t, v in summary["tasks"].items()},
@@ -165,8 +152,7 @@ def main() -> int:
                 results.append(result)
     print("\n".join(compare(results, nprocs, args.bar)), file=sys.stderr)
     report = {"machine": machine(), "suite": args.suite, "total_steps": args.total_steps, "runs": results}
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, Path(args.out) if args.out else None)
     print(json.dumps(report))
     return 0
 

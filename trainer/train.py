@@ -202,6 +202,17 @@ def train(
     last_cosines = None
     solved_streak = 0
     final_evaluation: dict[str, list[float]] | None = None
+
+    def evaluate_final() -> dict[str, list[float]]:
+        """The policy as it is now on the final evaluation's episodes (also what confirms an early stop)."""
+        return evaluate(
+            policy,
+            tasks,
+            episodes=config.final_eval_episodes,
+            seed=config.seed + FINAL_EVAL_SEED_OFFSET,
+            ranks=ranks,
+        )
+
     task_stats: dict[str, Any] = {}
     if checkpoint is not None:
         policy.load_state_dict(checkpoint["policy"])
@@ -391,13 +402,7 @@ def train(
                         # inside its episode-to-episode spread (Acrobot's -100), and the best of them
                         # overrates its checkpoint. Stop only when this policy also reaches every target
                         # on the final evaluation's episodes, which then is what the summary reports.
-                        confirm = evaluate(
-                            policy,
-                            tasks,
-                            episodes=config.final_eval_episodes,
-                            seed=config.seed + FINAL_EVAL_SEED_OFFSET,
-                            ranks=ranks,
-                        )
+                        confirm = evaluate_final()
                         confirmed = {t: float(np.mean(v)) for t, v in confirm.items()}
                         if _all_solved(confirmed, tasks):
                             best = (_score(confirmed, tasks), global_step, copy.deepcopy(policy.state_dict()))
@@ -432,13 +437,7 @@ def train(
             assert best is not None
             _, best_step, best_state = best
             policy.load_state_dict(best_state)
-            final = final_evaluation or evaluate(
-                policy,
-                tasks,
-                episodes=config.final_eval_episodes,
-                seed=config.seed + FINAL_EVAL_SEED_OFFSET,
-                ranks=ranks,
-            )
+            final = final_evaluation or evaluate_final()
             eval_returns = {t: float(np.mean(v)) for t, v in final.items()}
             policy.cpu()  # the relations report, the export and its parity check run on the CPU
             if logger is not None:
